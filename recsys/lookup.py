@@ -1,0 +1,171 @@
+"""Embedding lookups: the plain per-feature reference and the stacked, vectorized lookup.
+
+`reference_lookup` is the truth every faster path is tested against: one feature at a
+time on logical (unstacked) tables, written for clarity. `lookup` is what the train step
+runs: one gather per bag position over all features of a lookup group, with pooling fused
+into the gathers, so no `[features, batch, max_ids, dim]` intermediate is materialized
+(measured 6x faster than gather-then-sum at pooling 20 on the 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys.layout import EmbeddingLayout, LookupGroup, build_layout
+from recsys.sparse import JaggedBatch, JaggedFeature
+from recsys.specs import EmbeddingConfig, FeatureSpec, InitKind, Pooling, TableSpec
+
+# Bag positions gathered in one fused expression; longer bags loop over chunks of this.
+_UNROLL_POSITIONS = 32
+
+
+def init_table(spec: TableSpec, key: jax.Array) -> jax.Array:
+    """[rows, dim] initial values of one table in its storage dtype."""
+    shape = (spec.rows, spec.dim)
+    init = spec.initializer
+    if init.kind is InitKind.ZEROS:
+        values = jnp.zeros(shape, jnp.float32)
+    elif init.kind is InitKind.UNIFORM:
+        scale = init.scale if init.scale is not None else 1.0 / np.sqrt(spec.rows)
+        values = jax.random.uniform(key, shape, jnp.float32, -scale, scale)
+    else:
+        scale = init.scale if init.scale is not None else 1.0 / np.sqrt(spec.dim)
+        values = scale * jax.random.normal(key, shape, jnp.float32)
+    return values.astype(spec.dtype)
+
+
+def init_tables(config: EmbeddingConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """Stacked initial tables, one array per table group: {group: [total_rows, dim]}.
+
+    Table i is initialized from `fold_in(key, i)`, so its values do not depend on how
+    tables are stacked or sharded.
+    """
+    layout = build_layout(config)
+    index = {t.name: i for i, t in enumerate(config.tables)}
+
+    def make(key):
+        out = {}
+        for group in layout.table_groups:
+            parts = [init_table(t, jax.random.fold_in(key, index[t.name])) for t in group.tables]
+            out[group.name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
+
+    return jax.jit(make)(key)
+
+
+def stack_tables(config: EmbeddingConfig, logical: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """{table: [rows, dim]} -> {group: [total_rows, dim]}."""
+    layout = build_layout(config)
+    out = {}
+    for group in layout.table_groups:
+        parts = []
+        for spec in group.tables:
+            value = jnp.asarray(logical[spec.name])
+            if value.shape != (spec.rows, spec.dim):
+                raise ValueError(f"table {spec.name!r}: shape {value.shape}, spec says {(spec.rows, spec.dim)}")
+            parts.append(value.astype(group.dtype))
+        out[group.name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
+    return out
+
+
+def unstack_tables(config: EmbeddingConfig, stacked: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """{group: [total_rows, dim]} -> {table: [rows, dim]} (the logical, plan-free form)."""
+    layout = build_layout(config)
+    out = {}
+    for group in layout.table_groups:
+        for spec, offset in zip(group.tables, group.row_offsets):
+            out[spec.name] = stacked[group.name][offset : offset + spec.rows]
+    return out
+
+
+def _coefficients(spec: FeatureSpec, feature: JaggedFeature) -> jax.Array:
+    """[batch, max_ids] float32 factor of each position: mask x weight (/ length for mean)."""
+    coef = feature.valid_mask().astype(jnp.float32)
+    if feature.weights is not None:
+        coef = coef * feature.weights.astype(jnp.float32)
+    if spec.pooling is Pooling.MEAN:
+        coef = coef / jnp.maximum(feature.lengths, 1).astype(jnp.float32)[:, None]
+    return coef
+
+
+def reference_lookup(
+    config: EmbeddingConfig, tables: dict[str, jax.Array], batch: JaggedBatch
+) -> dict[str, jax.Array]:
+    """Plain per-feature lookup on logical tables {table: [rows, dim]}.
+
+    Returns {feature: [batch, dim]} for pooled features, [batch, max_ids, dim] for
+    sequence features (padding positions are zero), all float32.
+    """
+    out = {}
+    for spec in config.features:
+        feature = batch[spec.name]
+        rows = tables[spec.table][feature.ids].astype(jnp.float32)  # [batch, max_ids, dim]
+        coef = _coefficients(spec, feature)
+        if spec.pooling is Pooling.NONE:
+            out[spec.name] = rows * coef[..., None]
+        else:
+            out[spec.name] = jnp.sum(rows * coef[..., None], axis=1)
+    return out
+
+
+def group_inputs(layout: EmbeddingLayout, group: LookupGroup, batch: JaggedBatch):
+    """Stacked ids (rows of the table group) and coefficients of one lookup group.
+
+    Returns:
+      ids: [features, batch, max_ids] int32 row indices into the stacked group array.
+      coef: [features, batch, max_ids] float32 (0 on padding).
+    """
+    ids = jnp.stack([batch[f.name].ids + layout.row_offset(f) for f in group.features])
+    coef = jnp.stack([_coefficients(f, batch[f.name]) for f in group.features])
+    return ids, coef
+
+
+def _pooled_gather(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Array:
+    """sum_l coef[..., l] * table[ids[..., l]] -> [features, batch, dim] float32."""
+
+    def positions(start: int | jax.Array, count: int) -> jax.Array:
+        total = 0.0
+        for offset in range(count):
+            l = start + offset
+            column = jax.lax.dynamic_index_in_dim(ids, l, axis=2, keepdims=False)
+            weight = jax.lax.dynamic_index_in_dim(coef, l, axis=2, keepdims=False)
+            rows = table.at[column].get(mode="promise_in_bounds").astype(jnp.float32)
+            total = total + rows * weight[..., None]
+        return total
+
+    width = ids.shape[2]
+    if width <= _UNROLL_POSITIONS:
+        return positions(0, width)
+    chunks, rest = divmod(width, _UNROLL_POSITIONS)
+    acc = jax.lax.fori_loop(
+        0,
+        chunks,
+        lambda c, acc: acc + positions(c * _UNROLL_POSITIONS, _UNROLL_POSITIONS),
+        jnp.zeros((*ids.shape[:2], table.shape[1]), jnp.float32),
+    )
+    return acc + positions(chunks * _UNROLL_POSITIONS, rest) if rest else acc
+
+
+def lookup(
+    config: EmbeddingConfig, tables: dict[str, jax.Array], batch: JaggedBatch
+) -> dict[str, jax.Array]:
+    """Stacked lookup of every feature; same contract as `reference_lookup`.
+
+    Args:
+      tables: {group: [total_rows, dim]} as made by `init_tables` / `stack_tables`.
+      batch: packed ids; they must be in range (the packer guarantees it).
+    """
+    layout = build_layout(config)
+    out = {}
+    for group in layout.lookup_groups:
+        table = tables[group.table_group]
+        ids, coef = group_inputs(layout, group, batch)
+        if group.sequence:
+            acts = table.at[ids].get(mode="promise_in_bounds").astype(jnp.float32) * coef[..., None]
+        else:
+            acts = _pooled_gather(table, ids, coef)
+        for i, feature in enumerate(group.features):
+            out[feature.name] = acts[i]
+    return out

@@ -1,0 +1,60 @@
+"""DCNv2 (Wang et al. 2021): low-rank cross network then a deep MLP, as in MLPerf DLRMv2."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recsys.embedding import EmbeddingActivations, EmbeddingCollection
+from recsys.models.dlrm import pooled_feature_dim
+from recsys.models.mlp import MLP
+from recsys.sparse import JaggedBatch
+from recsys.specs import EmbeddingConfig
+
+
+class LowRankCross(nnx.Module):
+    """x_next = x0 * (V (U x) + b) + x, with U: d -> rank and V: rank -> d."""
+
+    def __init__(self, width: int, rank: int, *, rngs: nnx.Rngs):
+        self.down = nnx.Linear(width, rank, use_bias=False, rngs=rngs)
+        self.up = nnx.Linear(rank, width, rngs=rngs)
+
+    def __call__(self, x0: jax.Array, x: jax.Array) -> jax.Array:
+        return x0 * self.up(self.down(x)) + x
+
+
+class DCNv2(nnx.Module):
+    def __init__(
+        self,
+        config: EmbeddingConfig,
+        *,
+        dense_features: int,
+        bottom: Sequence[int] = (512, 256, 128),
+        cross_layers: int = 3,
+        cross_rank: int = 512,
+        top: Sequence[int] = (1024, 1024, 512, 256, 1),
+        rngs: nnx.Rngs,
+    ):
+        dim = pooled_feature_dim(config, "DCNv2")
+        if top[-1] != 1:
+            raise ValueError(f"DCNv2: the top MLP must end in 1 logit, got {list(top)}")
+        if cross_layers < 1 or cross_rank < 1:
+            raise ValueError(f"DCNv2: cross_layers and cross_rank must be >= 1, got {cross_layers}, {cross_rank}")
+        self.features = tuple(f.name for f in config.features)
+        self.embedding = EmbeddingCollection(config, rngs=rngs)
+        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
+        width = bottom[-1] + len(self.features) * dim
+        self.cross = nnx.List([LowRankCross(width, cross_rank, rngs=rngs) for _ in range(cross_layers)])
+        self.top = MLP(width, top, rngs=rngs)
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | EmbeddingActivations) -> jax.Array:
+        """dense: [batch, dense_features] -> logits [batch]."""
+        acts = self.embedding(sparse)
+        x0 = jnp.concatenate([self.bottom(dense), *(acts[f] for f in self.features)], axis=1)
+        x = x0
+        for layer in self.cross:
+            x = layer(x0, x)
+        return self.top(x)[:, 0]

@@ -1,0 +1,60 @@
+"""DLRM (Naumov et al. 2019): bottom MLP, pairwise dot interaction, top MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recsys.embedding import EmbeddingActivations, EmbeddingCollection
+from recsys.models.mlp import MLP
+from recsys.sparse import JaggedBatch
+from recsys.specs import EmbeddingConfig, Pooling
+
+
+def pooled_feature_dim(config: EmbeddingConfig, model: str) -> int:
+    """The single embedding dim all features must share for `model`'s interaction."""
+    dims = {config.table(f.table).dim for f in config.features}
+    sequence = [f.name for f in config.features if f.pooling is Pooling.NONE]
+    if sequence:
+        raise ValueError(f"{model} needs pooled features; {sequence} have pooling 'none'")
+    if len(dims) != 1:
+        raise ValueError(f"{model} needs one embedding dim for all features, got {sorted(dims)}")
+    return dims.pop()
+
+
+class DLRM(nnx.Module):
+    """logit = top([bottom(dense), dot products of all pairs of (bottom(dense), embeddings)])."""
+
+    def __init__(
+        self,
+        config: EmbeddingConfig,
+        *,
+        dense_features: int,
+        bottom: Sequence[int] = (512, 256, 128),
+        top: Sequence[int] = (1024, 1024, 512, 256, 1),
+        rngs: nnx.Rngs,
+    ):
+        dim = pooled_feature_dim(config, "DLRM")
+        if bottom[-1] != dim:
+            raise ValueError(f"DLRM: the bottom MLP must end in the embedding dim {dim}, got {list(bottom)}")
+        if top[-1] != 1:
+            raise ValueError(f"DLRM: the top MLP must end in 1 logit, got {list(top)}")
+        self.features = tuple(f.name for f in config.features)
+        self.embedding = EmbeddingCollection(config, rngs=rngs)
+        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
+        vectors = len(self.features) + 1
+        self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
+        self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs)
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | EmbeddingActivations) -> jax.Array:
+        """dense: [batch, dense_features] -> logits [batch]."""
+        x = self.bottom(dense)  # [batch, dim]
+        acts = self.embedding(sparse)
+        vectors = jnp.stack([x, *(acts[f] for f in self.features)], axis=1)  # [batch, F+1, dim]
+        dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)
+        interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
+        return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]

@@ -1,0 +1,186 @@
+"""The sparse half of the split train step: activation gradients -> updated table rows.
+
+For every table: collect the batch's occurrences of its ids, deduplicate them, sum each
+unique row's gradient exactly once (in a deterministic order), and apply the table's
+row optimizer to those rows in place. No `[rows, dim]` gradient is ever formed; the
+largest temporary is `[occurrences of one table, dim]`, because tables are processed one
+after another inside a `lax.scan` (tables with equal occurrence counts share a scan).
+
+Dedup uses a sort-free marker when the table is not much larger than the batch's
+occurrence count (scatter-min of positions into a `[rows]` int32 array: the first
+position of each id represents it), and a sort otherwise; both give the same slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys.layout import EmbeddingLayout, TableGroup, build_layout
+from recsys.lookup import group_inputs
+from recsys.sparse import JaggedBatch
+from recsys.sparse_optim import Slots, row_optimizer
+from recsys.specs import EmbeddingConfig
+
+# Marker dedup when rows <= this x occurrences; above it the [rows] marker costs more
+# to clear than sorting the occurrences.
+_MARKER_MAX_RATIO = 64
+
+
+def init_slots(config: EmbeddingConfig) -> dict[str, Slots]:
+    """Optimizer slots for every table group: {group: {slot: [total_rows, ...]}}."""
+    layout = build_layout(config)
+    return {
+        g.name: row_optimizer(g.optimizer).init(g.total_rows, g.dim) for g in layout.table_groups
+    }
+
+
+def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch, act_grads):
+    """Flattens every id occurrence of a table group's features.
+
+    Returns:
+      ids: [n] int32 stacked-row id, -1 on padding positions.
+      coef: [n] float32 factor applied to the source gradient row.
+      src: [n] int32 index of the occurrence's gradient row in `grad_rows`.
+      grad_rows: [m, dim] float32 activation gradients (pooled: one row per sample).
+      spans: {table: [(start, stop), ...]} where each feature's occurrences lie in [0, n).
+    """
+    ids_parts, coef_parts, src_parts, grad_parts = [], [], [], []
+    spans: dict[str, list[tuple[int, int]]] = {}
+    n = m = 0
+    for lookup in layout.lookup_groups:
+        if lookup.table_group != group.name:
+            continue
+        ids, coef = group_inputs(layout, lookup, batch)  # [f, b, l]
+        valid = jnp.stack([batch[f.name].valid_mask() for f in lookup.features])
+        nf, nb, nl = ids.shape
+        grads = jnp.stack([act_grads[f.name].astype(jnp.float32) for f in lookup.features])
+        if lookup.sequence:
+            src = np.arange(nf * nb * nl, dtype=np.int32).reshape(nf, nb, nl)
+        else:
+            src = np.broadcast_to(np.arange(nf * nb, dtype=np.int32).reshape(nf, nb, 1), (nf, nb, nl))
+        ids_parts.append(jnp.where(valid, ids, -1).reshape(-1))
+        coef_parts.append(coef.reshape(-1))
+        src_parts.append(jnp.asarray(src.reshape(-1) + m))
+        grad_parts.append(grads.reshape(-1, group.dim))
+        for i, feature in enumerate(lookup.features):
+            start = n + i * nb * nl
+            spans.setdefault(feature.table, []).append((start, start + nb * nl))
+        n += nf * nb * nl
+        m += grads.reshape(-1, group.dim).shape[0]
+    cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
+    return cat(ids_parts), cat(coef_parts), cat(src_parts), cat(grad_parts), spans
+
+
+def _dedup_marker(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
+    """Slots by first occurrence: slot[p] in [0, unique) or `capacity` when invalid."""
+    n = local.shape[0]
+    position = jnp.arange(n, dtype=jnp.int32)
+    target = jnp.where(valid, local, rows)
+    first = jnp.full((rows,), n, jnp.int32).at[target].min(position, mode="drop")
+    representative = first.at[target].get(mode="fill", fill_value=n)
+    is_first = valid & (representative == position)
+    slot_of_position = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+    slot = jnp.where(valid, slot_of_position.at[representative].get(mode="fill", fill_value=0), capacity)
+    unique_local = jnp.full((capacity,), -1, jnp.int32)
+    unique_local = unique_local.at[jnp.where(is_first, slot_of_position, capacity)].set(local, mode="drop")
+    return slot, unique_local
+
+
+def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
+    """Same contract as `_dedup_marker`, by a stable sort of the ids (slots in id order)."""
+    n = local.shape[0]
+    key = jnp.where(valid, local, rows)
+    order = jnp.argsort(key, stable=True)
+    ordered = key[order]
+    is_first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]]) & (ordered < rows)
+    segment = jnp.cumsum(is_first, dtype=jnp.int32) - 1
+    sorted_slot = jnp.where(ordered < rows, segment, capacity)
+    slot = jnp.zeros((n,), jnp.int32).at[order].set(sorted_slot)
+    unique_local = jnp.full((capacity,), -1, jnp.int32)
+    unique_local = unique_local.at[jnp.where(is_first, segment, capacity)].set(ordered, mode="drop")
+    return slot, unique_local
+
+
+def _update_tables_scan(
+    group: TableGroup, table, slots, ids, coef, src, grad_rows, offsets, rows, step, dedup
+):
+    """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
+    optimizer = row_optimizer(group.optimizer)
+    n = ids.shape[1]
+    capacity = min(n, rows)
+    use_marker = dedup == "marker" or (dedup == "auto" and rows <= _MARKER_MAX_RATIO * n)
+    find_slots = _dedup_marker if use_marker else _dedup_sort
+    oob = group.total_rows  # an index past the stacked array: gathers fill, scatters drop
+
+    def one_table(carry, x):
+        table, slots = carry
+        ids_t, coef_t, src_t, offset = x
+        valid = ids_t >= 0
+        slot, unique_local = find_slots(ids_t - offset, valid, rows, capacity)
+        contrib = grad_rows.at[src_t].get(mode="promise_in_bounds") * coef_t[:, None]
+        grad_sum = jnp.zeros((capacity, group.dim), jnp.float32).at[slot].add(contrib, mode="drop")
+        unique = jnp.where(unique_local >= 0, unique_local + offset, oob)
+        values = table.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+        slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slots.items()}
+        new_values, new_slot_rows = optimizer.update(values, grad_sum, slot_rows, step)
+        table = table.at[unique].set(new_values.astype(table.dtype), mode="drop")
+        slots = {k: slots[k].at[unique].set(new_slot_rows[k], mode="drop") for k in slots}
+        return (table, slots), None
+
+    (table, slots), _ = jax.lax.scan(one_table, (table, slots), (ids, coef, src, offsets))
+    return table, slots
+
+
+def sparse_update(
+    config: EmbeddingConfig,
+    tables: dict[str, jax.Array],
+    slots: dict[str, Slots],
+    batch: JaggedBatch,
+    act_grads: dict[str, jax.Array],
+    step: jax.Array,
+    *,
+    dedup: str = "auto",
+) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
+    """Applies each table's optimizer to the rows `batch` touched.
+
+    Args:
+      tables: {group: [total_rows, dim]} stacked tables.
+      slots: {group: slot arrays} from `init_slots`.
+      batch: the batch the activations were looked up from.
+      act_grads: d loss / d activation per feature, shaped like `lookup`'s output.
+      step: scalar int32, the number of updates applied before this one (Adam's t - 1).
+      dedup: "auto", "marker" or "sort" (testing hook; all give the same result).
+    Returns:
+      new (tables, slots); only the touched rows differ.
+    """
+    if dedup not in ("auto", "marker", "sort"):
+        raise ValueError(f"dedup must be 'auto', 'marker' or 'sort', got {dedup!r}")
+    layout = build_layout(config)
+    tables, slots = dict(tables), dict(slots)
+    for group in layout.table_groups:
+        ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
+        # Tables with the same occurrence count share one scan (no padding needed).
+        buckets: dict[int, list] = {}
+        for spec, offset in zip(group.tables, group.row_offsets):
+            index = np.concatenate([np.arange(a, b) for a, b in spans[spec.name]])
+            buckets.setdefault(len(index), []).append((index, offset, spec.rows))
+        for members in buckets.values():
+            index = np.stack([m[0] for m in members])  # [tables, occurrences]
+            offsets = jnp.asarray([m[1] for m in members], jnp.int32)
+            rows = max(m[2] for m in members)
+            tables[group.name], slots[group.name] = _update_tables_scan(
+                group,
+                tables[group.name],
+                slots[group.name],
+                ids[index],
+                coef[index],
+                src[index],
+                grad_rows,
+                offsets,
+                rows,
+                step,
+                dedup,
+            )
+    return tables, slots

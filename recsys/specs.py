@@ -1,0 +1,193 @@
+"""Frozen, validated specs for embedding tables and the sparse features that read them.
+
+Specs are hashable, so they can be static arguments of `jax.jit`. Every check raises a
+`ValueError` naming the offending table or feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+import jax.numpy as jnp
+
+_TABLE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class Pooling(str, enum.Enum):
+    """How the ids of one bag become the feature's activation."""
+
+    SUM = "sum"  # weighted sum of the rows: [batch, dim]
+    MEAN = "mean"  # weighted sum divided by the bag length: [batch, dim]
+    NONE = "none"  # no pooling, a sequence feature: [batch, max_ids, dim]
+
+
+class OptimizerKind(str, enum.Enum):
+    """Sparse row optimizers; each touches only the rows a batch looked up."""
+
+    SGD = "sgd"  # w -= lr * g
+    ADAGRAD = "adagrad"  # per-element accumulator, optax.adagrad semantics
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row (FBGEMM's EXACT_ROWWISE)
+    ADAM = "adam"  # lazy Adam: moments of untouched rows do not decay
+
+
+class InitKind(str, enum.Enum):
+    UNIFORM = "uniform"  # U(-scale, scale); scale defaults to 1/sqrt(rows) (TorchRec's)
+    NORMAL = "normal"  # N(0, scale^2); scale defaults to 1/sqrt(dim)
+    ZEROS = "zeros"
+
+
+def _enum(cls: type[enum.Enum], value, what: str):
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in cls)
+        raise ValueError(f"{what}: {value!r} is not one of {choices}") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InitializerSpec:
+    """How a table's rows are initialized."""
+
+    kind: InitKind = InitKind.UNIFORM
+    # Half-width (uniform) or standard deviation (normal); None picks the default above.
+    scale: float | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", _enum(InitKind, self.kind, "initializer kind"))
+        if self.scale is not None and not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"initializer scale must be finite and > 0, got {self.scale}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseOptimizerSpec:
+    """The optimizer applied, in place, to the rows a batch touched."""
+
+    kind: OptimizerKind = OptimizerKind.ROWWISE_ADAGRAD
+    learning_rate: float = 0.01
+    # Adagrad: added inside the square root (optax); row-wise Adagrad and Adam: outside.
+    eps: float = 1e-8
+    # Starting value of the Adagrad accumulators (optax.adagrad's default is 0.1).
+    initial_accumulator: float = 0.0
+    beta1: float = 0.9  # Adam only
+    beta2: float = 0.999  # Adam only
+    # L2 penalty on the rows a batch touched, added to their gradient (lazy weight decay).
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", _enum(OptimizerKind, self.kind, "optimizer kind"))
+        for name in ("learning_rate", "eps", "initial_accumulator", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"optimizer {name} must be finite and >= 0, got {value}")
+        if self.learning_rate == 0:
+            raise ValueError("optimizer learning_rate must be > 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"optimizer {name} must be in [0, 1), got {value}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TableSpec:
+    """One embedding table: `rows` x `dim` values of `dtype`."""
+
+    name: str
+    rows: int
+    dim: int
+    dtype: str = "float32"  # storage dtype; lookups accumulate in float32
+    optimizer: SparseOptimizerSpec = SparseOptimizerSpec()
+    initializer: InitializerSpec = InitializerSpec()
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"table name must be a non-empty string, got {self.name!r}")
+        for field in ("rows", "dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"table {self.name!r}: {field} must be a positive int, got {value!r}")
+        if self.rows >= 2**31 - 1:
+            raise ValueError(f"table {self.name!r}: rows={self.rows} does not fit int32 ids")
+        dtype = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)
+        if dtype not in _TABLE_DTYPES:
+            raise ValueError(f"table {self.name!r}: dtype {self.dtype!r} is not one of {_TABLE_DTYPES}")
+        object.__setattr__(self, "dtype", dtype)
+        if not isinstance(self.optimizer, SparseOptimizerSpec):
+            raise ValueError(f"table {self.name!r}: optimizer must be a SparseOptimizerSpec")
+        if not isinstance(self.initializer, InitializerSpec):
+            raise ValueError(f"table {self.name!r}: initializer must be an InitializerSpec")
+
+
+def _is_dtype(value) -> bool:
+    try:
+        jnp.dtype(value)
+    except TypeError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FeatureSpec:
+    """One sparse input feature: a bag of up to `max_ids` ids per sample into `table`."""
+
+    name: str
+    table: str
+    pooling: Pooling = Pooling.SUM
+    # Longest bag a sample may carry; sets the static capacity of the packed batch.
+    max_ids: int = 1
+    # Whether the bags carry one float weight per id (weighted pooling).
+    weighted: bool = False
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise ValueError(f"feature name must be a non-empty string, got {self.name!r}")
+        object.__setattr__(self, "pooling", _enum(Pooling, self.pooling, f"feature {self.name!r} pooling"))
+        if not isinstance(self.max_ids, int) or isinstance(self.max_ids, bool) or self.max_ids <= 0:
+            raise ValueError(f"feature {self.name!r}: max_ids must be a positive int, got {self.max_ids!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmbeddingConfig:
+    """The tables and the features that read them; features may share a table."""
+
+    tables: tuple[TableSpec, ...]
+    features: tuple[FeatureSpec, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "tables", tuple(self.tables))
+        object.__setattr__(self, "features", tuple(self.features))
+        if not self.tables or not self.features:
+            raise ValueError("an embedding config needs at least one table and one feature")
+        _check_unique("table", [t.name for t in self.tables])
+        _check_unique("feature", [f.name for f in self.features])
+        names = {t.name for t in self.tables}
+        for feature in self.features:
+            if feature.table not in names:
+                raise ValueError(
+                    f"feature {feature.name!r} reads unknown table {feature.table!r}; "
+                    f"tables are {sorted(names)}"
+                )
+        unused = names - {f.table for f in self.features}
+        if unused:
+            raise ValueError(f"tables {sorted(unused)} are read by no feature")
+
+    def table(self, name: str) -> TableSpec:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(f"unknown table {name!r}")
+
+    def feature(self, name: str) -> FeatureSpec:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(f"unknown feature {name!r}")
+
+
+def _check_unique(kind: str, names: list[str]) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{kind} name {name!r} appears more than once")
+        seen.add(name)
