@@ -1,8 +1,8 @@
 """Recommendation-model training in JAX: specs, jagged batches, embedding lookups, sparse
 optimizers, models and the split train step."""
 
-from recsys.embedding import EmbeddingActivations, EmbeddingCollection, EmbeddingTable
-from recsys.lookup import init_tables, lookup, reference_lookup, stack_tables, unstack_tables
+from recsys.embedding import EmbeddingCollection, EmbeddingTable
+from recsys.lookup import Activations, init_tables, lookup, reference_lookup, stack_tables, unstack_tables
 from recsys.sparse import InputPolicy, JaggedBatch, JaggedFeature, PackReport, RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import (
@@ -17,7 +17,7 @@ from recsys.trainer import Batch, Trainer, TrainState
 
 __all__ = [
     "Batch",
-    "EmbeddingActivations",
+    "Activations",
     "EmbeddingCollection",
     "EmbeddingConfig",
     "EmbeddingTable",

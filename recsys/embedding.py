@@ -2,11 +2,11 @@
 
 `EmbeddingCollection(config, rngs=...)` owns the stacked tables (as `EmbeddingTable`
 variables, so the trainer can tell them from dense `nnx.Param`s) and maps a sparse
-input to activations: `{feature: [batch, dim]}` for pooled features and
-`{feature: [batch, max_ids, dim]}` for sequence features.
+input to activations: `Activations`: `acts[feature]` is `[batch, dim]`
+for pooled features and `[batch, max_ids, dim]` for sequence features.
 
 It accepts either a `JaggedBatch` (it looks the ids up: evaluation, inference, a user's
-own loop) or `EmbeddingActivations` (already looked up: the split train step does the
+own loop) or `Activations` (already looked up: the split train step does the
 lookup itself, differentiates the model with respect to the activations, and applies
 the sparse optimizer to the touched rows, so autodiff never sees a table). A user's
 model only has to pass its sparse input through to the collection.
@@ -14,26 +14,16 @@ model only has to pass its sparse input through to the collection.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 from flax import nnx
 
-from recsys.lookup import init_tables, lookup, unstack_tables
+from recsys.lookup import Activations, init_tables, lookup, unstack_tables
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig
 
 
 class EmbeddingTable(nnx.Variable):
     """A stacked `[total_rows, dim]` table; updated by the sparse optimizer, not by optax."""
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class EmbeddingActivations:
-    """Activations looked up outside the model, keyed by feature name."""
-
-    values: dict[str, jax.Array]
 
 
 class EmbeddingCollection(nnx.Module):
@@ -54,14 +44,14 @@ class EmbeddingCollection(nnx.Module):
         for name, value in stacked.items():
             self.tables[name].set_value(value)
 
-    def __call__(self, sparse: JaggedBatch | EmbeddingActivations) -> dict[str, jax.Array]:
-        if isinstance(sparse, EmbeddingActivations):
-            missing = [f.name for f in self.config.features if f.name not in sparse.values]
+    def __call__(self, sparse: JaggedBatch | Activations) -> Activations:
+        if isinstance(sparse, Activations):
+            missing = set(f.name for f in self.config.features) - set(sparse.features())
             if missing:
-                raise ValueError(f"activations missing for features {missing}")
-            return sparse.values
+                raise ValueError(f"activations missing for features {sorted(missing)}")
+            return sparse
         if not isinstance(sparse, JaggedBatch):
-            raise TypeError(f"expected a JaggedBatch or EmbeddingActivations, got {type(sparse).__name__}")
+            raise TypeError(f"expected a JaggedBatch or Activations, got {type(sparse).__name__}")
         return lookup(self.config, self.stacked_tables(), sparse)
 
 

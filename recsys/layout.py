@@ -46,6 +46,11 @@ class LookupGroup:
     max_ids: int
     sequence: bool  # pooling NONE: activations keep the bag axis
 
+    @property
+    def name(self) -> str:
+        kind = "sequence" if self.sequence else "pooled"
+        return f"{self.table_group}/{kind}{self.max_ids}"
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingLayout:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
-from recsys.lookup import group_inputs
+from recsys.lookup import Activations, group_inputs
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
 from recsys.specs import EmbeddingConfig
@@ -55,7 +55,7 @@ def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch,
         ids, coef = group_inputs(layout, lookup, batch)  # [f, b, l]
         valid = jnp.stack([batch[f.name].valid_mask() for f in lookup.features])
         nf, nb, nl = ids.shape
-        grads = jnp.stack([act_grads[f.name].astype(jnp.float32) for f in lookup.features])
+        grads = jnp.moveaxis(act_grads.groups[lookup.name].astype(jnp.float32), 1, 0)  # [f, b, ...]
         if lookup.sequence:
             src = np.arange(nf * nb * nl, dtype=np.int32).reshape(nf, nb, nl)
         else:
@@ -138,7 +138,7 @@ def sparse_update(
     tables: dict[str, jax.Array],
     slots: dict[str, Slots],
     batch: JaggedBatch,
-    act_grads: dict[str, jax.Array],
+    act_grads: Activations,
     step: jax.Array,
     *,
     dedup: str = "auto",
@@ -149,7 +149,7 @@ def sparse_update(
       tables: {group: [total_rows, dim]} stacked tables.
       slots: {group: slot arrays} from `init_slots`.
       batch: the batch the activations were looked up from.
-      act_grads: d loss / d activation per feature, shaped like `lookup`'s output.
+      act_grads: d loss / d activations, as returned by differentiating `lookup`'s output.
       step: scalar int32, the number of updates applied before this one (Adam's t - 1).
       dedup: "auto", "marker" or "sort" (testing hook; all give the same result).
     Returns:
@@ -158,6 +158,10 @@ def sparse_update(
     if dedup not in ("auto", "marker", "sort"):
         raise ValueError(f"dedup must be 'auto', 'marker' or 'sort', got {dedup!r}")
     layout = build_layout(config)
+    # Order the in-place table updates after everything that produced the activation
+    # gradients (the forward lookup reads the same tables); without this XLA copied the
+    # stacked tables every step.
+    tables, act_grads = jax.lax.optimization_barrier((tables, act_grads))
     tables, slots = dict(tables), dict(slots)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from recsys.embedding import EmbeddingActivations, EmbeddingTable, find_collection
+from recsys.embedding import EmbeddingTable, find_collection
 from recsys.lookup import lookup
 from recsys.sparse import JaggedBatch
 from recsys.sparse_update import init_slots, sparse_update
@@ -95,7 +95,7 @@ class Trainer:
 
         def loss_of(params, acts):
             logits = nnx.merge(self.graphdef, state.tables, params, state.rest)(
-                batch.dense, EmbeddingActivations(acts)
+                batch.dense, acts
             )
             return self.loss_fn(logits, batch.labels)
 

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recsys.embedding import EmbeddingActivations, EmbeddingCollection
+from recsys.embedding import EmbeddingCollection
+from recsys.lookup import Activations
 from recsys.models.dlrm import pooled_feature_dim
 from recsys.models.mlp import MLP
 from recsys.sparse import JaggedBatch
@@ -50,10 +51,11 @@ class DCNv2(nnx.Module):
         self.cross = nnx.List([LowRankCross(width, cross_rank, rngs=rngs) for _ in range(cross_layers)])
         self.top = MLP(width, top, rngs=rngs)
 
-    def __call__(self, dense: jax.Array, sparse: JaggedBatch | EmbeddingActivations) -> jax.Array:
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""
         acts = self.embedding(sparse)
-        x0 = jnp.concatenate([self.bottom(dense), *(acts[f] for f in self.features)], axis=1)
+        embedded = acts.stacked(self.features)  # [batch, features, dim]
+        x0 = jnp.concatenate([self.bottom(dense), embedded.reshape(embedded.shape[0], -1)], axis=1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)

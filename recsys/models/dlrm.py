@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recsys.embedding import EmbeddingActivations, EmbeddingCollection
+from recsys.embedding import EmbeddingCollection
+from recsys.lookup import Activations
 from recsys.models.mlp import MLP
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig, Pooling
@@ -50,11 +51,11 @@ class DLRM(nnx.Module):
         self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
         self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs)
 
-    def __call__(self, dense: jax.Array, sparse: JaggedBatch | EmbeddingActivations) -> jax.Array:
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""
         x = self.bottom(dense)  # [batch, dim]
         acts = self.embedding(sparse)
-        vectors = jnp.stack([x, *(acts[f] for f in self.features)], axis=1)  # [batch, F+1, dim]
+        vectors = jnp.concatenate([x[:, None], acts.stacked(self.features)], axis=1)  # [batch, F+1, dim]
         dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)
         interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]
