@@ -89,9 +89,7 @@ def build_layout(config: EmbeddingConfig) -> EmbeddingLayout:
                 f"tables {[t.name for t in tables]} stack to {start} rows, past int32 ids; "
                 "give them different optimizers or dims to split the group"
             )
-        groups.append(
-            TableGroup(f"dim{dim}_{index}", dim, dtype, optimizer, tuple(tables), tuple(offsets))
-        )
+        groups.append(TableGroup(f"dim{dim}_{index}", dim, dtype, optimizer, tuple(tables), tuple(offsets)))
     group_of = {t.name: g.name for g in groups for t in g.tables}
     lookup_keys: dict[tuple, list[FeatureSpec]] = {}
     for feature in config.features:

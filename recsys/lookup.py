@@ -68,7 +68,9 @@ def stack_tables(config: EmbeddingConfig, logical: dict[str, jax.Array]) -> dict
         for spec in group.tables:
             value = jnp.asarray(logical[spec.name])
             if value.shape != (spec.rows, spec.dim):
-                raise ValueError(f"table {spec.name!r}: shape {value.shape}, spec says {(spec.rows, spec.dim)}")
+                raise ValueError(
+                    f"table {spec.name!r}: shape {value.shape}, spec says {(spec.rows, spec.dim)}"
+                )
             parts.append(value.astype(group.dtype))
         out[group.name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
     return out

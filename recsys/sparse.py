@@ -228,9 +228,7 @@ def pack_feature(
     if weights is not None:
         packed_weights = np.zeros((batch, width), np.float32)
         packed_weights[sample[keep], position[keep]] = weights[keep]
-    return JaggedFeature(
-        ids=ids, lengths=np.minimum(lengths, width).astype(np.int32), weights=packed_weights
-    )
+    return JaggedFeature(ids=ids, lengths=np.minimum(lengths, width).astype(np.int32), weights=packed_weights)
 
 
 def pack_batch(

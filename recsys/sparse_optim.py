@@ -85,8 +85,8 @@ def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
             return values - lr * (m_hat / (jnp.sqrt(v_hat) + eps)), {"m": m, "v": v}
 
         def init(rows, dim):
-            zeros = jnp.zeros((rows, dim), jnp.float32)
-            return {"m": zeros, "v": zeros}
+            # Two arrays, not one shared: the train step donates each slot buffer.
+            return {"m": jnp.zeros((rows, dim), jnp.float32), "v": jnp.zeros((rows, dim), jnp.float32)}
 
         return RowOptimizer(init, update)
 

@@ -31,9 +31,7 @@ _MARKER_MAX_RATIO = 64
 def init_slots(config: EmbeddingConfig) -> dict[str, Slots]:
     """Optimizer slots for every table group: {group: {slot: [total_rows, ...]}}."""
     layout = build_layout(config)
-    return {
-        g.name: row_optimizer(g.optimizer).init(g.total_rows, g.dim) for g in layout.table_groups
-    }
+    return {g.name: row_optimizer(g.optimizer).init(g.total_rows, g.dim) for g in layout.table_groups}
 
 
 def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch, act_grads):
@@ -158,10 +156,6 @@ def sparse_update(
     if dedup not in ("auto", "marker", "sort"):
         raise ValueError(f"dedup must be 'auto', 'marker' or 'sort', got {dedup!r}")
     layout = build_layout(config)
-    # Order the in-place table updates after everything that produced the activation
-    # gradients (the forward lookup reads the same tables); without this XLA copied the
-    # stacked tables every step.
-    tables, act_grads = jax.lax.optimization_barrier((tables, act_grads))
     tables, slots = dict(tables), dict(slots)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)

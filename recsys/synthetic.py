@@ -47,7 +47,8 @@ class SyntheticConfig:
             for i in range(self.num_sparse)
         )
         features = tuple(
-            FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=self.max_ids, pooling=Pooling.MEAN) for i in range(self.num_sparse)
+            FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=self.max_ids, pooling=Pooling.MEAN)
+            for i in range(self.num_sparse)
         )
         return EmbeddingConfig(tables=tables, features=features)
 
@@ -79,7 +80,9 @@ class SyntheticData:
         sparse = {}
         for name, ragged in self.sparse.items():
             offsets = np.concatenate([[0], np.cumsum(ragged.lengths)])
-            sparse[name] = RaggedIds(ragged.values[offsets[start] : offsets[stop]], ragged.lengths[start:stop])
+            sparse[name] = RaggedIds(
+                ragged.values[offsets[start] : offsets[stop]], ragged.lengths[start:stop]
+            )
         return SyntheticData(
             self.dense[start:stop], sparse, self.labels[start:stop], self.true_logits[start:stop]
         )
@@ -96,7 +99,9 @@ class PlantedModel:
         )
         self.dense_weights = rng.normal(0, config.dense_scale, config.num_dense)
         pairs = [(f, g) for f in range(config.num_sparse) for g in range(f + 1, config.num_sparse)]
-        chosen = rng.choice(len(pairs), min(config.interaction_pairs, len(pairs)), replace=False) if pairs else []
+        chosen = (
+            rng.choice(len(pairs), min(config.interaction_pairs, len(pairs)), replace=False) if pairs else []
+        )
         self.pairs = [pairs[i] for i in sorted(chosen)]
         self.bias = -0.5
 

@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 
 from recsys import metrics
-from recsys.models import DCNv2, DLRM
+from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
 from recsys.sparse import RaggedIds, pack_batch
 from recsys.specs import EmbeddingConfig, OptimizerKind, SparseOptimizerSpec
@@ -94,7 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Module:
     rngs = nnx.Rngs(args.seed)
     if args.model == "dlrm":
-        return DLRM(config, dense_features=dense_features, bottom=args.bottom_mlp, top=args.top_mlp, rngs=rngs)
+        return DLRM(
+            config, dense_features=dense_features, bottom=args.bottom_mlp, top=args.top_mlp, rngs=rngs
+        )
     return DCNv2(
         config,
         dense_features=dense_features,
@@ -129,7 +131,9 @@ def train_batches(data: SyntheticData, batch_size: int, steps: int, seed: int) -
             step += 1
 
 
-def evaluate(trainer: Trainer, state, config: EmbeddingConfig, data: SyntheticData, batch_size: int) -> np.ndarray:
+def evaluate(
+    trainer: Trainer, state, config: EmbeddingConfig, data: SyntheticData, batch_size: int
+) -> np.ndarray:
     """Probabilities for every sample; the last partial batch is padded, then trimmed."""
     probs = []
     for start in range(0, len(data), batch_size):
@@ -145,13 +149,17 @@ def evaluate(trainer: Trainer, state, config: EmbeddingConfig, data: SyntheticDa
 
 def _concat(a: SyntheticData, b: SyntheticData) -> SyntheticData:
     sparse = {
-        k: RaggedIds(np.concatenate([a.sparse[k].values, b.sparse[k].values]),
-                     np.concatenate([a.sparse[k].lengths, b.sparse[k].lengths]))
+        k: RaggedIds(
+            np.concatenate([a.sparse[k].values, b.sparse[k].values]),
+            np.concatenate([a.sparse[k].lengths, b.sparse[k].lengths]),
+        )
         for k in a.sparse
     }
     return SyntheticData(
-        np.concatenate([a.dense, b.dense]), sparse,
-        np.concatenate([a.labels, b.labels]), np.concatenate([a.true_logits, b.true_logits]),
+        np.concatenate([a.dense, b.dense]),
+        sparse,
+        np.concatenate([a.labels, b.labels]),
+        np.concatenate([a.true_logits, b.true_logits]),
     )
 
 
@@ -160,7 +168,9 @@ def run(args: argparse.Namespace) -> dict:
     planted = PlantedModel(synthetic, seed=args.seed)
     train_data = planted.generate(args.train_samples, seed=args.seed)
     eval_data = planted.generate(args.eval_samples, seed=args.seed + 10_000)
-    sparse_opt = SparseOptimizerSpec(kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay)
+    sparse_opt = SparseOptimizerSpec(
+        kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay
+    )
     config = synthetic.embedding_config(args.embedding_dim, sparse_opt)
     model = build_model(args, config, synthetic.num_dense)
     trainer = Trainer(model, _DENSE_OPTIMIZERS[args.optimizer](args.lr))

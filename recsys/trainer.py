@@ -70,7 +70,8 @@ class Trainer:
         self.predict = jax.jit(self._predict)
 
     def init_state(self) -> TrainState:
-        tables, params, rest = self._initial
+        # Copies: the step donates its state, and the model passed in must stay usable.
+        tables, params, rest = jax.tree.map(jnp.copy, self._initial)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -94,9 +95,7 @@ class Trainer:
         acts = lookup(self.config, tables, batch.sparse)
 
         def loss_of(params, acts):
-            logits = nnx.merge(self.graphdef, state.tables, params, state.rest)(
-                batch.dense, acts
-            )
+            logits = nnx.merge(self.graphdef, state.tables, params, state.rest)(batch.dense, acts)
             return self.loss_fn(logits, batch.labels)
 
         loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)

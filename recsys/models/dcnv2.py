@@ -43,7 +43,9 @@ class DCNv2(nnx.Module):
         if top[-1] != 1:
             raise ValueError(f"DCNv2: the top MLP must end in 1 logit, got {list(top)}")
         if cross_layers < 1 or cross_rank < 1:
-            raise ValueError(f"DCNv2: cross_layers and cross_rank must be >= 1, got {cross_layers}, {cross_rank}")
+            raise ValueError(
+                f"DCNv2: cross_layers and cross_rank must be >= 1, got {cross_layers}, {cross_rank}"
+            )
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
         self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)

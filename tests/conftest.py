@@ -1,0 +1,55 @@
+"""Every test runs on CPU with 8 simulated devices, set before JAX initializes."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from recsys.sparse import RaggedIds, pack_batch  # noqa: E402
+from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec  # noqa: E402
+
+
+def make_config(optimizer: SparseOptimizerSpec | None = None) -> EmbeddingConfig:
+    """Mixed config: a shared table, mean/weighted/sequence features, two dims."""
+    opt = optimizer or SparseOptimizerSpec()
+    return EmbeddingConfig(
+        tables=(
+            TableSpec(name="a", rows=50, dim=4, optimizer=opt),
+            TableSpec(name="b", rows=30, dim=4, optimizer=opt),
+            TableSpec(name="c", rows=20, dim=8, optimizer=opt),
+        ),
+        features=(
+            FeatureSpec(name="a_sum", table="a", max_ids=3),
+            FeatureSpec(name="a_mean", table="a", max_ids=3, pooling="mean"),
+            FeatureSpec(name="b_weighted", table="b", max_ids=2, weighted=True),
+            FeatureSpec(name="c_seq", table="c", max_ids=4, pooling="none"),
+            FeatureSpec(name="c_long", table="c", max_ids=40),
+        ),
+    )
+
+
+def random_ragged(config: EmbeddingConfig, batch: int, rng: np.random.Generator, min_len: int = 0):
+    out = {}
+    for spec in config.features:
+        rows = config.table(spec.table).rows
+        lengths = rng.integers(min_len, spec.max_ids + 1, batch)
+        values = rng.integers(0, rows, int(lengths.sum()))
+        weights = rng.random(int(lengths.sum())).astype(np.float32) if spec.weighted else None
+        out[spec.name] = RaggedIds(values, lengths, weights)
+    return out
+
+
+def random_batch(config: EmbeddingConfig, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(jax.numpy.asarray, pack_batch(config, random_ragged(config, batch, rng)))
+
+
+@pytest.fixture
+def config():
+    return make_config()

@@ -1,0 +1,34 @@
+import json
+
+from recsys import bench
+
+
+def test_bench_prints_one_json_line_per_measurement(capsys):
+    bench.main(
+        [
+            "--tables",
+            "3",
+            "--rows",
+            "200",
+            "--dim",
+            "8",
+            "--batch",
+            "64",
+            "--pooling",
+            "1",
+            "3",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--num-batches",
+            "2",
+        ]
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["pooling"]) for r in lines] == [
+        (name, pooling)
+        for pooling in (1, 3)
+        for name in ("lookup_fwd", "lookup_fwd_bwd_adagrad", "dlrm_train_step")
+    ]
+    assert all(r["samples_per_s"] > 0 for r in lines)
