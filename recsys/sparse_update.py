@@ -26,6 +26,8 @@ from recsys.specs import EmbeddingConfig
 # Marker dedup when rows <= this x occurrences; above it the [rows] marker costs more
 # to clear than sorting the occurrences.
 _MARKER_MAX_RATIO = 64
+# Unique rows handed to the row optimizer at a time.
+_OPTIMIZER_CHUNK = 2048
 
 
 def init_slots(config: EmbeddingConfig) -> dict[str, Slots]:
@@ -72,7 +74,13 @@ def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch,
 
 
 def _dedup_marker(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
-    """Slots by first occurrence: slot[p] in [0, unique) or `capacity` when invalid."""
+    """Slots by first occurrence.
+
+    Returns:
+      slot: [n] int32, the occurrence's unique slot in [0, unique), `capacity` if invalid.
+      unique_local: [capacity] int32 table-local row of each slot, -1 past `unique`.
+      unique: scalar int32 count of distinct valid ids.
+    """
     n = local.shape[0]
     position = jnp.arange(n, dtype=jnp.int32)
     target = jnp.where(valid, local, rows)
@@ -83,7 +91,7 @@ def _dedup_marker(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
     slot = jnp.where(valid, slot_of_position.at[representative].get(mode="fill", fill_value=0), capacity)
     unique_local = jnp.full((capacity,), -1, jnp.int32)
     unique_local = unique_local.at[jnp.where(is_first, slot_of_position, capacity)].set(local, mode="drop")
-    return slot, unique_local
+    return slot, unique_local, slot_of_position[-1] + 1
 
 
 def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
@@ -98,7 +106,7 @@ def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
     slot = jnp.zeros((n,), jnp.int32).at[order].set(sorted_slot)
     unique_local = jnp.full((capacity,), -1, jnp.int32)
     unique_local = unique_local.at[jnp.where(is_first, segment, capacity)].set(ordered, mode="drop")
-    return slot, unique_local
+    return slot, unique_local, jnp.sum(is_first, dtype=jnp.int32)
 
 
 def _update_tables_scan(
@@ -107,24 +115,36 @@ def _update_tables_scan(
     """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
     optimizer = row_optimizer(group.optimizer)
     n = ids.shape[1]
-    capacity = min(n, rows)
+    # Unique rows are at most min(occurrences, rows); the optimizer walks them in chunks
+    # and stops after the last used chunk, so its cost follows the unique count rather
+    # than this static worst case (at pooling 20 only ~22% of the ids are unique).
+    chunk = min(n, rows, _OPTIMIZER_CHUNK)
+    capacity = -(-min(n, rows) // chunk) * chunk
     use_marker = dedup == "marker" or (dedup == "auto" and rows <= _MARKER_MAX_RATIO * n)
     find_slots = _dedup_marker if use_marker else _dedup_sort
     oob = group.total_rows  # an index past the stacked array: gathers fill, scatters drop
+
+    def apply_chunk(i, carry):
+        table, slots, unique, grad_sum = carry
+        rows_i = jax.lax.dynamic_slice_in_dim(unique, i * chunk, chunk)
+        grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, i * chunk, chunk)
+        values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
+        slot_rows = {k: v.at[rows_i].get(mode="fill", fill_value=0) for k, v in slots.items()}
+        new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
+        table = table.at[rows_i].set(new_values.astype(table.dtype), mode="drop")
+        slots = {k: slots[k].at[rows_i].set(new_slot_rows[k], mode="drop") for k in slots}
+        return table, slots, unique, grad_sum
 
     def one_table(carry, x):
         table, slots = carry
         ids_t, coef_t, src_t, offset = x
         valid = ids_t >= 0
-        slot, unique_local = find_slots(ids_t - offset, valid, rows, capacity)
+        slot, unique_local, count = find_slots(ids_t - offset, valid, rows, capacity)
         contrib = grad_rows.at[src_t].get(mode="promise_in_bounds") * coef_t[:, None]
         grad_sum = jnp.zeros((capacity, group.dim), jnp.float32).at[slot].add(contrib, mode="drop")
         unique = jnp.where(unique_local >= 0, unique_local + offset, oob)
-        values = table.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
-        slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slots.items()}
-        new_values, new_slot_rows = optimizer.update(values, grad_sum, slot_rows, step)
-        table = table.at[unique].set(new_values.astype(table.dtype), mode="drop")
-        slots = {k: slots[k].at[unique].set(new_slot_rows[k], mode="drop") for k in slots}
+        chunks = (count + chunk - 1) // chunk
+        table, slots, _, _ = jax.lax.fori_loop(0, chunks, apply_chunk, (table, slots, unique, grad_sum))
         return (table, slots), None
 
     (table, slots), _ = jax.lax.scan(one_table, (table, slots), (ids, coef, src, offsets))

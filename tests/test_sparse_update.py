@@ -1,5 +1,7 @@
 """Each sparse optimizer against a dense optax (or plain jnp) reference on touched rows."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,18 @@ from recsys.specs import SparseOptimizerSpec
 from tests.conftest import make_config, random_batch
 
 LR = 0.05
+# Jitted once per config: eager lookups of the long-bag feature cost seconds each.
+jit_lookup = jax.jit(lookup, static_argnums=0)
+jit_update = jax.jit(sparse_update, static_argnums=0, static_argnames="dedup")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def reference_grads(config, tables, batch, weights):
+    def loss(tables):
+        out = reference_lookup(config, tables, batch)
+        return sum(jnp.sum(out[k] * weights[k]) for k in out)
+
+    return jax.grad(loss)(tables)
 
 
 def rowwise_adagrad(lr, eps):
@@ -59,20 +73,13 @@ def test_sparse_optimizer_matches_dense_reference(name, dedup):
     slots = init_slots(config)
     logical = unstack_tables(config, stacked)
     ref_state = dense_tx.init(logical)
-    update = jax.jit(lambda *a: sparse_update(config, *a, dedup=dedup))
-
     for step in range(3):
         batch = random_batch(config, 12, seed=step)
         # Loss = sum of activations x fixed random weights: its activation gradients.
-        acts = lookup(config, stacked, batch)
+        acts = jit_lookup(config, stacked, batch)
         weights = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step + 7), a.shape), acts)
-        stacked, slots = update(stacked, slots, batch, weights, jnp.int32(step))
-
-        def loss(tables):
-            out = reference_lookup(config, tables, batch)
-            return sum(jnp.sum(out[k] * weights[k]) for k in out)
-
-        grads = jax.grad(loss)(logical)
+        stacked, slots = jit_update(config, stacked, slots, batch, weights, jnp.int32(step), dedup=dedup)
+        grads = reference_grads(config, logical, batch, weights.as_dict())
         updates, new_state = dense_tx.update(grads, ref_state, logical)
         dense_new = optax.apply_updates(logical, updates)
         touched = touched_rows(config, batch)
@@ -98,9 +105,9 @@ def test_untouched_rows_and_slots_are_bitwise_unchanged(name):
     stacked = init_tables(config, jax.random.key(1))
     slots = init_slots(config)
     batch = random_batch(config, 6, seed=11)
-    acts = lookup(config, stacked, batch)
+    acts = jit_lookup(config, stacked, batch)
     grads = jax.tree.map(lambda a: jnp.ones_like(a), acts)
-    new_tables, new_slots = sparse_update(config, stacked, slots, batch, grads, jnp.int32(0))
+    new_tables, new_slots = jit_update(config, stacked, slots, batch, grads, jnp.int32(0))
     touched = touched_rows(config, batch)
     before, after = unstack_tables(config, stacked), unstack_tables(config, new_tables)
     for t in before:
@@ -117,9 +124,9 @@ def test_duplicate_ids_are_summed_once():
     config = make_config(SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=1.0))
     stacked = init_tables(config, jax.random.key(2))
     batch = random_batch(config, 32, seed=5)  # 32 bags over 50 rows: many duplicates
-    acts = lookup(config, stacked, batch)
+    acts = jit_lookup(config, stacked, batch)
     grads = jax.tree.map(lambda a: jnp.full_like(a, 0.5), acts)
-    marker = sparse_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), dedup="marker")
-    ordered = sparse_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), dedup="sort")
+    marker = jit_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), dedup="marker")
+    ordered = jit_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), dedup="sort")
     for a, b in zip(jax.tree.leaves(marker), jax.tree.leaves(ordered)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
