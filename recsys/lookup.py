@@ -181,13 +181,26 @@ class Activations:
         return {name: self[name] for name in self.features()}
 
     def stacked(self, features: Sequence[str]) -> jax.Array:
-        """[batch, len(features), ...] in the given order; no copy when it is a group's order."""
+        """[batch, len(features), ...] in the given order.
+
+        No copy when `features` is exactly one group; otherwise the groups are joined and
+        reordered with one gather (per-feature slices restacked were 4x slower on CPU).
+        """
         features = tuple(features)
-        for group, array in self.groups.items():
-            members = tuple(name for name, g, _ in self.index if g == group)
-            if members == features:
-                return array
-        return jnp.stack([self[f] for f in features], axis=1)
+        members = {g: tuple(n for n, group, _ in self.index if group == g) for g in self.groups}
+        for group, names in members.items():
+            if names == features:
+                return self.groups[group]
+        unknown = [f for f in features if f not in {n for names in members.values() for n in names}]
+        if unknown:
+            raise KeyError(f"no activations for features {unknown}")
+        needed = [g for g, names in members.items() if set(names) & set(features)]
+        position = {n: i for i, n in enumerate(n for g in needed for n in members[g])}
+        shapes = {self.groups[g].shape[2:] for g in needed}
+        if len(shapes) != 1:
+            raise ValueError(f"cannot stack features of different shapes {sorted(shapes)}")
+        joined = jnp.concatenate([self.groups[g] for g in needed], axis=1)
+        return jnp.take(joined, jnp.asarray([position[f] for f in features]), axis=1)
 
 
 def activation_index(layout: EmbeddingLayout) -> tuple[tuple[str, str, int], ...]:

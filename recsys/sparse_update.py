@@ -110,7 +110,7 @@ def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
 
 
 def _update_tables_scan(
-    group: TableGroup, table, slots, ids, coef, src, grad_rows, offsets, rows, step, dedup
+    group: TableGroup, table, slots, ids, coef, src, grad_rows, offsets, rows, step, dedup, max_chunk
 ):
     """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
     optimizer = row_optimizer(group.optimizer)
@@ -118,16 +118,17 @@ def _update_tables_scan(
     # Unique rows are at most min(occurrences, rows); the optimizer walks them in chunks
     # and stops after the last used chunk, so its cost follows the unique count rather
     # than this static worst case (at pooling 20 only ~22% of the ids are unique).
-    chunk = min(n, rows, _OPTIMIZER_CHUNK)
+    chunk = min(n, rows, max_chunk)
     capacity = -(-min(n, rows) // chunk) * chunk
     use_marker = dedup == "marker" or (dedup == "auto" and rows <= _MARKER_MAX_RATIO * n)
     find_slots = _dedup_marker if use_marker else _dedup_sort
     oob = group.total_rows  # an index past the stacked array: gathers fill, scatters drop
 
     def apply_chunk(i, carry):
-        table, slots, unique, grad_sum = carry
-        rows_i = jax.lax.dynamic_slice_in_dim(unique, i * chunk, chunk)
-        grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, i * chunk, chunk)
+        table, slots, unique, grad_sum = carry  # grad_sum is only read here
+        start = i * chunk
+        rows_i = jax.lax.dynamic_slice_in_dim(unique, start, chunk)
+        grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, start, chunk)
         values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
         slot_rows = {k: v.at[rows_i].get(mode="fill", fill_value=0) for k, v in slots.items()}
         new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
@@ -135,19 +136,31 @@ def _update_tables_scan(
         slots = {k: slots[k].at[rows_i].set(new_slot_rows[k], mode="drop") for k in slots}
         return table, slots, unique, grad_sum
 
+    def zero_chunk(i, grad_sum):
+        zeros = jnp.zeros((chunk, group.dim), jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(grad_sum, zeros, i * chunk, 0)
+
     def one_table(carry, x):
-        table, slots = carry
+        table, slots, grad_sum = carry
         ids_t, coef_t, src_t, offset = x
         valid = ids_t >= 0
         slot, unique_local, count = find_slots(ids_t - offset, valid, rows, capacity)
         contrib = grad_rows.at[src_t].get(mode="promise_in_bounds") * coef_t[:, None]
-        grad_sum = jnp.zeros((capacity, group.dim), jnp.float32).at[slot].add(contrib, mode="drop")
+        grad_sum = grad_sum.at[slot].add(contrib, mode="drop")
         unique = jnp.where(unique_local >= 0, unique_local + offset, oob)
         chunks = (count + chunk - 1) // chunk
-        table, slots, _, _ = jax.lax.fori_loop(0, chunks, apply_chunk, (table, slots, unique, grad_sum))
-        return (table, slots), None
+        table, slots, _, grad_sum = jax.lax.fori_loop(
+            0, chunks, apply_chunk, (table, slots, unique, grad_sum)
+        )
+        # Hand the accumulator on zeroed (a second loop, after every read of it).
+        grad_sum = jax.lax.fori_loop(0, chunks, zero_chunk, grad_sum)
+        return (table, slots, grad_sum), None
 
-    (table, slots), _ = jax.lax.scan(one_table, (table, slots), (ids, coef, src, offsets))
+    # One zeroed accumulator for all tables of the scan: each table dirties and re-zeroes
+    # only its used chunks; clearing the whole [capacity, dim] buffer per table cost
+    # about as much as the scatter-add itself.
+    grad_sum = jnp.zeros((capacity, group.dim), jnp.float32)
+    (table, slots, _), _ = jax.lax.scan(one_table, (table, slots, grad_sum), (ids, coef, src, offsets))
     return table, slots
 
 
@@ -160,6 +173,7 @@ def sparse_update(
     step: jax.Array,
     *,
     dedup: str = "auto",
+    optimizer_chunk: int = _OPTIMIZER_CHUNK,
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies each table's optimizer to the rows `batch` touched.
 
@@ -170,11 +184,14 @@ def sparse_update(
       act_grads: d loss / d activations, as returned by differentiating `lookup`'s output.
       step: scalar int32, the number of updates applied before this one (Adam's t - 1).
       dedup: "auto", "marker" or "sort" (testing hook; all give the same result).
+      optimizer_chunk: unique rows the optimizer updates at a time (tuning and testing).
     Returns:
       new (tables, slots); only the touched rows differ.
     """
     if dedup not in ("auto", "marker", "sort"):
         raise ValueError(f"dedup must be 'auto', 'marker' or 'sort', got {dedup!r}")
+    if optimizer_chunk < 1:
+        raise ValueError(f"optimizer_chunk must be >= 1, got {optimizer_chunk}")
     layout = build_layout(config)
     tables, slots = dict(tables), dict(slots)
     for group in layout.table_groups:
@@ -200,5 +217,6 @@ def sparse_update(
                 rows,
                 step,
                 dedup,
+                optimizer_chunk,
             )
     return tables, slots

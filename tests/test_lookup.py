@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from recsys.layout import build_layout
 from recsys.lookup import init_tables, lookup, reference_lookup, stack_tables, unstack_tables
@@ -80,3 +81,17 @@ def test_lookup_of_random_tables_and_low_precision(config):
     for name in want16:
         assert got16[name].dtype == jnp.float32  # accumulation in float32
         np.testing.assert_allclose(got16[name], want16[name], rtol=1e-5, atol=1e-6)
+
+
+def test_activations_stacked_in_any_feature_order(config):
+    logical = row_id_tables(config)
+    batch = random_batch(config, 5)
+    acts = lookup(config, stack_tables(config, logical), batch)
+    want = reference_lookup(config, logical, batch)
+    order = ["c_long", "a_sum", "b_weighted"]  # dims 8 and 4 cannot stack
+    with pytest.raises(ValueError, match="different shapes"):
+        acts.stacked(order)
+    order = ["b_weighted", "a_sum", "a_mean"]  # spans two lookup groups, reordered
+    np.testing.assert_array_equal(acts.stacked(order), np.stack([want[f] for f in order], axis=1))
+    with pytest.raises(KeyError, match="nope"):
+        acts.stacked(["nope"])
