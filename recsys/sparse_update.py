@@ -28,6 +28,8 @@ from recsys.specs import EmbeddingConfig
 _MARKER_MAX_RATIO = 64
 # Unique rows handed to the row optimizer at a time.
 _OPTIMIZER_CHUNK = 2048
+# Gradient accumulators up to this size are allocated per table, larger ones reused.
+_FRESH_ACCUMULATOR_BYTES = 8 << 20
 
 
 def init_slots(config: EmbeddingConfig) -> dict[str, Slots]:
@@ -110,7 +112,19 @@ def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
 
 
 def _update_tables_scan(
-    group: TableGroup, table, slots, ids, coef, src, grad_rows, offsets, rows, step, dedup, max_chunk
+    group: TableGroup,
+    table,
+    slots,
+    ids,
+    coef,
+    src,
+    grad_rows,
+    offsets,
+    rows,
+    step,
+    dedup,
+    max_chunk,
+    accumulator,
 ):
     """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
     optimizer = row_optimizer(group.optimizer)
@@ -140,26 +154,33 @@ def _update_tables_scan(
         zeros = jnp.zeros((chunk, group.dim), jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(grad_sum, zeros, i * chunk, 0)
 
+    # A large accumulator is zeroed once and carried from table to table, each table
+    # re-zeroing only the chunks it used: clearing all of it per table cost about as much
+    # as the scatter-add at pooling 20. A small one is cheaper to allocate fresh (the
+    # carry costs two buffer copies per table, which dominated at pooling 1).
+    reuse_accumulator = accumulator == "reused" or (
+        accumulator == "auto" and capacity * group.dim * 4 > _FRESH_ACCUMULATOR_BYTES
+    )
+
     def one_table(carry, x):
         table, slots, grad_sum = carry
         ids_t, coef_t, src_t, offset = x
         valid = ids_t >= 0
         slot, unique_local, count = find_slots(ids_t - offset, valid, rows, capacity)
         contrib = grad_rows.at[src_t].get(mode="promise_in_bounds") * coef_t[:, None]
+        if not reuse_accumulator:
+            grad_sum = jnp.zeros((capacity, group.dim), jnp.float32)
         grad_sum = grad_sum.at[slot].add(contrib, mode="drop")
         unique = jnp.where(unique_local >= 0, unique_local + offset, oob)
         chunks = (count + chunk - 1) // chunk
         table, slots, _, grad_sum = jax.lax.fori_loop(
             0, chunks, apply_chunk, (table, slots, unique, grad_sum)
         )
-        # Hand the accumulator on zeroed (a second loop, after every read of it).
-        grad_sum = jax.lax.fori_loop(0, chunks, zero_chunk, grad_sum)
-        return (table, slots, grad_sum), None
+        if reuse_accumulator:  # a second loop, after every read of the accumulator
+            grad_sum = jax.lax.fori_loop(0, chunks, zero_chunk, grad_sum)
+        return (table, slots, grad_sum if reuse_accumulator else None), None
 
-    # One zeroed accumulator for all tables of the scan: each table dirties and re-zeroes
-    # only its used chunks; clearing the whole [capacity, dim] buffer per table cost
-    # about as much as the scatter-add itself.
-    grad_sum = jnp.zeros((capacity, group.dim), jnp.float32)
+    grad_sum = jnp.zeros((capacity, group.dim), jnp.float32) if reuse_accumulator else None
     (table, slots, _), _ = jax.lax.scan(one_table, (table, slots, grad_sum), (ids, coef, src, offsets))
     return table, slots
 
@@ -174,6 +195,7 @@ def sparse_update(
     *,
     dedup: str = "auto",
     optimizer_chunk: int = _OPTIMIZER_CHUNK,
+    accumulator: str = "auto",
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies each table's optimizer to the rows `batch` touched.
 
@@ -185,11 +207,15 @@ def sparse_update(
       step: scalar int32, the number of updates applied before this one (Adam's t - 1).
       dedup: "auto", "marker" or "sort" (testing hook; all give the same result).
       optimizer_chunk: unique rows the optimizer updates at a time (tuning and testing).
+      accumulator: "auto", "fresh" or "reused": whether each table allocates its gradient
+        accumulator or reuses one zeroed buffer ("auto" decides by size; same result).
     Returns:
       new (tables, slots); only the touched rows differ.
     """
     if dedup not in ("auto", "marker", "sort"):
         raise ValueError(f"dedup must be 'auto', 'marker' or 'sort', got {dedup!r}")
+    if accumulator not in ("auto", "fresh", "reused"):
+        raise ValueError(f"accumulator must be 'auto', 'fresh' or 'reused', got {accumulator!r}")
     if optimizer_chunk < 1:
         raise ValueError(f"optimizer_chunk must be >= 1, got {optimizer_chunk}")
     layout = build_layout(config)
@@ -218,5 +244,6 @@ def sparse_update(
                 step,
                 dedup,
                 optimizer_chunk,
+                accumulator,
             )
     return tables, slots

@@ -10,13 +10,15 @@ import pytest
 
 from recsys.lookup import init_tables, lookup, reference_lookup, unstack_tables
 from recsys.sparse_update import init_slots, sparse_update
-from recsys.specs import SparseOptimizerSpec
+from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from tests.conftest import make_config, random_batch
 
 LR = 0.05
 # Jitted once per config: eager lookups of the long-bag feature cost seconds each.
 jit_lookup = jax.jit(lookup, static_argnums=0)
-jit_update = jax.jit(sparse_update, static_argnums=0, static_argnames=("dedup", "optimizer_chunk"))
+jit_update = jax.jit(
+    sparse_update, static_argnums=0, static_argnames=("dedup", "optimizer_chunk", "accumulator")
+)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -133,14 +135,30 @@ def test_duplicate_ids_are_summed_once():
 
 
 @pytest.mark.parametrize("name", ["rowwise_adagrad", "adam"])
-def test_optimizer_chunks_cover_every_unique_row(name):
-    """Chunks smaller than the unique count (and not dividing it) give the same result."""
-    config = make_config(CASES[name][0])
+@pytest.mark.parametrize("accumulator", ["fresh", "reused"])
+def test_optimizer_chunks_cover_every_unique_row(name, accumulator):
+    """Chunks smaller than the unique count (and not dividing it) give the same result,
+    and a reused accumulator is handed on clean from table to table (three tables with
+    equal occurrence counts share one scan)."""
+    optimizer = CASES[name][0]
+    config = EmbeddingConfig(
+        tables=tuple(TableSpec(name=f"t{i}", rows=30, dim=4, optimizer=optimizer) for i in range(3)),
+        features=tuple(FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=3) for i in range(3)),
+    )
     stacked = init_tables(config, jax.random.key(3))
     batch = random_batch(config, 24, seed=9)
     acts = jit_lookup(config, stacked, batch)
     grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(4), a.shape), acts)
-    want = jit_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0))
-    got = jit_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), optimizer_chunk=3)
+    want = jit_update(config, stacked, init_slots(config), batch, grads, jnp.int32(0), accumulator="fresh")
+    got = jit_update(
+        config,
+        stacked,
+        init_slots(config),
+        batch,
+        grads,
+        jnp.int32(0),
+        optimizer_chunk=3,
+        accumulator=accumulator,
+    )
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # other shapes: other roundings
