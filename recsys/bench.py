@@ -141,7 +141,7 @@ def run_ours(args) -> list[dict]:
                     state["tables"], state["slots"], acts = step(
                         state["tables"], state["slots"], batch.sparse
                     )
-                    return acts
+                    return acts, state  # wait for the table update too, not just the lookup
 
                 times = time_steps(run, batches, args)
                 records.append(emit("lookup_fwd_bwd_adagrad", pooling, times, args, extra))
@@ -156,7 +156,7 @@ def run_ours(args) -> list[dict]:
 
             def train(batch):
                 holder["state"], loss = trainer.train_step(holder["state"], batch)
-                return loss
+                return loss, holder["state"]  # the whole step, sparse update included
 
             times = time_steps(train, batches, args)
             records.append(emit("dlrm_train_step", pooling, times, args, extra))

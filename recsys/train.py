@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> dict:
             progress.update(step + 1, loss=recent, samples_per_s=rate)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - timed_from
-    samples_per_s = (steps - 1) * args.batch_size / elapsed if steps > 1 else float("nan")
+    # Steps after the compiling first one; a one-step run has no timed steps (JSON null).
+    samples_per_s = (steps - 1) * args.batch_size / elapsed if steps > 1 else None
     losses = np.asarray(jax.device_get(losses))
 
     probs = evaluate(trainer, state, config, eval_data, args.batch_size)
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args)
     print(
         f"\n{args.model} on {args.data}: {result['steps']} steps of {args.batch_size}, "
-        f"{result['samples_per_s']:.0f} samples/s (first step with compile {result['compile_s']:.1f}s)\n"
+        f"{result['samples_per_s'] or 0:.0f} samples/s (first step with compile {result['compile_s']:.1f}s)\n"
         f"  eval on {result['eval_samples']} samples: AUC {result['auc']:.4f}  log-loss "
         f"{result['logloss']:.4f}  NE {result['normalized_entropy']:.4f}\n"
         f"  train loss (last 10% of steps) {result['train_loss']:.4f}\n"

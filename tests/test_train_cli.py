@@ -33,6 +33,12 @@ def test_cli_writes_metrics_and_is_deterministic(tmp_path, capsys):
     assert "AUC" in capsys.readouterr().out
 
 
+def test_cli_single_step_has_no_timed_rate(tmp_path):
+    out = tmp_path / "m.json"
+    assert train.main([*SMALL, "--steps", "1", "--metrics-out", str(out)]) == 0
+    assert json.loads(out.read_text())["samples_per_s"] is None  # strict JSON, no NaN
+
+
 @pytest.mark.parametrize("model", ["dcnv2"])
 def test_cli_other_model_and_optimizers(model):
     for optimizer in ("sgd", "adam"):
