@@ -191,7 +191,8 @@ class Activations:
         for group, names in members.items():
             if names == features:
                 return self.groups[group]
-        unknown = [f for f in features if f not in {n for names in members.values() for n in names}]
+        known = {n for names in members.values() for n in names}
+        unknown = [f for f in features if f not in known]
         if unknown:
             raise KeyError(f"no activations for features {unknown}")
         needed = [g for g, names in members.items() if set(names) & set(features)]

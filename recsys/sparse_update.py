@@ -71,7 +71,7 @@ def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch,
             spans.setdefault(feature.table, []).append((start, start + nb * nl))
         n += nf * nb * nl
         m += grads.reshape(-1, group.dim).shape[0]
-    cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)  # noqa: E731
+    cat = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts)
     return cat(ids_parts), cat(coef_parts), cat(src_parts), cat(grad_parts), spans
 
 
