@@ -4,15 +4,20 @@ With no arguments it trains a small DLRM on synthetic planted-model data (about 
 minute on a 2-core CPU), evaluates it on held-out samples and prints a summary:
 
     recsys-train --model dcnv2 --steps 500 --metrics-out /tmp/metrics.json
+    recsys-train --data criteo:train.txt                      # last 20% held out
+    recsys-train --data libfm:frappe.validation.libfm --eval-data libfm:frappe.test.libfm --epochs 10
+    recsys-train --data csv:train.csv --label click --ignore id --checkpoint-dir ckpt --resume
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +26,25 @@ import optax
 from flax import nnx
 
 from recsys import metrics
+from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
+from recsys.data import (
+    ColumnOptions,
+    DataSchema,
+    Dataset,
+    Examples,
+    OnError,
+    Position,
+    Prefetcher,
+    ReadOptions,
+    eval_batches,
+    open_data,
+    parse_spec,
+    steps_per_epoch,
+    train_batches,
+)
 from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
-from recsys.sparse import RaggedIds, pack_batch
+from recsys.sparse import InputPolicy, PackReport, pack_batch
 from recsys.specs import EmbeddingConfig, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
 from recsys.trainer import Batch, Trainer
@@ -55,9 +76,41 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _data_spec(text: str) -> str:
+    try:
+        parse_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text}")
+    return value
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="recsys-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="synthetic", choices=["synthetic"], help="training data")
+    p = argparse.ArgumentParser(
+        prog="recsys-train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
+    p.add_argument(
+        "--data",
+        type=_data_spec,
+        default="synthetic",
+        help="synthetic, criteo:PATH, libfm:PATH, csv:PATH or parquet:PATH (PATH: file, glob or a,b,c; "
+        "criteo:DIR reads a preprocessed directory)",
+    )
+    p.add_argument("--eval-data", type=_data_spec, default=None, help="same forms; default: a held-out tail")
+    p.add_argument("--holdout", type=_fraction, default=0.2, help="held-out fraction without --eval-data")
     p.add_argument("--model", default="dlrm", choices=["dlrm", "dcnv2"])
     p.add_argument("--embedding-dim", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=256)
@@ -66,18 +119,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="learning rate of tables and dense layers")
     p.add_argument("--optimizer", default="rowwise_adagrad", choices=OPTIMIZERS)
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 on the rows a batch touches")
+    p.add_argument("--dense-weight-decay", type=float, default=0.0, help="L2 on the dense parameters")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-out", default=None, help="write final metrics as JSON here")
     p.add_argument("--bottom-mlp", type=_int_list, default=None, help="default: 64,<embedding-dim>")
     p.add_argument("--top-mlp", type=_int_list, default=(64, 32, 1))
     p.add_argument("--cross-layers", type=_positive_int, default=2, help="DCNv2 only")
     p.add_argument("--cross-rank", type=_positive_int, default=32, help="DCNv2 only")
+    g = p.add_argument_group("columns (csv/parquet)")
+    g.add_argument("--label", default="label", help="label column (0/1)")
+    g.add_argument("--dense", type=_name_list, default=(), help="dense columns, comma-separated")
+    g.add_argument("--sparse", type=_name_list, default=None, help="sparse columns; default: all others")
+    g.add_argument("--ignore", type=_name_list, default=(), help="columns left out of the default sparse set")
+    g.add_argument("--multi-hot-sep", default=None, help="split sparse fields into bags on this, e.g. '|'")
+    g.add_argument("--delimiter", default=None, help="csv delimiter (default ',', tab for .tsv)")
+    g.add_argument("--libfm-fields", default=None, help="libFM field map file ('index field' lines)")
+    g = p.add_argument_group("encoding (real data)")
+    g.add_argument("--encoding", choices=["hash", "vocab"], default=None, help="default: hash for criteo")
+    g.add_argument("--rows", type=_positive_int, default=None, help="table rows (synthetic default 1000)")
+    g.add_argument("--max-rows", type=_positive_int, default=None, help="cap on table rows chosen from data")
+    g.add_argument("--min-count", type=_positive_int, default=1, help="vocab: rarer tokens share row 0")
+    g.add_argument("--max-ids", type=_positive_int, default=None, help="bag width (synthetic default 4)")
+    g.add_argument("--on-error", choices=[e.value for e in OnError], default="raise", help="malformed lines")
     g = p.add_argument_group("synthetic data")
     g.add_argument("--train-samples", type=_positive_int, default=200_000)
     g.add_argument("--eval-samples", type=_positive_int, default=20_000)
     g.add_argument("--num-tables", type=_positive_int, default=8)
-    g.add_argument("--rows", type=_positive_int, default=1000)
-    g.add_argument("--max-ids", type=_positive_int, default=4)
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", default=None)
+    g.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.lr <= 0:
@@ -88,6 +159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--bottom-mlp must end in --embedding-dim {args.embedding_dim}, got {args.bottom_mlp}")
     if args.top_mlp[-1] != 1:
         p.error(f"--top-mlp must end in 1, got {args.top_mlp}")
+    if args.resume and args.checkpoint_dir is None:
+        p.error("--resume needs --checkpoint-dir")
     return args
 
 
@@ -108,116 +181,251 @@ def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Modul
     )
 
 
-def to_batch(config: EmbeddingConfig, data: SyntheticData) -> Batch:
+def _device_batch(config: EmbeddingConfig, examples: Examples, report: PackReport) -> Batch:
+    sparse = pack_batch(config, examples.sparse, _PACK_POLICY, report)
     return Batch(
-        dense=jnp.asarray(data.dense),
-        sparse=jax.tree.map(jnp.asarray, pack_batch(config, data.sparse)),
-        labels=jnp.asarray(data.labels),
+        dense=jnp.asarray(examples.dense),
+        sparse=jax.tree.map(jnp.asarray, sparse),
+        labels=jnp.asarray(examples.labels),
     )
 
 
-def train_batches(data: SyntheticData, batch_size: int, steps: int, seed: int) -> Iterator[SyntheticData]:
-    """`steps` full batches, in a fresh seeded order of the batches every epoch."""
-    per_epoch = len(data) // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {len(data)} training samples")
-    rng = np.random.default_rng([seed, 2])
-    step = 0
-    while step < steps:
-        for b in rng.permutation(per_epoch):
-            if step == steps:
-                return
-            yield data.slice(b * batch_size, (b + 1) * batch_size)
-            step += 1
+# Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
+# or under a smaller --max-ids, keeps its first max_ids ids and is counted in the report.
+_PACK_POLICY = InputPolicy(overlong="truncate")
 
 
 def evaluate(
-    trainer: Trainer, state, config: EmbeddingConfig, data: SyntheticData, batch_size: int
-) -> np.ndarray:
-    """Probabilities for every sample; the last partial batch is padded, then trimmed."""
-    probs = []
-    for start in range(0, len(data), batch_size):
-        stop = min(start + batch_size, len(data))
-        part = data.slice(start, stop)
-        if stop - start < batch_size:
-            pad = data.slice(0, batch_size - (stop - start))
-            part = _concat(part, pad)
-        batch = to_batch(config, part)
-        probs.append(np.asarray(trainer.predict(state, batch.dense, batch.sparse))[: stop - start])
-    return np.concatenate(probs)
+    trainer: Trainer, state, config: EmbeddingConfig, data: Dataset, batch_size: int, report: PackReport
+) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, labels) for every example, in order; batches prefetched."""
+    probs, labels = [], []
+
+    def prepare(item):
+        examples, valid = item
+        return _device_batch(config, examples, report), examples.labels[:valid], valid
+
+    with Prefetcher(eval_batches(data, batch_size), prepare) as batches:
+        for batch, batch_labels, valid in batches:
+            probs.append(np.asarray(trainer.predict(state, batch.dense, batch.sparse))[:valid])
+            labels.append(batch_labels)
+    return np.concatenate(probs), np.concatenate(labels)
 
 
-def _concat(a: SyntheticData, b: SyntheticData) -> SyntheticData:
-    sparse = {
-        k: RaggedIds(
-            np.concatenate([a.sparse[k].values, b.sparse[k].values]),
-            np.concatenate([a.sparse[k].lengths, b.sparse[k].lengths]),
+@dataclasses.dataclass
+class LoadedData:
+    config: EmbeddingConfig
+    num_dense: int
+    train: Dataset
+    eval: Dataset
+    schema: DataSchema | None  # None for synthetic data
+    planted_eval_logits: np.ndarray | None  # synthetic data only
+    notes: list[str]
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    encoding = args.encoding
+    columns = None
+    if encoding or args.rows or args.max_ids or args.min_count != 1 or args.max_rows:
+        kind = parse_spec(args.data)[0]
+        columns = ColumnOptions(
+            encoding=encoding or ("hash" if kind == "criteo" else "vocab"),
+            rows=args.rows,
+            max_ids=args.max_ids,
+            min_count=args.min_count,
+            max_rows=args.max_rows or ColumnOptions().max_rows,
         )
-        for k in a.sparse
-    }
-    return SyntheticData(
-        np.concatenate([a.dense, b.dense]),
-        sparse,
-        np.concatenate([a.labels, b.labels]),
-        np.concatenate([a.true_logits, b.true_logits]),
+    return ReadOptions(
+        label=args.label,
+        dense=args.dense,
+        sparse=args.sparse,
+        ignore=args.ignore,
+        multi_hot_sep=args.multi_hot_sep,
+        delimiter=args.delimiter,
+        libfm_fields=args.libfm_fields,
+        columns=columns,
+        on_error=args.on_error,
+        holdout=args.holdout,
     )
+
+
+def load_data(
+    args: argparse.Namespace, sparse_opt: SparseOptimizerSpec, schema: DataSchema | None
+) -> LoadedData:
+    if args.data == "synthetic":
+        if args.eval_data is not None:
+            raise ValueError("--eval-data needs real --data; synthetic data makes its own")
+        synthetic = SyntheticConfig(
+            num_sparse=args.num_tables, rows=args.rows or 1000, max_ids=args.max_ids or 4
+        )
+        planted = PlantedModel(synthetic, seed=args.seed)
+        train_data = planted.generate(args.train_samples, seed=args.seed)
+        eval_data = planted.generate(args.eval_samples, seed=args.seed + 10_000)
+        config = synthetic.embedding_config(args.embedding_dim, sparse_opt)
+        return LoadedData(
+            config=config,
+            num_dense=synthetic.num_dense,
+            train=Dataset.in_memory(_examples(train_data), name=f"synthetic-train-{args.seed}"),
+            eval=Dataset.in_memory(_examples(eval_data), name=f"synthetic-eval-{args.seed}"),
+            schema=None,
+            planted_eval_logits=eval_data.true_logits,
+            notes=[],
+        )
+    opened = open_data(args.data, args.eval_data, read_options(args), schema=schema)
+    notes = []
+    for name, report in (("training", opened.train_report), ("evaluation", opened.eval_report)):
+        if report.total():
+            notes.append(f"{name} data: {report.summary()}")
+    return LoadedData(
+        config=opened.schema.embedding_config(args.embedding_dim, sparse_opt),
+        num_dense=len(opened.schema.dense),
+        train=opened.train,
+        eval=opened.eval,
+        schema=opened.schema,
+        planted_eval_logits=None,
+        notes=notes,
+    )
+
+
+def _examples(data: SyntheticData) -> Examples:
+    return Examples(dense=data.dense, sparse=data.sparse, labels=data.labels)
+
+
+# Settings that change what a run computes: a resumed run must match the checkpoint in all.
+_RUN_KEYS = (
+    "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
+    "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay "
+    "dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+).split()
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in _RUN_KEYS}
+
+
+def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
+    """The checkpointer and, when resuming, the latest checkpoint's metadata."""
+    if args.checkpoint_dir is None:
+        return None, None
+    ckpt = Checkpointer(args.checkpoint_dir)
+    latest = ckpt.latest_step()
+    if latest is None:
+        return ckpt, None
+    if not args.resume:
+        raise SystemExit(
+            f"{args.checkpoint_dir} already holds checkpoints (latest: step {latest}); "
+            "pass --resume to continue from it, or choose another --checkpoint-dir"
+        )
+    metadata = ckpt.read_metadata(latest)["metadata"]
+    check_compatible(metadata["run"], run_settings(args), args.checkpoint_dir, "run configuration")
+    return ckpt, metadata
 
 
 def run(args: argparse.Namespace) -> dict:
-    synthetic = SyntheticConfig(num_sparse=args.num_tables, rows=args.rows, max_ids=args.max_ids)
-    planted = PlantedModel(synthetic, seed=args.seed)
-    train_data = planted.generate(args.train_samples, seed=args.seed)
-    eval_data = planted.generate(args.eval_samples, seed=args.seed + 10_000)
+    ckpt, resumed = _open_checkpoints(args)
+    saved_schema = DataSchema.from_json(resumed["schema"]) if resumed and resumed["schema"] else None
     sparse_opt = SparseOptimizerSpec(
         kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay
     )
-    config = synthetic.embedding_config(args.embedding_dim, sparse_opt)
-    model = build_model(args, config, synthetic.num_dense)
-    trainer = Trainer(model, _DENSE_OPTIMIZERS[args.optimizer](args.lr))
+    data = load_data(args, sparse_opt, saved_schema)
+    config = data.config
+    model = build_model(args, config, data.num_dense)
+    dense_opt = _DENSE_OPTIMIZERS[args.optimizer](args.lr)
+    if args.dense_weight_decay:
+        dense_opt = optax.chain(optax.add_decayed_weights(args.dense_weight_decay), dense_opt)
+    trainer = Trainer(model, dense_opt)
     state = trainer.init_state()
 
-    steps = args.steps or args.epochs * (len(train_data) // args.batch_size)
+    per_epoch = steps_per_epoch(data.train, args.batch_size)
+    steps = args.steps or args.epochs * per_epoch
+    start_step, position, losses = 0, Position(), []
+    if resumed is not None:
+        if resumed["train_fingerprint"] != data.train.fingerprint:
+            raise CheckpointMismatch(
+                f"the checkpoint in {args.checkpoint_dir} was written while training on other data "
+                f"(checkpoint: {resumed['train_fingerprint']}, now: {data.train.fingerprint})"
+            )
+        state, _ = ckpt.restore(trainer, state)
+        start_step = int(state.step)
+        position = Position.from_json(resumed["position"])
+        losses = [np.float32(x) for x in resumed["losses"]]
+        if start_step > steps:
+            raise ValueError(f"the checkpoint is at step {start_step}, past the {steps} steps asked for")
+
+    def save(step: int, after: Position) -> None:
+        metadata = {
+            "run": run_settings(args),
+            "position": after.to_json(),
+            "losses": [float(x) for x in jax.device_get(losses)],
+            "schema": None if data.schema is None else data.schema.to_json(),
+            "train_fingerprint": data.train.fingerprint,
+        }
+        ckpt.save(step, trainer, state, metadata)
+
+    train_pack, eval_pack = PackReport(), PackReport()
     progress = Progress(steps, enabled=not args.no_progress)
-    losses = []  # device scalars; reading one waits for its step, so only read for display
+    batches = itertools.islice(
+        train_batches(data.train, args.batch_size, seed=args.seed, start=position), steps - start_step
+    )
+    compile_s, timed_from = None, time.perf_counter()
     start = time.perf_counter()
-    for step, part in enumerate(train_batches(train_data, args.batch_size, steps, args.seed)):
-        state, loss = trainer.train_step(state, to_batch(config, part))
-        losses.append(loss)
-        if step == 0:
-            jax.block_until_ready(loss)
-            timed_from = time.perf_counter()  # the first step includes compilation
-            compile_s = timed_from - start
-        if (step + 1) % 20 == 0 or step + 1 == steps:
-            recent = float(np.mean(jax.device_get(losses[-20:])))
-            rate = step * args.batch_size / max(time.perf_counter() - timed_from, 1e-9)
-            progress.update(step + 1, loss=recent, samples_per_s=rate)
+    with Prefetcher(
+        batches, lambda item: (_device_batch(config, item[0], train_pack), item[1])
+    ) as prefetched:
+        for step in range(start_step, steps):
+            batch, after = next(prefetched)
+            state, loss = trainer.train_step(state, batch)
+            losses.append(loss)
+            if step == start_step:
+                jax.block_until_ready(loss)
+                timed_from = time.perf_counter()  # the first step includes compilation
+                compile_s = timed_from - start
+            done = step + 1
+            if ckpt is not None and done % args.checkpoint_every == 0 and done < steps:
+                save(done, after)
+            if done % 20 == 0 or done == steps:
+                recent = float(np.mean(jax.device_get(losses[-20:])))
+                rate = (step - start_step) * args.batch_size / max(time.perf_counter() - timed_from, 1e-9)
+                progress.update(done, loss=recent, samples_per_s=rate)
     jax.block_until_ready(state)
     elapsed = time.perf_counter() - timed_from
-    # Steps after the compiling first one; a one-step run has no timed steps (JSON null).
-    samples_per_s = (steps - 1) * args.batch_size / elapsed if steps > 1 else None
+    if ckpt is not None:
+        if start_step < steps:
+            save(steps, after)
+        ckpt.close()
+    # Steps after the compiling first one; a run with none has no timed rate (JSON null).
+    timed_steps = steps - start_step - 1
+    samples_per_s = timed_steps * args.batch_size / elapsed if timed_steps > 0 else None
     losses = np.asarray(jax.device_get(losses))
 
-    probs = evaluate(trainer, state, config, eval_data, args.batch_size)
-    planted_probs = 1 / (1 + np.exp(-eval_data.true_logits))
+    probs, labels = evaluate(trainer, state, config, data.eval, args.batch_size, eval_pack)
     tail = losses[-max(1, steps // 10) :]
     result = {
-        "auc": metrics.auc(eval_data.labels, probs),
-        "logloss": metrics.logloss(eval_data.labels, probs),
-        "normalized_entropy": metrics.normalized_entropy(eval_data.labels, probs),
+        "auc": metrics.auc(labels, probs),
+        "logloss": metrics.logloss(labels, probs),
+        "normalized_entropy": metrics.normalized_entropy(labels, probs),
         "train_loss": float(np.mean(tail)),
         "steps": steps,
+        "resumed_from_step": start_step if resumed is not None else None,
         "samples_per_s": samples_per_s,
         "compile_s": compile_s,
-        "planted_auc": metrics.auc(eval_data.labels, planted_probs),
-        "planted_logloss": metrics.logloss(eval_data.labels, planted_probs),
-        "eval_samples": len(eval_data),
+        "train_examples": len(data.train),
+        "eval_samples": len(labels),
+        "data": args.data,
+        "eval_data": args.eval_data,
         "model": args.model,
         "optimizer": args.optimizer,
         "batch_size": args.batch_size,
         "embedding_dim": args.embedding_dim,
         "seed": args.seed,
         "backend": jax.default_backend(),
+        "notes": data.notes
+        + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }
+    if data.planted_eval_logits is not None:
+        planted_probs = 1 / (1 + np.exp(-data.planted_eval_logits))
+        result["planted_auc"] = metrics.auc(labels, planted_probs)
+        result["planted_logloss"] = metrics.logloss(labels, planted_probs)
     return result
 
 
@@ -229,10 +437,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{result['samples_per_s'] or 0:.0f} samples/s (first step with compile {result['compile_s']:.1f}s)\n"
         f"  eval on {result['eval_samples']} samples: AUC {result['auc']:.4f}  log-loss "
         f"{result['logloss']:.4f}  NE {result['normalized_entropy']:.4f}\n"
-        f"  train loss (last 10% of steps) {result['train_loss']:.4f}\n"
-        f"  planted model on the same samples: AUC {result['planted_auc']:.4f}  "
-        f"log-loss {result['planted_logloss']:.4f}"
+        f"  train loss (last 10% of steps) {result['train_loss']:.4f}"
     )
+    if "planted_auc" in result:
+        print(
+            f"  planted model on the same samples: AUC {result['planted_auc']:.4f}  "
+            f"log-loss {result['planted_logloss']:.4f}"
+        )
+    for note in result["notes"]:
+        print(f"  note: {note}")
     if args.metrics_out:
         with open(args.metrics_out, "w") as f:
             json.dump(result, f, indent=2)

@@ -48,8 +48,9 @@ class DCNv2(nnx.Module):
             )
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
-        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
-        width = bottom[-1] + len(self.features) * dim
+        # Without dense features (e.g. libFM data) there is no bottom MLP.
+        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True) if dense_features else None
+        width = (bottom[-1] if dense_features else 0) + len(self.features) * dim
         self.cross = nnx.List([LowRankCross(width, cross_rank, rngs=rngs) for _ in range(cross_layers)])
         self.top = MLP(width, top, rngs=rngs)
 
@@ -57,7 +58,9 @@ class DCNv2(nnx.Module):
         """dense: [batch, dense_features] -> logits [batch]."""
         acts = self.embedding(sparse)
         embedded = acts.stacked(self.features)  # [batch, features, dim]
-        x0 = jnp.concatenate([self.bottom(dense), embedded.reshape(embedded.shape[0], -1)], axis=1)
+        x0 = embedded.reshape(embedded.shape[0], -1)
+        if self.bottom is not None:
+            x0 = jnp.concatenate([self.bottom(dense), x0], axis=1)
         x = x0
         for layer in self.cross:
             x = layer(x0, x)

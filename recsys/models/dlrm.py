@@ -46,16 +46,22 @@ class DLRM(nnx.Module):
             raise ValueError(f"DLRM: the top MLP must end in 1 logit, got {list(top)}")
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
-        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
-        vectors = len(self.features) + 1
+        # Without dense features (e.g. libFM data) there is no bottom MLP and only the
+        # embeddings interact.
+        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True) if dense_features else None
+        vectors = len(self.features) + (1 if dense_features else 0)
         self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
-        self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs)
+        self.top = MLP((dim if dense_features else 0) + vectors * (vectors - 1) // 2, top, rngs=rngs)
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""
-        x = self.bottom(dense)  # [batch, dim]
         acts = self.embedding(sparse)
-        vectors = jnp.concatenate([x[:, None], acts.stacked(self.features)], axis=1)  # [batch, F+1, dim]
+        vectors = acts.stacked(self.features)  # [batch, F, dim]
+        if self.bottom is not None:
+            x = self.bottom(dense)  # [batch, dim]
+            vectors = jnp.concatenate([x[:, None], vectors], axis=1)  # [batch, F+1, dim]
         dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)
         interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
+        if self.bottom is None:
+            return self.top(interactions)[:, 0]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]

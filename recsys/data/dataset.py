@@ -1,0 +1,322 @@
+"""Datasets: the chunks of one split (train or eval) and the schema that encodes them.
+
+`open_data("criteo:PATH" | "libfm:PATH" | "csv:PATH" | "parquet:PATH", ...)` indexes the
+files, parses the training rows once to build the schema (vocabularies, table sizes,
+bag widths) and to count what each chunk holds, and returns `Dataset`s whose chunks are
+read (and encoded) on demand. Without separate evaluation data the last `holdout`
+fraction of the rows is held out; the schema only ever sees training rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from recsys.data.examples import DataError, Examples, OnError, ReadReport
+from recsys.data.formats import CriteoFormat, CSVFormat, LibFMFormat, TabularColumns, read_field_map
+from recsys.data.readers import ParquetReader, TextReader, iter_raw, resolve_paths, rows_in_range
+from recsys.data.schema import ColumnOptions, DataSchema, DenseTransform, Encoding, SchemaBuilder
+from recsys.sparse import RaggedIds
+
+KINDS = ("synthetic", "criteo", "libfm", "csv", "parquet")
+
+
+class Dataset:
+    """Examples in chunks; `chunk(i)` reads, encodes (and, if caching, keeps) chunk i.
+
+    Attributes:
+      sizes: examples in each chunk (malformed rows skipped under OnError.SKIP excluded).
+      fingerprint: identifies the files, row range and encoding, for resume checks.
+    """
+
+    def __init__(self, read: Callable[[int], Examples], sizes: list[int], *, fingerprint: str, cache: bool):
+        self._read, self.sizes, self.fingerprint = read, list(sizes), fingerprint
+        self._cache: dict[int, Examples] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.sizes)
+
+    def chunk(self, i: int) -> Examples:
+        if self._cache is not None and i in self._cache:
+            return self._cache[i]
+        examples = self._read(i)
+        if len(examples) != self.sizes[i]:
+            raise DataError(f"chunk {i} now holds {len(examples)} examples, {self.sizes[i]} when indexed")
+        if self._cache is not None:
+            self._cache[i] = examples
+        return examples
+
+    @classmethod
+    def in_memory(cls, examples: Examples, chunk_rows: int = 65536, name: str = "memory") -> Dataset:
+        starts = list(range(0, len(examples), chunk_rows))
+        sizes = [min(chunk_rows, len(examples) - s) for s in starts]
+        return cls(
+            lambda i: examples.slice(starts[i], starts[i] + chunk_rows),
+            sizes,
+            fingerprint=f"{name}:{len(examples)}",
+            cache=False,
+        )
+
+
+@dataclasses.dataclass
+class OpenedData:
+    schema: DataSchema
+    train: Dataset
+    eval: Dataset
+    train_report: ReadReport
+    eval_report: ReadReport
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReadOptions:
+    """How `open_data` reads files; the CLI's data flags map onto these one to one."""
+
+    label: str = "label"  # csv/parquet label column
+    dense: tuple[str, ...] = ()  # csv/parquet dense columns
+    sparse: tuple[str, ...] | None = None  # csv/parquet sparse columns; None: all others
+    ignore: tuple[str, ...] = ()  # csv/parquet columns to leave out of the default sparse set
+    multi_hot_sep: str | None = None  # split sparse fields into bags on this separator
+    delimiter: str | None = None  # csv field delimiter; default ',' ('\t' for .tsv)
+    libfm_fields: str | None = None  # libFM field-map file ("index field" lines); default positional
+    columns: ColumnOptions | None = None  # encoding, table sizes, bag widths; per-format default
+    dense_transform: DenseTransform | None = None  # default: log for criteo/csv/parquet
+    on_error: OnError = OnError.RAISE
+    holdout: float = 0.2  # held-out fraction when no eval data is given
+    chunk_rows: int = 65536
+    cache_bytes: int = 256 << 20  # keep parsed chunks in memory when the files are this small
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'criteo:/data/day_*.tsv' -> ('criteo', '/data/day_*.tsv')."""
+    kind, sep, path = spec.partition(":")
+    if spec == "synthetic":
+        return "synthetic", ""
+    if not sep or kind not in KINDS[1:] or not path:
+        raise ValueError(f"data {spec!r}: expected synthetic or KIND:PATH with KIND one of {list(KINDS[1:])}")
+    return kind, path
+
+
+def _reader(kind: str, paths: list[str], options: ReadOptions, fmt=None):
+    if kind == "parquet":
+        columns = TabularColumns(
+            options.label, options.dense, options.sparse, options.ignore, options.multi_hot_sep
+        )
+        return ParquetReader(paths, columns, on_error=options.on_error)
+    if fmt is None:
+        if kind == "criteo":
+            fmt = CriteoFormat()
+        elif kind == "libfm":
+            fmt = LibFMFormat(read_field_map(options.libfm_fields) if options.libfm_fields else None)
+        else:
+            delimiter = options.delimiter or ("\t" if paths[0].endswith((".tsv", ".tsv.txt")) else ",")
+            columns = TabularColumns(
+                options.label, options.dense, options.sparse, options.ignore, options.multi_hot_sep
+            )
+            fmt = CSVFormat(columns, delimiter)
+    return TextReader(paths, fmt, on_error=options.on_error, chunk_rows=options.chunk_rows)
+
+
+def _defaults(kind: str, options: ReadOptions) -> tuple[ColumnOptions, DenseTransform]:
+    columns = options.columns or ColumnOptions(encoding=Encoding.HASH if kind == "criteo" else Encoding.VOCAB)
+    transform = options.dense_transform or (DenseTransform.NONE if kind == "libfm" else DenseTransform.LOG)
+    return columns, DenseTransform(transform)
+
+
+def _fingerprint(paths: list[str], start: int, stop: int, schema: DataSchema) -> str:
+    files = [(os.path.abspath(p), os.path.getsize(p)) for p in paths]
+    return json.dumps({"files": files, "rows": [start, stop], "schema": schema.fingerprint()})
+
+
+def _split(reader, schema: DataSchema, paths, start, stop, sizes, chunk_ids, options: ReadOptions) -> Dataset:
+    refs = [reader.chunks[i] for i in chunk_ids]
+
+    def read(i: int) -> Examples:
+        raw = reader.read_raw(refs[i])
+        examples = schema.encode(raw)
+        keep = rows_in_range(raw, refs[i], start, stop)
+        return examples if keep.all() else examples.take(np.flatnonzero(keep))
+
+    small = sum(os.path.getsize(p) for p in paths) <= options.cache_bytes
+    return Dataset(read, sizes, fingerprint=_fingerprint(paths, start, stop, schema), cache=small)
+
+
+def _count(reader, start, stop, report) -> tuple[list[int], list[int]]:
+    sizes, ids = [], []
+    for i, _raw, keep in iter_raw(reader, start, stop, report):
+        ids.append(i)
+        sizes.append(int(keep.sum()))
+    return sizes, ids
+
+
+def open_data(
+    spec: str, eval_spec: str | None = None, options: ReadOptions = ReadOptions(), schema=None
+) -> OpenedData:
+    """Opens training data (and evaluation data, or a held-out tail of the training data).
+
+    Args:
+      spec: KIND:PATH, PATH a file, a glob or a comma-separated list; a Criteo PATH may
+        also be a directory written by `preprocess_criteo`.
+      eval_spec: the same for evaluation data, read with the training schema.
+      options: how to read; see ReadOptions.
+      schema: a schema to use instead of building one (a resumed run passes the saved one).
+    """
+    kind, path = parse_spec(spec)
+    if kind == "criteo" and os.path.isdir(path):
+        return _open_criteo_binary(path, eval_spec, options)
+    paths = resolve_paths(path)
+    columns, transform = _defaults(kind, options)
+    reader = _reader(kind, paths, options)
+    train_report, eval_report = ReadReport(), ReadReport()
+    total = reader.num_rows
+    if total == 0:
+        raise DataError("no data rows", path=",".join(paths))
+    if eval_spec is None:
+        if not 0 < options.holdout < 1:
+            raise ValueError(f"holdout must be in (0, 1) without eval data, got {options.holdout}")
+        train_stop = int(round(total * (1 - options.holdout)))
+    else:
+        train_stop = total
+
+    if schema is None:
+        builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
+        sizes, ids = [], []
+        for i, raw, keep in iter_raw(reader, 0, train_stop, train_report):
+            builder.observe(raw, keep)
+            ids.append(i)
+            sizes.append(int(keep.sum()))
+        schema = builder.build()
+        if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
+            reader.fmt.set_num_fields(len(schema.sparse))
+    else:
+        if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
+            reader.fmt.set_num_fields(len(schema.sparse))
+        sizes, ids = _count(reader, 0, train_stop, train_report)
+    train = _split(reader, schema, paths, 0, train_stop, sizes, ids, options)
+    if len(train) == 0:
+        raise DataError("no valid training rows", path=",".join(paths))
+
+    if eval_spec is None:
+        eval_reader, eval_paths, eval_start, eval_stop = reader, paths, train_stop, total
+    else:
+        eval_kind, eval_path = parse_spec(eval_spec)
+        if eval_kind != kind:
+            raise ValueError(f"eval data is {eval_kind}, training data {kind}: both must be one format")
+        eval_paths = resolve_paths(eval_path)
+        eval_reader = _reader(kind, eval_paths, options, fmt=None if kind == "parquet" else reader.fmt)
+        eval_start, eval_stop = 0, eval_reader.num_rows
+    sizes, ids = _count(eval_reader, eval_start, eval_stop, eval_report)
+    evaluation = _split(eval_reader, schema, eval_paths, eval_start, eval_stop, sizes, ids, options)
+    if len(evaluation) == 0:
+        raise DataError("no valid evaluation rows", path=",".join(eval_paths))
+    return OpenedData(schema, train, evaluation, train_report, eval_report)
+
+
+# -- Criteo's preprocessed binary form ------------------------------------------------
+
+
+def preprocess_criteo(
+    spec: str, out_dir: str, options: ReadOptions = ReadOptions(), progress: Callable[[str], None] = print
+) -> DataSchema:
+    """Parses Criteo TSV files once into NumPy arrays for fast repeated epochs.
+
+    Writes `labels.npy` [n] uint8, `dense.npy` [n, 13] float32 (already transformed),
+    `sparse.npy` [n, 26] int32 (already hashed to the table sizes), `schema.json` and
+    `meta.json` (the source files, row count and what was skipped). The schema sees all
+    rows, so a held-out tail at training time shares its table sizes.
+    """
+    paths = resolve_paths(spec)
+    columns, transform = _defaults("criteo", options)
+    reader = _reader("criteo", paths, options)
+    report = ReadReport()
+    builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
+    total = 0
+    for _i, raw, keep in iter_raw(reader, 0, reader.num_rows, report):
+        builder.observe(raw, keep)
+        total += int(keep.sum())
+    schema = builder.build()
+    if any(c.max_ids != 1 for c in schema.sparse):
+        raise AssertionError("Criteo columns are single-valued")
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".partial")
+    os.makedirs(tmp, exist_ok=True)
+    labels = np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), "w+", np.uint8, (total,))
+    dense = np.lib.format.open_memmap(os.path.join(tmp, "dense.npy"), "w+", np.float32, (total, 13))
+    sparse = np.lib.format.open_memmap(os.path.join(tmp, "sparse.npy"), "w+", np.int32, (total, 26))
+    row = 0
+    for n, chunk in enumerate(reader.chunks):
+        examples = schema.encode(reader.read_raw(chunk))
+        end = row + len(examples)
+        labels[row:end] = examples.labels
+        dense[row:end] = examples.dense
+        for j, column in enumerate(schema.sparse):
+            sparse[row:end, j] = examples.sparse[column.name].values
+        row = end
+        progress(f"preprocessed chunk {n + 1}/{len(reader.chunks)} ({row} rows)")
+    for array in (labels, dense, sparse):
+        array.flush()
+    del labels, dense, sparse
+    with open(os.path.join(tmp, "schema.json"), "w") as f:
+        json.dump(schema.to_json(), f)
+    meta = {"rows": total, "sources": [os.path.abspath(p) for p in paths], "skipped": report.skipped}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    # Files appear in out_dir only once complete; meta.json last marks the whole set done.
+    for name in ("labels.npy", "dense.npy", "sparse.npy", "schema.json", "meta.json"):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+    return schema
+
+
+def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) -> OpenedData:
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{path} is not a preprocessed Criteo directory (no meta.json)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(os.path.join(path, "schema.json")) as f:
+        schema = DataSchema.from_json(json.load(f))
+    labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
+    dense = np.load(os.path.join(path, "dense.npy"), mmap_mode="r")
+    sparse = np.load(os.path.join(path, "sparse.npy"), mmap_mode="r")
+    total = meta["rows"]
+    if not len(labels) == len(dense) == len(sparse) == total:
+        raise DataError(
+            f"arrays hold {len(labels)}/{len(dense)}/{len(sparse)} rows, meta.json says {total}", path=path
+        )
+    names = [c.name for c in schema.sparse]
+    ones = np.ones(options.chunk_rows, np.int64)
+
+    def split(start: int, stop: int) -> Dataset:
+        starts = list(range(start, stop, options.chunk_rows))
+
+        def read(i: int) -> Examples:
+            lo, hi = starts[i], min(starts[i] + options.chunk_rows, stop)
+            ids = np.asarray(sparse[lo:hi], np.int64)
+            bags = {name: RaggedIds(ids[:, j].copy(), ones[: hi - lo]) for j, name in enumerate(names)}
+            return Examples(np.asarray(dense[lo:hi]), bags, np.asarray(labels[lo:hi], np.float32))
+
+        sizes = [min(options.chunk_rows, stop - s) for s in starts]
+        fingerprint = json.dumps({"criteo_binary": os.path.abspath(path), "rows": [start, stop], "n": total})
+        return Dataset(read, sizes, fingerprint=fingerprint, cache=False)
+
+    if eval_spec is None:
+        train_stop = int(round(total * (1 - options.holdout)))
+        return OpenedData(schema, split(0, train_stop), split(train_stop, total), ReadReport(), ReadReport())
+    eval_kind, eval_path = parse_spec(eval_spec)
+    if eval_kind != "criteo":
+        raise ValueError(f"eval data is {eval_kind}, training data criteo: both must be one format")
+    if os.path.isdir(eval_path):
+        raise ValueError("give preprocessed Criteo eval data as its TSV files, or leave --eval-data out")
+    reader = _reader("criteo", resolve_paths(eval_path), options)
+    report = ReadReport()
+    sizes, ids = _count(reader, 0, reader.num_rows, report)
+    evaluation = _split(reader, schema, reader.paths, 0, reader.num_rows, sizes, ids, options)
+    return OpenedData(schema, split(0, total), evaluation, ReadReport(), report)

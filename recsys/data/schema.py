@@ -1,0 +1,268 @@
+"""What a dataset's columns are and how raw tokens become table row ids.
+
+Every reader parses lines (or Parquet rows) into a `RawChunk` of string tokens; the
+`DataSchema` encodes it into `Examples`. A schema is built from the training data by a
+`SchemaBuilder` (vocabularies, table sizes and bag lengths chosen from the data unless
+given), is JSON-serializable, and is saved next to checkpoints so a resumed run encodes
+ids exactly as the first run did.
+
+Row 0 of every table is reserved: it is the id of a missing value (an empty Criteo
+field) and of a token outside the vocabulary, so unseen ids in evaluation data have a
+row and never raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from recsys.data.examples import Examples
+from recsys.sparse import RaggedIds, hash_ids
+from recsys.specs import EmbeddingConfig, FeatureSpec, Pooling, SparseOptimizerSpec, TableSpec
+
+MISSING = ""  # the token of an empty single-valued field (Criteo); encodes to row 0
+
+
+class Encoding(str, enum.Enum):
+    HASH = "hash"  # row = 1 + hash(token) mod (rows - 1): any table size, collisions allowed
+    VOCAB = "vocab"  # row = 1 + rank of the token by training-data frequency; unseen -> 0
+
+
+class DenseTransform(str, enum.Enum):
+    NONE = "none"
+    LOG = "log"  # sign(x) * log(1 + |x|): the usual Criteo transform, defined for negatives
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SparseColumn:
+    """One sparse column: one feature with its own table.
+
+    Attributes:
+      name: the feature and table name.
+      encoding: hash or vocab.
+      rows: table rows, row 0 included.
+      max_ids: the padded bag width (1 for a single-valued column).
+      vocab: tokens in row order from row 1 (vocab encoding only); rows past the
+        vocabulary stay unused.
+      weighted: bags carry per-id values (libFM `idx:val` with val != 1).
+    """
+
+    name: str
+    encoding: Encoding
+    rows: int
+    max_ids: int
+    vocab: tuple[str, ...] | None = None
+    weighted: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "encoding", Encoding(self.encoding))
+        if self.rows < 2:
+            raise ValueError(f"sparse column {self.name!r}: rows must be >= 2 (row 0 is reserved)")
+        if self.encoding is Encoding.VOCAB and (self.vocab is None or len(self.vocab) > self.rows - 1):
+            raise ValueError(f"sparse column {self.name!r}: a vocab column needs at most rows - 1 tokens")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSchema:
+    dense: tuple[str, ...]
+    sparse: tuple[SparseColumn, ...]
+    dense_transform: DenseTransform = DenseTransform.LOG
+
+    def __post_init__(self):
+        object.__setattr__(self, "dense_transform", DenseTransform(self.dense_transform))
+        object.__setattr__(self, "_lookup", {})  # vocab dicts, built on first encode
+        if not self.sparse:
+            raise ValueError("a dataset needs at least one sparse column")
+
+    def embedding_config(self, dim: int, optimizer: SparseOptimizerSpec) -> EmbeddingConfig:
+        """One table per sparse column; bags are mean-pooled (weighted ones weight-summed)."""
+        tables = tuple(TableSpec(name=c.name, rows=c.rows, dim=dim, optimizer=optimizer) for c in self.sparse)
+        features = tuple(
+            FeatureSpec(
+                name=c.name,
+                table=c.name,
+                max_ids=c.max_ids,
+                weighted=c.weighted,
+                pooling=Pooling.SUM if c.weighted else Pooling.MEAN,
+            )
+            for c in self.sparse
+        )
+        return EmbeddingConfig(tables=tables, features=features)
+
+    def encode(self, raw: RawChunk) -> Examples:
+        dense = np.asarray(raw.dense, np.float32).reshape(len(raw.labels), len(self.dense))
+        if self.dense_transform is DenseTransform.LOG:
+            dense = np.sign(dense) * np.log1p(np.abs(dense))
+        sparse = {}
+        for column, bags in zip(self.sparse, raw.bags):
+            ids = self._encode_tokens(column, bags.tokens)
+            weights = None
+            if column.weighted:
+                weights = np.asarray(bags.weights, np.float32)
+            sparse[column.name] = RaggedIds(ids, np.asarray(bags.lengths, np.int64), weights)
+        return Examples(dense=dense, sparse=sparse, labels=np.asarray(raw.labels, np.float32))
+
+    def _encode_tokens(self, column: SparseColumn, tokens: Sequence[str]) -> np.ndarray:
+        if column.encoding is Encoding.VOCAB:
+            table = self._lookup.get(column.name)
+            if table is None:
+                table = {token: row for row, token in enumerate(column.vocab, start=1)}
+                self._lookup[column.name] = table
+            return np.fromiter((table.get(t, 0) for t in tokens), np.int64, count=len(tokens))
+        return hash_tokens(tokens, column.rows)
+
+    # -- serialization -------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        return {
+            "dense": list(self.dense),
+            "dense_transform": self.dense_transform.value,
+            "sparse": [
+                {
+                    "name": c.name,
+                    "encoding": c.encoding.value,
+                    "rows": c.rows,
+                    "max_ids": c.max_ids,
+                    "weighted": c.weighted,
+                    "vocab": None if c.vocab is None else list(c.vocab),
+                }
+                for c in self.sparse
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> DataSchema:
+        sparse = tuple(
+            SparseColumn(**{**c, "vocab": None if c["vocab"] is None else tuple(c["vocab"])})
+            for c in data["sparse"]
+        )
+        return cls(dense=tuple(data["dense"]), sparse=sparse, dense_transform=data["dense_transform"])
+
+    def fingerprint(self) -> str:
+        """A short digest of the encoding: equal fingerprints encode every token alike."""
+        blob = json.dumps(self.to_json(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def hash_tokens(tokens: Sequence[str], rows: int) -> np.ndarray:
+    """Stable (process- and platform-independent) hash of string tokens into [1, rows); MISSING -> 0."""
+    crc = np.fromiter((zlib.crc32(t.encode()) for t in tokens), np.int64, count=len(tokens))
+    lengths = np.fromiter((len(t) for t in tokens), np.int64, count=len(tokens))
+    ids = 1 + hash_ids((crc << 8) | (lengths & 0xFF), rows - 1)
+    return np.where(lengths == 0, 0, ids)
+
+
+@dataclasses.dataclass
+class RawBags:
+    """One column of a raw chunk: flat tokens, per-sample bag lengths, optional values."""
+
+    tokens: list[str] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+    weights: list[float] | None = None
+
+
+@dataclasses.dataclass
+class RawChunk:
+    """Parsed but not yet encoded rows of one chunk."""
+
+    labels: list[float]
+    dense: list[float]  # row-major [n, num_dense]
+    bags: list[RawBags]  # one per sparse column
+    lines: list[int]  # the 0-based data-row index of each row within its chunk
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ColumnOptions:
+    """How a reader's sparse columns are encoded; None means chosen from the data."""
+
+    encoding: Encoding = Encoding.VOCAB
+    rows: int | Sequence[int] | None = None  # table size(s), row 0 included
+    max_rows: int = 1 << 20  # cap on a table size chosen from the data
+    min_count: int = 1  # vocab: tokens seen fewer times map to row 0
+    max_ids: int | None = None  # bag width; from the data unless given
+
+
+class SchemaBuilder:
+    """Collects token statistics over the training rows, then fixes the schema."""
+
+    def __init__(self, dense: Sequence[str], sparse: Sequence[str], options: ColumnOptions, transform):
+        self.dense, self.sparse, self.options, self.transform = (
+            tuple(dense),
+            tuple(sparse),
+            options,
+            transform,
+        )
+        self.counts = [Counter() for _ in sparse]
+        self.max_len = [0] * len(sparse)
+        self.weighted = [False] * len(sparse)
+        self.given_rows = options.rows
+
+    def observe(self, raw: RawChunk, keep: np.ndarray | None = None) -> None:
+        """Adds a chunk's rows (those where `keep` is True) to the statistics."""
+        while len(raw.bags) > len(self.counts):  # positional libFM: a field not seen before
+            self.counts.append(Counter())
+            self.max_len.append(0)
+            self.weighted.append(False)
+        for i, bags in enumerate(raw.bags):
+            lengths = np.asarray(bags.lengths, np.int64)
+            if keep is not None and not keep.all():
+                flat_keep = np.repeat(keep, lengths)
+                tokens = [t for t, k in zip(bags.tokens, flat_keep) if k]
+                lengths = lengths[keep]
+                weights = None if bags.weights is None else np.asarray(bags.weights)[flat_keep]
+            else:
+                tokens, weights = bags.tokens, bags.weights
+            if len(lengths):
+                self.max_len[i] = max(self.max_len[i], int(lengths.max()))
+            if weights is not None and len(weights) and (np.asarray(weights) != 1).any():
+                self.weighted[i] = True
+            needs_counts = self.options.encoding is Encoding.VOCAB or self.given_rows is None
+            if needs_counts and len(self.counts[i]) <= 4 * self.options.max_rows:
+                self.counts[i].update(tokens)
+
+    def build(self) -> DataSchema:
+        names = self.sparse + tuple(f"field{k}" for k in range(len(self.sparse), len(self.counts)))
+        rows = self.given_rows
+        rows = [rows] * len(names) if rows is None or isinstance(rows, int) else list(rows)
+        if len(rows) != len(names):
+            raise ValueError(f"{len(rows)} table sizes given for {len(names)} sparse columns {list(names)}")
+        columns = []
+        for i, name in enumerate(names):
+            max_ids = self.options.max_ids or max(1, self.max_len[i])
+            counts = self.counts[i]
+            counts.pop(MISSING, None)
+            if self.options.encoding is Encoding.VOCAB:
+                kept = [t for t, n in counts.items() if n >= self.options.min_count]
+                kept.sort(key=lambda t: (-counts[t], t))  # hot tokens first, ties by token
+                limit = (rows[i] or self.options.max_rows) - 1
+                vocab = tuple(kept[:limit])
+                columns.append(
+                    SparseColumn(
+                        name=name,
+                        encoding=Encoding.VOCAB,
+                        rows=rows[i] or max(2, len(vocab) + 1),
+                        max_ids=max_ids,
+                        vocab=vocab,
+                        weighted=self.weighted[i],
+                    )
+                )
+            else:
+                # Hashing into twice the distinct count keeps collisions to about a quarter.
+                size = rows[i] or min(self.options.max_rows, max(16, 1 + 2 * len(counts)))
+                columns.append(
+                    SparseColumn(
+                        name=name,
+                        encoding=Encoding.HASH,
+                        rows=size,
+                        max_ids=max_ids,
+                        weighted=self.weighted[i],
+                    )
+                )
+        return DataSchema(dense=self.dense, sparse=tuple(columns), dense_transform=self.transform)
