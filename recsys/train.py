@@ -45,18 +45,23 @@ from recsys.data import (
 from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
 from recsys.sparse import InputPolicy, PackReport, pack_batch
-from recsys.specs import EmbeddingConfig, OptimizerKind, SparseOptimizerSpec
+from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
 from recsys.trainer import Batch, Trainer
 
 OPTIMIZERS = [k.value for k in OptimizerKind]
-# The dense half of each --optimizer choice (row-wise Adagrad has no dense analogue).
+# Dense optimizers by name: (learning rate, weight decay) -> optax transformation. AdamW
+# decouples its decay from the gradient scale; the others add decay to the gradient.
 _DENSE_OPTIMIZERS = {
-    "sgd": optax.sgd,
-    "adagrad": optax.adagrad,
-    "rowwise_adagrad": optax.adagrad,
-    "adam": optax.adam,
+    "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
+    "adam": lambda lr, wd: _decayed(optax.adam(lr), wd),
+    "adagrad": lambda lr, wd: _decayed(optax.adagrad(lr), wd),
+    "sgd": lambda lr, wd: _decayed(optax.sgd(lr), wd),
 }
+
+
+def _decayed(opt: optax.GradientTransformation, wd: float) -> optax.GradientTransformation:
+    return optax.chain(optax.add_decayed_weights(wd), opt) if wd else opt
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -116,10 +121,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (overrides --epochs)")
     p.add_argument("--epochs", type=_positive_int, default=1)
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate of tables and dense layers")
-    p.add_argument("--optimizer", default="rowwise_adagrad", choices=OPTIMIZERS)
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 on the rows a batch touches")
-    p.add_argument("--dense-weight-decay", type=float, default=0.0, help="L2 on the dense parameters")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate of the embedding tables")
+    p.add_argument("--optimizer", default="rowwise_adagrad", choices=OPTIMIZERS, help="of the tables")
+    p.add_argument(
+        "--init", default="normal", choices=["normal", "uniform"], help="table init (defaults scales)"
+    )
+    p.add_argument("--dense-optimizer", default="adamw", choices=list(_DENSE_OPTIMIZERS))
+    p.add_argument("--dense-lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 on the rows a batch touches")
+    p.add_argument("--dense-weight-decay", type=float, default=1.0, help="dense weight decay (AdamW's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--metrics-out", default=None, help="write final metrics as JSON here")
     p.add_argument("--bottom-mlp", type=_int_list, default=None, help="default: 64,<embedding-dim>")
@@ -151,8 +161,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if args.lr <= 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    for flag in ("lr", "dense_lr"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
+    for flag in ("weight_decay", "dense_weight_decay"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.bottom_mlp is None:
         args.bottom_mlp = (64, args.embedding_dim)
     elif args.bottom_mlp[-1] != args.embedding_dim:
@@ -294,8 +308,8 @@ def _examples(data: SyntheticData) -> Examples:
 # Settings that change what a run computes: a resumed run must match the checkpoint in all.
 _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
-    "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay "
-    "dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+    "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
+    "dense_optimizer dense_lr dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
 ).split()
 
 
@@ -328,11 +342,14 @@ def run(args: argparse.Namespace) -> dict:
         kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay
     )
     data = load_data(args, sparse_opt, saved_schema)
-    config = data.config
+    # Normal init at 1/sqrt(dim) starts the dot-product interactions off zero; TorchRec's
+    # small uniform init left DLRM on Frappe stalled for epochs before they took off.
+    init = InitializerSpec(kind=args.init)
+    config = dataclasses.replace(
+        data.config, tables=tuple(dataclasses.replace(t, initializer=init) for t in data.config.tables)
+    )
     model = build_model(args, config, data.num_dense)
-    dense_opt = _DENSE_OPTIMIZERS[args.optimizer](args.lr)
-    if args.dense_weight_decay:
-        dense_opt = optax.chain(optax.add_decayed_weights(args.dense_weight_decay), dense_opt)
+    dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](args.dense_lr, args.dense_weight_decay)
     trainer = Trainer(model, dense_opt)
     state = trainer.init_state()
 
@@ -415,6 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         "eval_data": args.eval_data,
         "model": args.model,
         "optimizer": args.optimizer,
+        "dense_optimizer": args.dense_optimizer,
         "batch_size": args.batch_size,
         "embedding_dim": args.embedding_dim,
         "seed": args.seed,

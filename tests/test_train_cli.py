@@ -63,7 +63,9 @@ def test_cli_rejects_bad_arguments(argv, message, capsys):
 @pytest.mark.slow
 def test_trainer_learns_the_planted_model(tmp_path):
     out = tmp_path / "m.json"
-    train.main(["--rows", "500", "--train-samples", "200000", "--no-progress", "--metrics-out", str(out)])
+    # No row weight decay: one epoch over planted data cannot overfit, and the test is about
+    # the optimizer reaching the truth, not about regularization.
+    train.main(["--rows", "500", "--weight-decay", "0", "--no-progress", "--metrics-out", str(out)])
     result = json.loads(out.read_text())
     # The planted model's own AUC is the ceiling; a correct trainer comes close to it.
     assert result["planted_auc"] - result["auc"] < 0.035, result

@@ -46,22 +46,26 @@ class DLRM(nnx.Module):
             raise ValueError(f"DLRM: the top MLP must end in 1 logit, got {list(top)}")
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
-        # Without dense features (e.g. libFM data) there is no bottom MLP and only the
-        # embeddings interact.
-        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True) if dense_features else None
-        vectors = len(self.features) + (1 if dense_features else 0)
+        if dense_features:
+            self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
+        else:
+            # No dense features (e.g. libFM data): a learned vector takes the bottom MLP's
+            # place, so its dot products with the embeddings give every id a linear term.
+            self.bottom = None
+            self.anchor = nnx.Param(jax.random.normal(rngs.params(), (dim,)) / np.sqrt(dim))
+        vectors = len(self.features) + 1
         self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
-        self.top = MLP((dim if dense_features else 0) + vectors * (vectors - 1) // 2, top, rngs=rngs)
+        self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs)
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""
         acts = self.embedding(sparse)
-        vectors = acts.stacked(self.features)  # [batch, F, dim]
+        embedded = acts.stacked(self.features)  # [batch, F, dim]
         if self.bottom is not None:
             x = self.bottom(dense)  # [batch, dim]
-            vectors = jnp.concatenate([x[:, None], vectors], axis=1)  # [batch, F+1, dim]
+        else:
+            x = jnp.broadcast_to(self.anchor.get_value(), (embedded.shape[0], embedded.shape[2]))
+        vectors = jnp.concatenate([x[:, None], embedded], axis=1)  # [batch, F+1, dim]
         dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)
         interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
-        if self.bottom is None:
-            return self.top(interactions)[:, 0]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]
