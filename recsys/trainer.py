@@ -59,7 +59,6 @@ class Trainer:
         *,
         loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
         dedup: str = "auto",
-        embedding_l2: float = 0.0,
     ):
         self.config: EmbeddingConfig = find_collection(model).config
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
@@ -67,9 +66,6 @@ class Trainer:
         self.dense_optimizer = dense_optimizer
         self.loss_fn = loss_fn
         self.dedup = dedup
-        if embedding_l2 < 0:
-            raise ValueError(f"embedding_l2 must be >= 0, got {embedding_l2}")
-        self.embedding_l2 = embedding_l2
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -100,13 +96,7 @@ class Trainer:
 
         def loss_of(params, acts):
             logits = nnx.merge(self.graphdef, state.tables, params, state.rest)(batch.dense, acts)
-            loss = self.loss_fn(logits, batch.labels)
-            if self.embedding_l2:
-                # L2 on what the batch looked up: a row is penalized once per occurrence,
-                # so hot rows are held back in proportion to how often they are trained.
-                squares = sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in acts.groups.values())
-                loss = loss + self.embedding_l2 * squares / batch.labels.shape[0]
-            return loss
+            return self.loss_fn(logits, batch.labels)
 
         loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
         new_tables, slots = sparse_update(

@@ -58,6 +58,8 @@ def train_batches(
     epoch, first_chunk, offset = start.epoch, start.chunk, start.offset
     while True:
         order = chunk_order(dataset, seed, epoch) if shuffle else np.flatnonzero(np.asarray(dataset.sizes))
+        sizes = np.asarray(dataset.sizes)[order]
+        left_after = np.concatenate([np.cumsum(sizes[::-1])[::-1][1:], [0]])  # examples in later chunks
         pending: list[Examples] = []
         have = 0
         for k in range(first_chunk, len(order)):
@@ -73,7 +75,7 @@ def train_batches(
                 offset += take
                 if have == batch_size:
                     after = Position(epoch, k, offset) if offset < len(chunk) else Position(epoch, k + 1, 0)
-                    if after.chunk == len(order):
+                    if len(chunk) - offset + left_after[k] < batch_size:  # only the dropped remainder is left
                         after = Position(epoch + 1, 0, 0)
                     yield Examples.concat(pending), after
                     pending, have = [], 0

@@ -166,8 +166,9 @@ class ParquetReader:
         self.pq, self.paths, self.columns, self.on_error = pq, paths, columns, OnError(on_error)
         self.chunks, global_row = [], 0
         for file, path in enumerate(paths):
-            meta = pq.ParquetFile(path).metadata
-            columns.bind(meta.schema.names, path)
+            parquet = pq.ParquetFile(path)
+            meta = parquet.metadata
+            columns.bind(parquet.schema_arrow.names, path)
             first = 0
             for group in range(meta.num_row_groups):
                 rows = meta.row_group(group).num_rows
