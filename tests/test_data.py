@@ -9,6 +9,7 @@ from recsys.data import (
     ColumnOptions,
     DataError,
     Dataset,
+    Encoding,
     Examples,
     OnError,
     Position,
@@ -41,7 +42,9 @@ def write_criteo(path, n=50, seed=0):
 def test_criteo_parses_transforms_and_hashes(tmp_path):
     path = tmp_path / "day.tsv"
     path.write_text(criteo_line(1, [3, "", -2, *[0] * 10], ["0000abcd", "", *["ff"] * 24]))
-    opened = open_data(f"criteo:{path}", f"criteo:{path}", ReadOptions(columns=ColumnOptions(encoding="hash", rows=101)))
+    opened = open_data(
+        f"criteo:{path}", f"criteo:{path}", ReadOptions(columns=ColumnOptions(encoding="hash", rows=101))
+    )
     ex = opened.train.chunk(0)
     assert ex.labels.tolist() == [1.0]
     np.testing.assert_allclose(ex.dense[0, :3], [np.log1p(3), 0.0, -np.log1p(2)], rtol=1e-6)
@@ -57,7 +60,10 @@ def test_criteo_parses_transforms_and_hashes(tmp_path):
         ("1\t2\n", "expected 40 tab-separated fields"),
         (criteo_line(2, [0] * 13, ["a"] * 26), "label '2' is not 0 or 1"),
         (criteo_line(0, ["x", *[0] * 12], ["a"] * 26), "column 'I1': integer feature 'x'"),
-        (criteo_line(0, [0] * 13, ["zz", *["a"] * 25]), "column 'C1': categorical value 'zz' is not hexadecimal"),
+        (
+            criteo_line(0, [0] * 13, ["zz", *["a"] * 25]),
+            "column 'C1': categorical value 'zz' is not hexadecimal",
+        ),
     ],
 )
 def test_criteo_malformed_lines_name_file_and_line(tmp_path, line, message):
@@ -131,6 +137,14 @@ def test_csv_missing_column_is_named(tmp_path):
         open_data(f"csv:{path}")
 
 
+def test_column_options_validate():
+    assert ColumnOptions(encoding="vocab").encoding is Encoding.VOCAB
+    with pytest.raises(ValueError, match="is not a valid Encoding"):
+        ColumnOptions(encoding="onehot")
+    with pytest.raises(ValueError, match="row 0 is reserved"):
+        ColumnOptions(rows=1)
+
+
 def test_csv_hash_encoding_with_given_rows(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("label,user\n1,alice\n0,bob\n1,alice\n")
@@ -183,7 +197,9 @@ def test_libfm_eval_line_with_more_fields_than_training(tmp_path):
 def test_globs_and_lists(tmp_path):
     for i in range(3):
         write_criteo(tmp_path / f"day_{i}.tsv", n=10, seed=i)
-    opened = open_data(f"criteo:{tmp_path}/day_*.tsv", f"criteo:{tmp_path / 'day_0.tsv'},{tmp_path / 'day_1.tsv'}")
+    opened = open_data(
+        f"criteo:{tmp_path}/day_*.tsv", f"criteo:{tmp_path / 'day_0.tsv'},{tmp_path / 'day_1.tsv'}"
+    )
     assert (len(opened.train), len(opened.eval)) == (30, 20)
     with pytest.raises(FileNotFoundError, match="no file matches"):
         open_data(f"criteo:{tmp_path}/nope_*.tsv")
@@ -222,7 +238,9 @@ def test_criteo_binary_matches_text(tmp_path):
     write_criteo(tmp_path / "b.tsv", n=25, seed=2)
     spec = f"criteo:{tmp_path}/a.tsv,{tmp_path}/b.tsv"
     options = ReadOptions(columns=ColumnOptions(encoding="hash", rows=64), chunk_rows=16)
-    schema = preprocess_criteo(spec.partition(":")[2], str(tmp_path / "bin"), options, progress=lambda _: None)
+    schema = preprocess_criteo(
+        spec.partition(":")[2], str(tmp_path / "bin"), options, progress=lambda _: None
+    )
     text = open_data(spec, spec, options)
     binary = open_data(f"criteo:{tmp_path / 'bin'}", spec, options)
     assert binary.schema == schema == text.schema

@@ -188,6 +188,17 @@ class ColumnOptions:
     min_count: int = 1  # vocab: tokens seen fewer times map to row 0
     max_ids: int | None = None  # bag width; from the data unless given
 
+    def __post_init__(self):
+        object.__setattr__(self, "encoding", Encoding(self.encoding))
+        sizes = [self.rows] if self.rows is None or isinstance(self.rows, int) else list(self.rows)
+        if any(r is not None and r < 2 for r in sizes):
+            raise ValueError(f"table rows must be >= 2 (row 0 is reserved), got {self.rows}")
+        for name in ("max_rows", "min_count"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_ids is not None and self.max_ids < 1:
+            raise ValueError(f"max_ids must be >= 1, got {self.max_ids}")
+
 
 class SchemaBuilder:
     """Collects token statistics over the training rows, then fixes the schema."""

@@ -1,0 +1,133 @@
+"""Checkpoints: logical round trip, clear mismatch errors, crash safety and exact resume."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from recsys import train
+from recsys.checkpoint import Checkpointer, CheckpointMismatch, to_logical
+from recsys.specs import SparseOptimizerSpec
+from recsys.synthetic import SyntheticConfig
+from recsys.trainer import Trainer
+
+SMALL = ["--train-samples", "2048", "--eval-samples", "512", "--batch-size", "64", "--num-tables", "3"]
+SMALL += ["--rows", "50", "--no-progress"]
+
+
+def _trainer(rows=50, optimizer="adam"):
+    args = train.parse_args(["--num-tables", "2"])
+    config = SyntheticConfig(num_sparse=2, rows=rows).embedding_config(
+        16, SparseOptimizerSpec(kind=optimizer)
+    )
+    return Trainer(train.build_model(args, config, 13), optax.adam(1e-3))
+
+
+def test_round_trip_is_exact(tmp_path):
+    trainer = _trainer()
+    state = trainer.init_state()
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(7, trainer, state, {"note": "x"})
+    ckpt.wait()
+    restored, metadata = ckpt.restore(trainer, _trainer().init_state())
+    assert metadata == {"note": "x"}
+    for a, b in zip(
+        jax.tree.leaves(to_logical(trainer, state)), jax.tree.leaves(to_logical(trainer, restored))
+    ):
+        np.testing.assert_array_equal(a, b)
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "7" / "state")
+    assert saved["tables"]["t0"].shape == (50, 16)  # logical per-table form, not the stacked group
+
+
+def test_restoring_another_model_names_the_difference(tmp_path):
+    ckpt = Checkpointer(str(tmp_path))
+    trainer = _trainer(rows=50)
+    ckpt.save(1, trainer, trainer.init_state(), {})
+    ckpt.wait()
+    other = _trainer(rows=60, optimizer="rowwise_adagrad")
+    with pytest.raises(CheckpointMismatch) as info:
+        ckpt.restore(other, other.init_state())
+    message = str(info.value)
+    assert "tables.t0.rows: checkpoint 50, this run 60" in message
+    assert "tables.t1.optimizer: checkpoint 'adam', this run 'rowwise_adagrad'" in message
+
+
+def test_cli_refuses_to_overwrite_and_checks_run_settings(tmp_path):
+    directory = str(tmp_path / "ck")
+    assert train.main([*SMALL, "--steps", "4", "--checkpoint-dir", directory, "--checkpoint-every", "2"]) == 0
+    with pytest.raises(SystemExit, match="pass --resume"):
+        train.main([*SMALL, "--steps", "4", "--checkpoint-dir", directory])
+    with pytest.raises(CheckpointMismatch, match="batch_size: checkpoint 64, this run 32"):
+        train.main([*SMALL, "--batch-size", "32", "--steps", "6", "--checkpoint-dir", directory, "--resume"])
+
+
+def test_partial_save_is_ignored(tmp_path):
+    directory = tmp_path / "ck"
+    assert (
+        train.main([*SMALL, "--steps", "4", "--checkpoint-dir", str(directory), "--checkpoint-every", "2"])
+        == 0
+    )
+    # What a crash mid-save leaves behind: a temporary step directory with partial content.
+    partial = directory / "6.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(b"\0" * 100)
+    assert Checkpointer(str(directory)).latest_step() == 4
+    out = tmp_path / "m.json"
+    args = [*SMALL, "--steps", "8", "--checkpoint-dir", str(directory), "--resume", "--metrics-out", str(out)]
+    assert train.main(args) == 0
+    assert json.loads(out.read_text())["resumed_from_step"] == 4
+
+
+def _run_cli(args, **kwargs):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-m", "recsys.train", *args], env=env, **kwargs)
+
+
+def _steps(directory):
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps, every = 600, 25
+    base = [*SMALL, "--epochs", "1", "--steps", str(steps), "--checkpoint-every", str(every)]
+    reference = tmp_path / "reference"
+    assert (
+        _run_cli(
+            [*base, "--checkpoint-dir", str(reference), "--metrics-out", str(tmp_path / "a.json")]
+        ).wait()
+        == 0
+    )
+
+    kill_after = random.Random().randrange(every, steps // 2)  # truly random; printed on failure
+    victim = tmp_path / "victim"
+    proc = _run_cli(
+        [*base, "--checkpoint-dir", str(victim)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    while not (_steps(victim) and _steps(victim)[-1] >= kill_after) and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.Random().random() * 0.2)  # land anywhere: mid-step or mid-save
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the run finished before the kill (kill_after={kill_after})"
+    killed_at = _steps(victim)[-1]
+    assert killed_at < steps, f"killed after the last checkpoint (kill_after={kill_after})"
+
+    args = [*base, "--checkpoint-dir", str(victim), "--resume", "--metrics-out", str(tmp_path / "b.json")]
+    assert _run_cli(args).wait() == 0
+    a, b = (json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json"))
+    assert b["resumed_from_step"] == killed_at
+    for key in ("auc", "logloss", "train_loss", "normalized_entropy"):
+        assert a[key] == b[key], (key, kill_after, killed_at)
+    final_a = ocp.StandardCheckpointer().restore(reference / str(steps) / "state")
+    final_b = ocp.StandardCheckpointer().restore(victim / str(steps) / "state")
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(final_a), jax.tree.leaves(final_b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"{path} (killed at {killed_at})")
