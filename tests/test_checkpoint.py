@@ -131,3 +131,28 @@ def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_p
     final_b = ocp.StandardCheckpointer().restore(victim / str(steps) / "state")
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(final_a), jax.tree.leaves(final_b)):
         np.testing.assert_array_equal(x, y, err_msg=f"{path} (killed at {killed_at})")
+
+
+def test_resume_on_file_data_reuses_the_saved_schema(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = ["label,price,user,tags"]
+    for _ in range(700):
+        tags = "|".join(f"t{t}" for t in rng.integers(0, 30, rng.integers(0, 4)))
+        rows.append(f"{int(rng.random() < 0.3)},{rng.integers(0, 100)},u{rng.integers(0, 50)},{tags}")
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(rows) + "\n")
+    base = ["--data", f"csv:{data}", "--dense", "price", "--multi-hot-sep", "|", "--batch-size", "32"]
+    base += ["--epochs", "3", "--no-progress", "--checkpoint-every", "10"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert train.main([*base, "--checkpoint-dir", str(tmp_path / "ck_a"), "--metrics-out", str(a)]) == 0
+    interrupted = str(tmp_path / "ck_b")
+    assert train.main([*base, "--checkpoint-dir", interrupted, "--steps", "25"]) == 0
+    assert train.main([*base, "--checkpoint-dir", interrupted, "--resume", "--metrics-out", str(b)]) == 0
+    first, resumed = json.loads(a.read_text()), json.loads(b.read_text())
+    assert resumed["resumed_from_step"] == 25
+    for key in ("auc", "logloss", "train_loss", "steps"):
+        assert first[key] == resumed[key], key
+
+    data.write_text("\n".join(rows[:-1]) + "\n")  # the data changed under the checkpoint
+    with pytest.raises(CheckpointMismatch, match="other data"):
+        train.main([*base, "--checkpoint-dir", interrupted, "--resume"])

@@ -20,6 +20,8 @@ from recsys.data import (
     preprocess_criteo,
     train_batches,
 )
+from recsys.data.formats import CriteoFormat
+from recsys.data.readers import TextReader
 from recsys.data.schema import hash_tokens
 from recsys.sparse import RaggedIds
 
@@ -48,10 +50,30 @@ def test_criteo_parses_transforms_and_hashes(tmp_path):
     ex = opened.train.chunk(0)
     assert ex.labels.tolist() == [1.0]
     np.testing.assert_allclose(ex.dense[0, :3], [np.log1p(3), 0.0, -np.log1p(2)], rtol=1e-6)
-    assert ex.sparse["C1"].values[0] == hash_tokens(["0000abcd"], 101)[0]
+    assert ex.sparse["C1"].values[0] == hash_tokens([0xABCD], 101)[0]
     assert 1 <= ex.sparse["C1"].values[0] < 101
     assert ex.sparse["C2"].values[0] == 0  # missing -> the reserved row
     assert [c.rows for c in opened.schema.sparse] == [101] * 26
+
+
+def test_criteo_block_parser_matches_the_line_parser(tmp_path):
+    class LineByLine(CriteoFormat):
+        def parse_block(self, data):
+            return None
+
+    path = tmp_path / "day.tsv"
+    lines = write_criteo(path, n=300, seed=4)
+    lines[7] = criteo_line(1, [-17, 0, "", 123456789012, *[5] * 9], ["", "fffffffffffffff", *["0a"] * 24])
+    path.write_text("".join(lines))
+    schema = open_data(f"criteo:{path}", f"criteo:{path}").schema
+    fast, slow = (TextReader([str(path)], fmt, chunk_rows=128) for fmt in (CriteoFormat(), LineByLine()))
+    for chunk in fast.chunks:
+        a, b = schema.encode(fast.read_raw(chunk)), schema.encode(slow.read_raw(chunk))
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.dense, b.dense)
+        for name in a.sparse:
+            np.testing.assert_array_equal(a.sparse[name].values, b.sparse[name].values)
+            np.testing.assert_array_equal(a.sparse[name].lengths, b.sparse[name].lengths)
 
 
 @pytest.mark.parametrize(
@@ -64,12 +86,21 @@ def test_criteo_parses_transforms_and_hashes(tmp_path):
             criteo_line(0, [0] * 13, ["zz", *["a"] * 25]),
             "column 'C1': categorical value 'zz' is not hexadecimal",
         ),
+        (
+            criteo_line(0, [0] * 13, ["-1", *["a"] * 25]),
+            "column 'C1': categorical value '-1' is not up to 15",
+        ),
+        (criteo_line(0, ["1.5", *[0] * 12], ["a"] * 26), "column 'I1': integer feature '1.5'"),
+        (criteo_line(0, [0] * 13, ["a"] * 26).replace("\n", "\r\n"), None),  # CRLF is fine
     ],
 )
 def test_criteo_malformed_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.tsv"
     good = criteo_line(0, [1] * 13, ["a"] * 26)
     path.write_text(good + good + line + good)
+    if message is None:  # not malformed after all: the line-by-line path accepts it
+        assert len(open_data(f"criteo:{path}", f"criteo:{path}").train) == 4
+        return
     with pytest.raises(DataError, match=f"bad.tsv:3: .*{message}"):
         open_data(f"criteo:{path}", f"criteo:{path}")
 
@@ -301,3 +332,14 @@ def test_prefetcher_passes_items_and_errors():
     assert next(it) == 1
     with pytest.raises(DataError, match="f.tsv:9: broken"):
         next(it)
+
+
+def test_preprocess_cli(tmp_path, capsys):
+    from recsys.data import preprocess
+
+    write_criteo(tmp_path / "a.tsv", n=30)
+    assert preprocess.main([str(tmp_path / "a.tsv"), str(tmp_path / "out"), "--rows", "100"]) == 0
+    assert "C26=100" in capsys.readouterr().out
+    opened = open_data(f"criteo:{tmp_path / 'out'}", options=ReadOptions(holdout=0.2))
+    assert (len(opened.train), len(opened.eval)) == (24, 6)
+    assert not (tmp_path / "out" / ".partial").exists()

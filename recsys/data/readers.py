@@ -122,25 +122,32 @@ class TextReader:
 
     def read_raw(self, chunk: ChunkRef, report: ReadReport | None = None) -> RawChunk:
         path = self.paths[chunk.file]
-        builder = ChunkBuilder(len(self.fmt.dense_names), len(self.fmt.sparse_names))
         with open(path, "rb") as f:
             f.seek(chunk.offset)
-            for row in range(chunk.rows):
-                raw = f.readline()
-                line_no = chunk.first_line + row
-                if not raw:
-                    raise DataError("the file is shorter than when it was indexed", path=path, line=line_no)
-                line = _decode(raw, path, line_no)
-                if not line.strip():
-                    continue
-                try:
-                    builder.add(row, self.fmt.parse(line))
-                except LineError as e:
-                    error = DataError(e.message, path=path, line=line_no, column=e.column)
-                    if self.on_error is OnError.RAISE:
-                        raise error from None
-                    if report is not None:
-                        report.record(error)
+            raw_lines = [f.readline() for _ in range(chunk.rows)]
+        if raw_lines and not raw_lines[-1]:
+            short = chunk.first_line + raw_lines.index(b"")
+            raise DataError("the file is shorter than when it was indexed", path=path, line=short)
+        fast = getattr(self.fmt, "parse_block", None)
+        if fast is not None:
+            parsed = fast(b"".join(raw_lines))
+            if parsed is not None:
+                return parsed
+        # Line by line: slower, but it can name the file and line of what is wrong.
+        builder = ChunkBuilder(len(self.fmt.dense_names), len(self.fmt.sparse_names))
+        for row, raw in enumerate(raw_lines):
+            line_no = chunk.first_line + row
+            line = _decode(raw, path, line_no)
+            if not line.strip():
+                continue
+            try:
+                builder.add(row, self.fmt.parse(line))
+            except LineError as e:
+                error = DataError(e.message, path=path, line=line_no, column=e.column)
+                if self.on_error is OnError.RAISE:
+                    raise error from None
+                if report is not None:
+                    report.record(error)
         return builder.finish()
 
 

@@ -17,7 +17,6 @@ import dataclasses
 import enum
 import hashlib
 import json
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 
@@ -27,7 +26,8 @@ from recsys.data.examples import Examples
 from recsys.sparse import RaggedIds, hash_ids
 from recsys.specs import EmbeddingConfig, FeatureSpec, Pooling, SparseOptimizerSpec, TableSpec
 
-MISSING = ""  # the token of an empty single-valued field (Criteo); encodes to row 0
+MISSING = ""  # the token of an empty field where empty means "missing"; encodes to row 0
+MISSING_INT = -1  # the same for integer tokens (Criteo's hex values); valid ones are >= 0
 
 
 class Encoding(str, enum.Enum):
@@ -58,7 +58,7 @@ class SparseColumn:
     encoding: Encoding
     rows: int
     max_ids: int
-    vocab: tuple[str, ...] | None = None
+    vocab: tuple[str, ...] | tuple[int, ...] | None = None
     weighted: bool = False
 
     def __post_init__(self):
@@ -115,7 +115,9 @@ class DataSchema:
             if table is None:
                 table = {token: row for row, token in enumerate(column.vocab, start=1)}
                 self._lookup[column.name] = table
-            return np.fromiter((table.get(t, 0) for t in tokens), np.int64, count=len(tokens))
+            get = table.get
+            seq = tokens.tolist() if isinstance(tokens, np.ndarray) else tokens
+            return np.fromiter((get(t, 0) for t in seq), np.int64, count=len(seq))
         return hash_tokens(tokens, column.rows)
 
     # -- serialization -------------------------------------------------------------
@@ -151,11 +153,29 @@ class DataSchema:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def hash_tokens(tokens: Sequence[str], rows: int) -> np.ndarray:
-    """Stable (process- and platform-independent) hash of string tokens into [1, rows); MISSING -> 0."""
-    crc = np.fromiter((zlib.crc32(t.encode()) for t in tokens), np.int64, count=len(tokens))
-    lengths = np.fromiter((len(t) for t in tokens), np.int64, count=len(tokens))
-    ids = 1 + hash_ids((crc << 8) | (lengths & 0xFF), rows - 1)
+def hash_tokens(tokens, rows: int) -> np.ndarray:
+    """Stable hash of tokens into [1, rows); MISSING ("") and MISSING_INT (-1) -> 0.
+
+    Integer tokens go straight to the splitmix64 finalizer. String tokens are first
+    reduced by FNV-1a over their Unicode code points, vectorized over a whole column (the
+    same in every process and platform, unlike Python's salted `hash`).
+    """
+    if len(tokens) and isinstance(tokens[0], (int, np.integer)):
+        values = np.asarray(tokens, np.int64)
+        return np.where(values < 0, 0, 1 + hash_ids(values, rows - 1))
+    codes = np.ascontiguousarray(np.asarray(tokens, dtype=str))
+    n = codes.shape[0]
+    if n == 0:
+        return np.zeros(0, np.int64)
+    width = max(codes.dtype.itemsize // 4, 1)
+    points = codes.view(np.uint32).reshape(n, width) if codes.dtype.itemsize else np.zeros((n, 1), np.uint32)
+    lengths = np.char.str_len(codes)
+    h = np.full(n, 0xCBF29CE484222325, np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(width):
+            step = (h ^ points[:, i].astype(np.uint64)) * np.uint64(0x100000001B3)
+            h = np.where(i < lengths, step, h)
+    ids = 1 + hash_ids(h.view(np.int64), rows - 1)
     return np.where(lengths == 0, 0, ids)
 
 
@@ -163,7 +183,7 @@ def hash_tokens(tokens: Sequence[str], rows: int) -> np.ndarray:
 class RawBags:
     """One column of a raw chunk: flat tokens, per-sample bag lengths, optional values."""
 
-    tokens: list[str] = dataclasses.field(default_factory=list)
+    tokens: list[str] | list[int] | np.ndarray = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
     weights: list[float] | None = None
 
@@ -225,11 +245,13 @@ class SchemaBuilder:
             lengths = np.asarray(bags.lengths, np.int64)
             if keep is not None and not keep.all():
                 flat_keep = np.repeat(keep, lengths)
-                tokens = [t for t, k in zip(bags.tokens, flat_keep) if k]
+                tokens = np.asarray(bags.tokens, dtype=str)[flat_keep]
                 lengths = lengths[keep]
                 weights = None if bags.weights is None else np.asarray(bags.weights)[flat_keep]
             else:
                 tokens, weights = bags.tokens, bags.weights
+            if isinstance(tokens, np.ndarray):
+                tokens = tokens.tolist()
             if len(lengths):
                 self.max_len[i] = max(self.max_len[i], int(lengths.max()))
             if weights is not None and len(weights) and (np.asarray(weights) != 1).any():
@@ -249,6 +271,7 @@ class SchemaBuilder:
             max_ids = self.options.max_ids or max(1, self.max_len[i])
             counts = self.counts[i]
             counts.pop(MISSING, None)
+            counts.pop(MISSING_INT, None)
             if self.options.encoding is Encoding.VOCAB:
                 kept = [t for t, n in counts.items() if n >= self.options.min_count]
                 kept.sort(key=lambda t: (-counts[t], t))  # hot tokens first, ties by token
