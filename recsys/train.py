@@ -128,6 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dense-optimizer", default="adamw", choices=list(_DENSE_OPTIMIZERS))
     p.add_argument("--dense-lr", type=float, default=1e-3)
+    p.add_argument("--dense-lr-schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 on the rows a batch touches")
     p.add_argument("--dense-weight-decay", type=float, default=1.0, help="dense weight decay (AdamW's)")
     p.add_argument("--seed", type=int, default=0)
@@ -158,6 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None)
     g.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints")
+    g.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="newest checkpoints kept")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -309,7 +311,7 @@ def _examples(data: SyntheticData) -> Examples:
 _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
     "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
-    "dense_optimizer dense_lr dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
 ).split()
 
 
@@ -321,7 +323,7 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
     """The checkpointer and, when resuming, the latest checkpoint's metadata."""
     if args.checkpoint_dir is None:
         return None, None
-    ckpt = Checkpointer(args.checkpoint_dir)
+    ckpt = Checkpointer(args.checkpoint_dir, keep=args.keep_checkpoints)
     latest = ckpt.latest_step()
     if latest is None:
         return ckpt, None
@@ -349,12 +351,23 @@ def run(args: argparse.Namespace) -> dict:
         data.config, tables=tuple(dataclasses.replace(t, initializer=init) for t in data.config.tables)
     )
     model = build_model(args, config, data.num_dense)
-    dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](args.dense_lr, args.dense_weight_decay)
-    trainer = Trainer(model, dense_opt)
-    state = trainer.init_state()
-
     per_epoch = steps_per_epoch(data.train, args.batch_size)
     steps = args.steps or args.epochs * per_epoch
+    if resumed is not None and args.dense_lr_schedule == "cosine" and resumed["total_steps"] != steps:
+        raise CheckpointMismatch(
+            f"the checkpoint in {args.checkpoint_dir} belongs to a run of {resumed['total_steps']} steps, "
+            f"this one has {steps}; the cosine learning-rate schedule depends on the total"
+        )
+    # Cosine decay of the dense learning rate to 0 over the run: late epochs refine
+    # instead of memorizing (on Frappe it held the test AUC at its peak).
+    dense_lr = (
+        optax.cosine_decay_schedule(args.dense_lr, steps)
+        if args.dense_lr_schedule == "cosine"
+        else args.dense_lr
+    )
+    dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](dense_lr, args.dense_weight_decay)
+    trainer = Trainer(model, dense_opt)
+    state = trainer.init_state()
     start_step, position, losses = 0, Position(), []
     if resumed is not None:
         if resumed["train_fingerprint"] != data.train.fingerprint:
@@ -372,6 +385,7 @@ def run(args: argparse.Namespace) -> dict:
     def save(step: int, after: Position) -> None:
         metadata = {
             "run": run_settings(args),
+            "total_steps": steps,
             "position": after.to_json(),
             "losses": [float(x) for x in jax.device_get(losses)],
             "schema": None if data.schema is None else data.schema.to_json(),

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,24 +68,27 @@ def test_cli_refuses_to_overwrite_and_checks_run_settings(tmp_path):
     with pytest.raises(SystemExit, match="pass --resume"):
         train.main([*SMALL, "--steps", "4", "--checkpoint-dir", directory])
     with pytest.raises(CheckpointMismatch, match="batch_size: checkpoint 64, this run 32"):
-        train.main([*SMALL, "--batch-size", "32", "--steps", "6", "--checkpoint-dir", directory, "--resume"])
+        train.main([*SMALL, "--batch-size", "32", "--steps", "4", "--checkpoint-dir", directory, "--resume"])
+    with pytest.raises(CheckpointMismatch, match="a run of 4 steps, this one has 6"):
+        train.main([*SMALL, "--steps", "6", "--checkpoint-dir", directory, "--resume"])
 
 
 def test_partial_save_is_ignored(tmp_path):
     directory = tmp_path / "ck"
     assert (
-        train.main([*SMALL, "--steps", "4", "--checkpoint-dir", str(directory), "--checkpoint-every", "2"])
+        train.main([*SMALL, "--steps", "8", "--checkpoint-dir", str(directory), "--checkpoint-every", "2"])
         == 0
     )
-    # What a crash mid-save leaves behind: a temporary step directory with partial content.
-    partial = directory / "6.orbax-checkpoint-tmp-1234"
+    # What a crash while saving step 8 leaves: step 6 complete, step 8 a partial temporary.
+    shutil.rmtree(directory / "8")
+    partial = directory / "8.orbax-checkpoint-tmp-1234"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\0" * 100)
-    assert Checkpointer(str(directory)).latest_step() == 4
+    assert Checkpointer(str(directory)).latest_step() == 6
     out = tmp_path / "m.json"
     args = [*SMALL, "--steps", "8", "--checkpoint-dir", str(directory), "--resume", "--metrics-out", str(out)]
     assert train.main(args) == 0
-    assert json.loads(out.read_text())["resumed_from_step"] == 4
+    assert json.loads(out.read_text())["resumed_from_step"] == 6
 
 
 def _run_cli(args, **kwargs):
@@ -144,12 +148,18 @@ def test_resume_on_file_data_reuses_the_saved_schema(tmp_path):
     base = ["--data", f"csv:{data}", "--dense", "price", "--multi-hot-sep", "|", "--batch-size", "32"]
     base += ["--epochs", "3", "--no-progress", "--checkpoint-every", "10"]
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert train.main([*base, "--checkpoint-dir", str(tmp_path / "ck_a"), "--metrics-out", str(a)]) == 0
-    interrupted = str(tmp_path / "ck_b")
-    assert train.main([*base, "--checkpoint-dir", interrupted, "--steps", "25"]) == 0
+    full = [*base, "--checkpoint-dir", str(tmp_path / "ck_a"), "--keep-checkpoints", "10"]
+    assert train.main([*full, "--metrics-out", str(a)]) == 0
+    # A crash after step 40: later checkpoints never happened.
+    interrupted = tmp_path / "ck_b"
+    shutil.copytree(tmp_path / "ck_a", interrupted)
+    for step in Checkpointer(str(interrupted)).manager.all_steps():
+        if step > 40:
+            shutil.rmtree(interrupted / str(step))
+    interrupted = str(interrupted)
     assert train.main([*base, "--checkpoint-dir", interrupted, "--resume", "--metrics-out", str(b)]) == 0
     first, resumed = json.loads(a.read_text()), json.loads(b.read_text())
-    assert resumed["resumed_from_step"] == 25
+    assert resumed["resumed_from_step"] == 40
     for key in ("auc", "logloss", "train_loss", "steps"):
         assert first[key] == resumed[key], key
 
