@@ -368,7 +368,16 @@ def run(args: argparse.Namespace) -> dict:
     dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](dense_lr, args.dense_weight_decay)
     trainer = Trainer(model, dense_opt)
     state = trainer.init_state()
-    start_step, position, losses = 0, Position(), []
+    start_step, position = 0, Position()
+    # Per-step losses: `pending` holds device scalars (reading one waits for its step), moved
+    # to the host `history` every 20 steps and at each save.
+    history: list[np.float32] = []
+    pending: list[jax.Array] = []
+
+    def flush() -> None:
+        history.extend(jax.device_get(pending))
+        pending.clear()
+
     if resumed is not None:
         if resumed["train_fingerprint"] != data.train.fingerprint:
             raise CheckpointMismatch(
@@ -378,7 +387,7 @@ def run(args: argparse.Namespace) -> dict:
         state, _ = ckpt.restore(trainer, state)
         start_step = int(state.step)
         position = Position.from_json(resumed["position"])
-        losses = [np.float32(x) for x in resumed["losses"]]
+        history.extend(np.float32(x) for x in resumed["losses"])
         if start_step > steps:
             raise ValueError(f"the checkpoint is at step {start_step}, past the {steps} steps asked for")
 
@@ -387,7 +396,7 @@ def run(args: argparse.Namespace) -> dict:
             "run": run_settings(args),
             "total_steps": steps,
             "position": after.to_json(),
-            "losses": [float(x) for x in jax.device_get(losses)],
+            "losses": [float(x) for x in history],
             "schema": None if data.schema is None else data.schema.to_json(),
             "train_fingerprint": data.train.fingerprint,
         }
@@ -406,16 +415,18 @@ def run(args: argparse.Namespace) -> dict:
         for step in range(start_step, steps):
             batch, after = next(prefetched)
             state, loss = trainer.train_step(state, batch)
-            losses.append(loss)
+            pending.append(loss)
             if step == start_step:
                 jax.block_until_ready(loss)
                 timed_from = time.perf_counter()  # the first step includes compilation
                 compile_s = timed_from - start
             done = step + 1
             if ckpt is not None and done % args.checkpoint_every == 0 and done < steps:
+                flush()
                 save(done, after)
             if done % 20 == 0 or done == steps:
-                recent = float(np.mean(jax.device_get(losses[-20:])))
+                flush()
+                recent = float(np.mean(history[-20:]))
                 rate = (step - start_step) * args.batch_size / max(time.perf_counter() - timed_from, 1e-9)
                 progress.update(done, loss=recent, samples_per_s=rate)
     jax.block_until_ready(state)
@@ -427,7 +438,8 @@ def run(args: argparse.Namespace) -> dict:
     # Steps after the compiling first one; a run with none has no timed rate (JSON null).
     timed_steps = steps - start_step - 1
     samples_per_s = timed_steps * args.batch_size / elapsed if timed_steps > 0 else None
-    losses = np.asarray(jax.device_get(losses))
+    flush()
+    losses = np.asarray(history, np.float32)
 
     probs, labels = evaluate(trainer, state, config, data.eval, args.batch_size, eval_pack)
     tail = losses[-max(1, steps // 10) :]

@@ -32,3 +32,19 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
         for name in ("lookup_fwd", "lookup_fwd_bwd_adagrad", "dlrm_train_step")
     ]
     assert all(r["samples_per_s"] > 0 for r in lines)
+
+
+def test_input_benchmark_prints_every_path(capsys):
+    from recsys import bench_input
+
+    assert bench_input.main(["--steps", "2", "--warmup", "1", "--repeats", "1"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in records] == [
+        "synthetic",
+        "in_memory",
+        "binary",
+        "text_cached",
+        "text_reparsed",
+        "text_reparsed_no_prefetch",
+    ]
+    assert all(r["samples_per_s"] > 0 for r in records)

@@ -343,3 +343,19 @@ def test_preprocess_cli(tmp_path, capsys):
     opened = open_data(f"criteo:{tmp_path / 'out'}", options=ReadOptions(holdout=0.2))
     assert (len(opened.train), len(opened.eval)) == (24, 6)
     assert not (tmp_path / "out" / ".partial").exists()
+
+
+def test_criteo_vocab_encoding_across_a_holdout_boundary(tmp_path):
+    path = tmp_path / "day.tsv"
+    write_criteo(path, n=60, seed=5)
+    options = ReadOptions(columns=ColumnOptions(encoding="vocab"), holdout=0.25, chunk_rows=16)
+    opened = open_data(f"criteo:{path}", options=options)
+    for column in opened.schema.sparse:
+        assert all(isinstance(t, int) and t >= 0 for t in column.vocab), column.name
+    train = Examples.concat([opened.train.chunk(i) for i in range(opened.train.num_chunks)])
+    assert len(train) == 45
+    # Every non-missing training value is in the vocabulary, so only missing ones hit row 0.
+    lines = path.read_text().splitlines()[:45]
+    missing = np.array([[f == "" for f in line.split("\t")[14:]] for line in lines])
+    for j, column in enumerate(opened.schema.sparse):
+        np.testing.assert_array_equal(train.sparse[column.name].values == 0, missing[:, j])

@@ -245,7 +245,7 @@ class SchemaBuilder:
             lengths = np.asarray(bags.lengths, np.int64)
             if keep is not None and not keep.all():
                 flat_keep = np.repeat(keep, lengths)
-                tokens = np.asarray(bags.tokens, dtype=str)[flat_keep]
+                tokens = np.asarray(bags.tokens)[flat_keep]  # keeps int tokens ints
                 lengths = lengths[keep]
                 weights = None if bags.weights is None else np.asarray(bags.weights)[flat_keep]
             else:
