@@ -161,11 +161,13 @@ def test_csv_malformed_rows(tmp_path, row, message):
         open_data(f"csv:{path}", f"csv:{path}", ReadOptions(dense=("price",)))
 
 
-def test_csv_missing_column_is_named(tmp_path):
+def test_csv_missing_or_reused_column_is_named(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("click,item\n1,a\n")
     with pytest.raises(ValueError, match=r"no column\(s\) \['label'\]"):
         open_data(f"csv:{path}")
+    with pytest.raises(ValueError, match=r"\['click'\] named more than once"):
+        open_data(f"csv:{path}", options=ReadOptions(label="click", sparse=("item", "click")))
 
 
 def test_column_options_validate():

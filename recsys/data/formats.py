@@ -110,7 +110,7 @@ class CriteoFormat:
     sparse_names = CRITEO_SPARSE
 
     def parse_block(self, data: bytes) -> RawChunk | None:
-        """Parses a chunk's bytes with NumPy alone, about 20x the per-line rate.
+        """Parses a chunk's bytes with NumPy alone, about 5x the per-line rate.
 
         Returns None when anything is off (a wrong field count, a non-digit, a blank
         line, a stray carriage return), so the caller re-parses line by line and can name the
@@ -279,6 +279,9 @@ class TabularColumns:
                 )
             self.sparse_names = sparse
         wanted = [self.label, *self.dense_names, *self.sparse_names]
+        twice = sorted({c for c in wanted if wanted.count(c) > 1})
+        if twice:
+            raise ValueError(f"{where}: column(s) {twice} named more than once among label, dense and sparse")
         missing = [c for c in wanted if c not in header]
         if missing:
             raise ValueError(f"{where}: no column(s) {missing} in the header {header}")
