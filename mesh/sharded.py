@@ -1,0 +1,191 @@
+"""Tables laid out on a mesh as a `ShardingPlan` says, and the forward lookup over them.
+
+Layout. A non-data-parallel table `t` is one array `[devices, slots, rows_per_slot,
+width]` sharded over all mesh axes on its leading dimension: device d's block holds the
+shards the plan gives d (at most `slots` of them, zero-padded to the largest shard's
+rows). Static per-device metadata says where each slot's rows and columns sit in the
+logical table. A data-parallel table is its logical `[rows, dim]` array, replicated.
+
+Forward lookup, inside `jax.shard_map` with the batch sharded over all devices: every
+device gathers the feature's ids and coefficients of the whole batch, pools the rows its
+own shards hold (ids outside a shard's rows contribute 0), writes them into their
+columns of a `[batch, dim]` buffer, and a sum-scatter over the batch returns to each
+device the activations of its own samples. One algorithm covers every strategy and
+hybrid, since each is a set of row x column shards; pooling is linear, so partial pools
+of row shards add up. (This moves the whole batch's ids and activations; all_to_all
+routing for table-wise and column-wise tables comes with the backward pass.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mesh import collectives
+from mesh.meshes import mesh_spec
+from mesh.plan import ShardingPlan, Strategy, validate_plan
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """Where one table's shards sit: static, per device and slot."""
+
+    name: str
+    rows: int
+    dim: int
+    data_parallel: bool
+    slots: int = 0
+    rows_per_slot: int = 0
+    width: int = 0
+    row_start: tuple[tuple[int, ...], ...] = ()  # [devices][slots]
+    row_count: tuple[tuple[int, ...], ...] = ()  # [devices][slots]; 0 marks an empty slot
+    col_start: tuple[tuple[int, ...], ...] = ()  # [devices][slots]
+
+
+def table_layouts(plan: ShardingPlan, tables, mesh: jax.sharding.Mesh) -> dict[str, TableLayout]:
+    """Validates `plan` for `mesh` and derives every table's slot layout."""
+    spec = mesh_spec(mesh)
+    validate_plan(plan, tables, spec)
+    n = spec.size
+    out = {}
+    for t in tables:
+        p = plan.tables[t.name]
+        if p.strategy is Strategy.DATA_PARALLEL:
+            out[t.name] = TableLayout(t.name, t.rows, t.dim, True)
+            continue
+        per_device = [[s for s in p.shards if s.device == d] for d in range(n)]
+        slots = max(len(s) for s in per_device)
+        out[t.name] = TableLayout(
+            t.name,
+            t.rows,
+            t.dim,
+            False,
+            slots=slots,
+            rows_per_slot=max(s.rows[1] - s.rows[0] for s in p.shards),
+            width=p.shards[0].cols[1] - p.shards[0].cols[0],
+            row_start=_pad(([s.rows[0] for s in shards] for shards in per_device), slots),
+            row_count=_pad(([s.rows[1] - s.rows[0] for s in shards] for shards in per_device), slots),
+            col_start=_pad(([s.cols[0] for s in shards] for shards in per_device), slots),
+        )
+    return out
+
+
+def _pad(values, slots: int) -> tuple[tuple[int, ...], ...]:
+    """Per-device lists -> a rectangular [devices][slots] tuple, padded with 0."""
+    return tuple(tuple(v) + (0,) * (slots - len(v)) for v in values)
+
+
+def _axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
+    return tuple(mesh.axis_names)
+
+
+def shard_tables(
+    layouts: Mapping[str, TableLayout], logical: Mapping[str, jax.Array], mesh: jax.sharding.Mesh
+) -> dict[str, jax.Array]:
+    """{table: [rows, dim]} -> the sharded storage of each table, placed on `mesh`."""
+    out = {}
+    for name, lay in layouts.items():
+        value = np.asarray(logical[name])
+        if value.shape != (lay.rows, lay.dim):
+            raise ValueError(f"table {name!r}: shape {value.shape}, the layout says {(lay.rows, lay.dim)}")
+        if lay.data_parallel:
+            out[name] = jax.device_put(value, NamedSharding(mesh, P()))
+            continue
+        n = len(lay.row_start)
+        blocks = np.zeros((n, lay.slots, lay.rows_per_slot, lay.width), value.dtype)
+        for d in range(n):
+            for s in range(lay.slots):
+                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+                blocks[d, s, :count] = value[r0 : r0 + count, c0 : c0 + lay.width]
+        out[name] = jax.device_put(blocks, NamedSharding(mesh, P(_axes(mesh))))
+    return out
+
+
+def gather_tables(
+    layouts: Mapping[str, TableLayout], sharded: Mapping[str, jax.Array]
+) -> dict[str, np.ndarray]:
+    """The inverse of `shard_tables`, on the host: {table: [rows, dim]} (tests, small tables)."""
+    out = {}
+    for name, lay in layouts.items():
+        value = np.asarray(sharded[name])
+        if lay.data_parallel:
+            out[name] = value
+            continue
+        table = np.zeros((lay.rows, lay.dim), value.dtype)
+        for d in range(len(lay.row_start)):
+            for s in range(lay.slots):
+                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+                table[r0 : r0 + count, c0 : c0 + lay.width] = value[d, s, :count]
+        out[name] = table
+    return out
+
+
+def sharded_lookup(
+    layouts: Mapping[str, TableLayout],
+    sharded: Mapping[str, jax.Array],
+    features: Mapping[str, tuple[str, bool]],
+    ids: Mapping[str, jax.Array],
+    coef: Mapping[str, jax.Array],
+    mesh: jax.sharding.Mesh,
+) -> dict[str, jax.Array]:
+    """Pooled (or per-position) activations of every feature, batch-sharded.
+
+    Args:
+      layouts: from `table_layouts`.
+      sharded: from `shard_tables`.
+      features: {feature: (table, pooled)}; pooled False keeps one vector per position.
+      ids: {feature: [batch, max_ids] int32} row ids, batch sharded over all mesh axes.
+      coef: {feature: [batch, max_ids] float32} per-position factors (0 on padding).
+      mesh: the mesh.
+    Returns:
+      {feature: [batch, dim]} (pooled) or [batch, max_ids, dim], float32, batch-sharded.
+    """
+    axes = _axes(mesh)
+    names = sorted(features)
+    batch_spec = P(axes)
+
+    def body(tables, ids, coef):
+        d = collectives.device_index(axes)
+        out = {}
+        for f in names:
+            table, pooled = features[f]
+            lay = layouts[table]
+            if lay.data_parallel:
+                rows = tables[table][ids[f]].astype(jnp.float32) * coef[f][..., None]
+                out[f] = rows.sum(axis=1) if pooled else rows
+                continue
+            all_ids = collectives.gather_batch(ids[f], axes)  # [batch, L]
+            all_coef = collectives.gather_batch(coef[f], axes)
+            block = tables[table][0]  # [slots, rows_per_slot, width], this device's shards
+            row_start = jnp.asarray(lay.row_start, jnp.int32)[d]
+            row_count = jnp.asarray(lay.row_count, jnp.int32)[d]
+            col_start = jnp.asarray(lay.col_start, jnp.int32)[d]
+            shape = (all_ids.shape[0], lay.dim) if pooled else (*all_ids.shape, lay.dim)
+            buf = jnp.zeros(shape, jnp.float32)
+            for s in range(lay.slots):
+                local = all_ids - row_start[s]
+                inside = (local >= 0) & (local < row_count[s])
+                rows = block[s][jnp.clip(local, 0, lay.rows_per_slot - 1)].astype(jnp.float32)
+                part = rows * jnp.where(inside, all_coef, 0.0)[..., None]  # [batch, L, width]
+                if pooled:
+                    part = part.sum(axis=1)
+                start = (0, col_start[s]) if pooled else (0, 0, col_start[s])
+                # Slots hold different columns, so each lands in its own place; empty slots add 0.
+                buf = buf + jax.lax.dynamic_update_slice(jnp.zeros(shape, jnp.float32), part, start)
+            out[f] = collectives.scatter_sum_batch(buf, axes)
+        return out
+
+    table_specs = {t: (P() if lay.data_parallel else P(axes)) for t, lay in layouts.items()}
+    mapped = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(table_specs, {f: batch_spec for f in names}, {f: batch_spec for f in names}),
+        out_specs={f: batch_spec for f in names},
+    )
+    return mapped({t: sharded[t] for t in layouts}, {f: ids[f] for f in names}, {f: coef[f] for f in names})
