@@ -12,8 +12,13 @@ from jax import lax
 
 
 def gather_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """[local_batch, ...] on every device -> [global_batch, ...] on every device."""
-    return lax.all_gather(x, axes, axis=0, tiled=True)
+    """[local_batch, ...] on every device -> [global_batch, ...] on every device.
+
+    The result is marked invariant over `axes` (it is the same everywhere), so values
+    computed from it alone, like a data-parallel table's update, may leave `shard_map`
+    as replicated outputs.
+    """
+    return lax.all_gather(x, axes, axis=0, tiled=True, to="invarying")
 
 
 def scatter_sum_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

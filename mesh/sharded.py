@@ -85,45 +85,56 @@ def _axes(mesh: jax.sharding.Mesh) -> tuple[str, ...]:
     return tuple(mesh.axis_names)
 
 
+def shard_rows(lay: TableLayout, value, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A per-row array of a table ([rows, dim]: the table or an elementwise optimizer slot;
+    [rows]: a row-wise slot) -> its sharded storage, laid out like the table."""
+    value = np.asarray(value)
+    if value.shape[0] != lay.rows or (value.ndim == 2 and value.shape[1] != lay.dim) or value.ndim > 2:
+        raise ValueError(
+            f"table {lay.name!r}: array of shape {value.shape} for a {lay.rows} x {lay.dim} table"
+        )
+    if lay.data_parallel:
+        return jax.device_put(value, NamedSharding(mesh, P()))
+    n = len(lay.row_start)
+    trailing = (lay.width,) if value.ndim == 2 else ()
+    blocks = np.zeros((n, lay.slots, lay.rows_per_slot, *trailing), value.dtype)
+    for d in range(n):
+        for s in range(lay.slots):
+            r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+            part = value[r0 : r0 + count]
+            blocks[d, s, :count] = part[:, c0 : c0 + lay.width] if value.ndim == 2 else part
+    return jax.device_put(blocks, NamedSharding(mesh, P(tuple(mesh.axis_names))))
+
+
+def gather_rows(lay: TableLayout, sharded: jax.Array) -> np.ndarray:
+    """The inverse of `shard_rows`, on the host (tests, checkpoints of small tables)."""
+    value = np.asarray(sharded)
+    if lay.data_parallel:
+        return value
+    per_column = value.ndim == 4
+    out = np.zeros((lay.rows, lay.dim) if per_column else (lay.rows,), value.dtype)
+    for d in range(len(lay.row_start)):
+        for s in range(lay.slots):
+            r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+            if per_column:
+                out[r0 : r0 + count, c0 : c0 + lay.width] = value[d, s, :count]
+            else:
+                out[r0 : r0 + count] = value[d, s, :count]
+    return out
+
+
 def shard_tables(
     layouts: Mapping[str, TableLayout], logical: Mapping[str, jax.Array], mesh: jax.sharding.Mesh
 ) -> dict[str, jax.Array]:
     """{table: [rows, dim]} -> the sharded storage of each table, placed on `mesh`."""
-    out = {}
-    for name, lay in layouts.items():
-        value = np.asarray(logical[name])
-        if value.shape != (lay.rows, lay.dim):
-            raise ValueError(f"table {name!r}: shape {value.shape}, the layout says {(lay.rows, lay.dim)}")
-        if lay.data_parallel:
-            out[name] = jax.device_put(value, NamedSharding(mesh, P()))
-            continue
-        n = len(lay.row_start)
-        blocks = np.zeros((n, lay.slots, lay.rows_per_slot, lay.width), value.dtype)
-        for d in range(n):
-            for s in range(lay.slots):
-                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-                blocks[d, s, :count] = value[r0 : r0 + count, c0 : c0 + lay.width]
-        out[name] = jax.device_put(blocks, NamedSharding(mesh, P(_axes(mesh))))
-    return out
+    return {name: shard_rows(lay, logical[name], mesh) for name, lay in layouts.items()}
 
 
 def gather_tables(
     layouts: Mapping[str, TableLayout], sharded: Mapping[str, jax.Array]
 ) -> dict[str, np.ndarray]:
-    """The inverse of `shard_tables`, on the host: {table: [rows, dim]} (tests, small tables)."""
-    out = {}
-    for name, lay in layouts.items():
-        value = np.asarray(sharded[name])
-        if lay.data_parallel:
-            out[name] = value
-            continue
-        table = np.zeros((lay.rows, lay.dim), value.dtype)
-        for d in range(len(lay.row_start)):
-            for s in range(lay.slots):
-                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-                table[r0 : r0 + count, c0 : c0 + lay.width] = value[d, s, :count]
-        out[name] = table
-    return out
+    """{table: [rows, dim]} back from the sharded storage, on the host."""
+    return {name: gather_rows(lay, sharded[name]) for name, lay in layouts.items()}
 
 
 def sharded_lookup(

@@ -30,8 +30,11 @@ Slots = dict[str, jax.Array]
 class RowOptimizer(NamedTuple):
     # (rows, dim) -> slot arrays, each with leading axis `rows`.
     init: Callable[[int, int], Slots]
-    # (values [u, dim] f32, grads [u, dim] f32, slot rows, step) -> (new values, new slot rows)
-    update: Callable[[jax.Array, jax.Array, Slots, jax.Array], tuple[jax.Array, Slots]]
+    # (values [u, dim] f32, grads [u, dim] f32, slot rows, step, row_mean_sq=None)
+    #   -> (new values, new slot rows). `row_mean_sq` [u] overrides row-wise Adagrad's
+    #   mean_d(g^2) when the rows given are column shards of longer rows (the caller
+    #   computes it over the whole row); the other optimizers ignore it.
+    update: Callable[..., tuple[jax.Array, Slots]]
 
 
 def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
@@ -42,14 +45,14 @@ def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
 
     if spec.kind is OptimizerKind.SGD:
 
-        def update(values, grads, slots, step):
+        def update(values, grads, slots, step, row_mean_sq=None):
             return values - lr * with_decay(values, grads), slots
 
         return RowOptimizer(lambda rows, dim: {}, update)
 
     if spec.kind is OptimizerKind.ADAGRAD:
 
-        def update(values, grads, slots, step):
+        def update(values, grads, slots, step, row_mean_sq=None):
             grads = with_decay(values, grads)
             acc = slots["acc"] + grads * grads
             scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + eps), 0.0)
@@ -62,9 +65,9 @@ def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
 
     if spec.kind is OptimizerKind.ROWWISE_ADAGRAD:
 
-        def update(values, grads, slots, step):
+        def update(values, grads, slots, step, row_mean_sq=None):
             grads = with_decay(values, grads)
-            acc = slots["acc"] + jnp.mean(grads * grads, axis=-1)
+            acc = slots["acc"] + (jnp.mean(grads * grads, axis=-1) if row_mean_sq is None else row_mean_sq)
             return values - lr * grads / (jnp.sqrt(acc)[:, None] + eps), {"acc": acc}
 
         def init(rows, dim):
@@ -75,7 +78,7 @@ def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     if spec.kind is OptimizerKind.ADAM:
         b1, b2 = spec.beta1, spec.beta2
 
-        def update(values, grads, slots, step):
+        def update(values, grads, slots, step, row_mean_sq=None):
             grads = with_decay(values, grads)
             m = b1 * slots["m"] + (1 - b1) * grads
             v = b2 * slots["v"] + (1 - b2) * grads * grads

@@ -1,0 +1,101 @@
+"""The sharded sparse update equals the single-device update for every strategy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mesh import Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.sharded import gather_tables, shard_tables, table_layouts
+from recsys.layout import build_layout
+from recsys.lookup import lookup, stack_tables, unstack_tables
+from recsys.sharded_update import init_sharded_slots, logical_slots, sharded_sparse_update
+from recsys.sparse_update import init_slots, sparse_update
+from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
+from tests.conftest import random_batch
+
+CONFIG = EmbeddingConfig(
+    tables=(
+        TableSpec(
+            name="a",
+            rows=37,
+            dim=8,
+            optimizer=SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.3, weight_decay=0.1),
+        ),
+        TableSpec(name="b", rows=5, dim=8, optimizer=SparseOptimizerSpec(kind="adam", learning_rate=0.1)),
+        TableSpec(
+            name="c",
+            rows=64,
+            dim=4,
+            optimizer=SparseOptimizerSpec(kind="adagrad", learning_rate=0.2, weight_decay=0.05),
+        ),
+        TableSpec(name="d", rows=20, dim=4, optimizer=SparseOptimizerSpec(kind="sgd", learning_rate=0.5)),
+    ),
+    features=(
+        FeatureSpec(name="a_sum", table="a", max_ids=3),
+        FeatureSpec(name="a_mean", table="a", max_ids=4, pooling="mean"),
+        FeatureSpec(name="b_weighted", table="b", max_ids=2, weighted=True),
+        FeatureSpec(name="c_seq", table="c", max_ids=3, pooling="none"),
+        FeatureSpec(name="d_sum", table="d", max_ids=2),
+    ),
+)
+MESHES = {"8x1": "device=8", "2x4": "host=2,device=4"}
+
+
+def _reference(tables, batches, grads):
+    """Single-device sparse updates on the stacked layout -> logical tables and slots."""
+    stacked = stack_tables(CONFIG, tables)
+    slots = init_slots(CONFIG)
+    for step, (batch, g) in enumerate(zip(batches, grads)):
+        acts = lookup(CONFIG, stacked, batch)
+        act_grads = jax.grad(lambda a: sum(jnp.sum(a[f] * g[f]) for f in g))(acts)
+        stacked, slots = sparse_update(CONFIG, stacked, slots, batch, act_grads, jnp.int32(step))
+    layout = build_layout(CONFIG)
+    logical_slot = {}
+    for group in layout.table_groups:
+        for spec, offset in zip(group.tables, group.row_offsets):
+            logical_slot[spec.name] = {
+                k: np.asarray(v[offset : offset + spec.rows]) for k, v in slots[group.name].items()
+            }
+    return {k: np.asarray(v) for k, v in unstack_tables(CONFIG, stacked).items()}, logical_slot
+
+
+@pytest.fixture(scope="module")
+def case():
+    """Tables, two batches with activation gradients, and the single-device result (computed once)."""
+    rng = np.random.default_rng(0)
+    tables = {t.name: rng.normal(size=(t.rows, t.dim)).astype(np.float32) for t in CONFIG.tables}
+    batches = [random_batch(CONFIG, 16, seed=s) for s in (1, 2)]
+    dims = {f.name: CONFIG.table(f.table).dim for f in CONFIG.features}
+    grads = [
+        {
+            f.name: jnp.asarray(
+                rng.normal(
+                    size=(16, f.max_ids, dims[f.name]) if f.pooling.value == "none" else (16, dims[f.name])
+                ),
+                jnp.float32,
+            )
+            for f in CONFIG.features
+        }
+        for _ in batches
+    ]
+    return tables, batches, grads, _reference(tables, batches, grads)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
+    tables, batches, grads, (want_tables, want_slots) = case
+    mesh = make_mesh(MESHES[mesh_name])
+    layouts = table_layouts(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
+    sharded, slots = shard_tables(layouts, tables, mesh), init_sharded_slots(CONFIG, layouts, mesh)
+    step_fn = jax.jit(lambda t, s, b, g, i: sharded_sparse_update(CONFIG, layouts, mesh, t, s, b, g, i))
+    for step, (batch, g) in enumerate(zip(batches, grads)):
+        sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))
+    got_tables, got_slots = gather_tables(layouts, sharded), logical_slots(CONFIG, layouts, slots)
+    for name in want_tables:
+        np.testing.assert_allclose(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        for k in want_slots[name]:
+            np.testing.assert_allclose(
+                got_slots[name][k], want_slots[name][k], rtol=1e-5, atol=1e-6, err_msg=f"{name}/{k}"
+            )
