@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,6 +176,16 @@ class Activations:
 
     def features(self) -> tuple[str, ...]:
         return tuple(name for name, _, _ in self.index)
+
+    @classmethod
+    def from_features(cls, config: EmbeddingConfig, per_feature: Mapping[str, jax.Array]) -> Activations:
+        """From {feature: [batch, dim] or [batch, max_ids, dim]} (e.g. a sharded lookup's output)."""
+        layout = build_layout(config)
+        groups = {
+            group.name: jnp.stack([per_feature[f.name] for f in group.features], axis=1)
+            for group in layout.lookup_groups
+        }
+        return cls(groups, activation_index(layout))
 
     def as_dict(self) -> dict[str, jax.Array]:
         return {name: self[name] for name in self.features()}

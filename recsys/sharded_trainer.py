@@ -1,0 +1,124 @@
+"""The split train step with tables sharded over a mesh by a `ShardingPlan`.
+
+Same step as `recsys.trainer.Trainer`: lookup -> dense forward/backward -> sparse update
+-> optax, in one `jax.jit` with the state donated. The lookup and the sparse update run
+under `jax.shard_map` (`mesh.sharded`, `recsys.sharded_update`); the dense part is plain
+data parallelism: the batch is sharded over all mesh axes, the dense parameters and their
+optimizer state are replicated, and XLA all-reduces their gradients (the loss is the mean
+over the whole batch, so they are averaged exactly as on one device).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mesh.plan import ShardingPlan
+from mesh.sharded import gather_tables, shard_tables, sharded_lookup, table_layouts
+from recsys.embedding import EmbeddingTable, find_collection
+from recsys.lookup import Activations, _coefficients
+from recsys.sharded_update import init_sharded_slots, logical_slots, sharded_sparse_update
+from recsys.specs import Pooling
+from recsys.trainer import Batch, binary_cross_entropy
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ShardedState:
+    step: jax.Array
+    params: nnx.State  # replicated
+    rest: nnx.State  # replicated
+    opt_state: optax.OptState  # replicated
+    tables: dict  # {table: sharded storage}
+    slots: dict  # {table: {slot: sharded storage}}
+
+
+class ShardedTrainer:
+    """Like `Trainer`, for a model whose tables are placed by `plan` on `mesh`."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        dense_optimizer: optax.GradientTransformation,
+        plan: ShardingPlan,
+        mesh: jax.sharding.Mesh,
+        *,
+        loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
+    ):
+        collection = find_collection(model)
+        self.config, self.mesh, self.plan = collection.config, mesh, plan
+        self.axes = tuple(mesh.axis_names)
+        self.layouts = table_layouts(plan, self.config.tables, mesh)
+        self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
+        # The dense forward gets looked-up activations, never the tables: empty stand-ins
+        # keep the module structure without holding a second copy of every table.
+        self._no_tables = jax.tree.map(lambda x: jnp.zeros((0, *x.shape[1:]), x.dtype), tables)
+        self._initial = (collection.logical_tables(), params, rest)
+        self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
+        self.features = {f.name: (f.table, f.pooling is not Pooling.NONE) for f in self.config.features}
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+
+    def init_state(self) -> ShardedState:
+        logical, params, rest = self._initial
+        replicate = lambda tree: jax.device_put(tree, NamedSharding(self.mesh, P()))  # noqa: E731
+        params, rest = replicate(jax.tree.map(jnp.copy, params)), replicate(jax.tree.map(jnp.copy, rest))
+        return ShardedState(
+            step=replicate(jnp.zeros((), jnp.int32)),
+            params=params,
+            rest=rest,
+            opt_state=replicate(self.dense_optimizer.init(params)),
+            tables=shard_tables(self.layouts, logical, self.mesh),
+            slots=init_sharded_slots(self.config, self.layouts, self.mesh),
+        )
+
+    def shard_batch(self, batch: Batch) -> Batch:
+        """Places a global batch with its leading axis split over every device."""
+        devices = self.mesh.devices.size
+        if batch.labels.shape[0] % devices:
+            raise ValueError(f"batch size {batch.labels.shape[0]} is not a multiple of the {devices} devices")
+        return jax.device_put(batch, NamedSharding(self.mesh, P(self.axes)))
+
+    def logical_tables(self, state: ShardedState):
+        return gather_tables(self.layouts, state.tables)
+
+    def logical_slots(self, state: ShardedState):
+        return logical_slots(self.config, self.layouts, state.slots)
+
+    def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
+        ids = {f.name: batch.sparse[f.name].ids for f in self.config.features}
+        coef = {f.name: _coefficients(f, batch.sparse[f.name]) for f in self.config.features}
+        acts = sharded_lookup(self.layouts, state.tables, self.features, ids, coef, self.mesh)
+
+        def loss_of(params, acts):
+            model = nnx.merge(self.graphdef, self._no_tables, params, state.rest)
+            logits = model(batch.dense, Activations.from_features(self.config, acts))
+            return self.loss_fn(logits, batch.labels)
+
+        loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
+        tables, slots = sharded_sparse_update(
+            self.config,
+            self.layouts,
+            self.mesh,
+            state.tables,
+            state.slots,
+            batch.sparse,
+            act_grads,
+            state.step,
+        )
+        updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)
+        new_state = ShardedState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            rest=state.rest,
+            opt_state=opt_state,
+            tables=tables,
+            slots=slots,
+        )
+        return new_state, loss

@@ -1,0 +1,97 @@
+"""20 DLRM training steps with sharded tables equal 20 steps on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
+from recsys.models import DLRM
+from recsys.sharded_trainer import ShardedTrainer
+from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
+from recsys.trainer import Batch, Trainer
+from tests.conftest import random_batch
+
+OPT = SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.1, weight_decay=1e-3)
+CONFIG = EmbeddingConfig(
+    tables=(
+        TableSpec(name="t0", rows=50, dim=8, optimizer=OPT),
+        TableSpec(
+            name="t1", rows=13, dim=8, optimizer=SparseOptimizerSpec(kind="adagrad", learning_rate=0.1)
+        ),
+        TableSpec(name="t2", rows=200, dim=8, optimizer=OPT),
+    ),
+    features=(
+        FeatureSpec(name="f0", table="t0", max_ids=3, pooling="mean"),
+        FeatureSpec(name="f1", table="t1", max_ids=1),
+        FeatureSpec(name="f2", table="t2", max_ids=4, pooling="mean"),
+        FeatureSpec(name="f3", table="t0", max_ids=2),
+    ),
+)
+STEPS, BATCH = 20, 32
+
+
+def model():
+    return DLRM(CONFIG, dense_features=5, bottom=(16, 8), top=(16, 1), rngs=nnx.Rngs(0))
+
+
+def batches():
+    rng = np.random.default_rng(0)
+    for step in range(STEPS):
+        yield Batch(
+            dense=jnp.asarray(rng.normal(size=(BATCH, 5)), jnp.float32),
+            sparse=random_batch(CONFIG, BATCH, seed=100 + step),
+            labels=jnp.asarray(rng.random(BATCH) < 0.4, jnp.float32),
+        )
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    trainer = Trainer(model(), optax.adam(0.01))
+    state, losses = trainer.init_state(), []
+    for batch in batches():
+        state, loss = trainer.train_step(state, batch)
+        losses.append(float(loss))
+    tables = {k: np.asarray(v) for k, v in trainer.model(state).embedding.logical_tables().items()}
+    return losses, tables, nnx.to_pure_dict(state.params)
+
+
+def run_sharded(plan, mesh):
+    trainer = ShardedTrainer(model(), optax.adam(0.01), plan, mesh)
+    state, losses = trainer.init_state(), []
+    for batch in batches():
+        state, loss = trainer.train_step(state, trainer.shard_batch(batch))
+        losses.append(float(loss))
+    return losses, trainer.logical_tables(state), nnx.to_pure_dict(state.params)
+
+
+def check(got, want):
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, err_msg="losses")
+    for name in want[1]:
+        np.testing.assert_allclose(got[1][name], want[1][name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got[2]), jax.tree.leaves(want[2])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_every_strategy_trains_like_one_device_on_2x4(single_device, strategy):
+    mesh = make_mesh("host=2,device=4")
+    check(run_sharded(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), mesh), single_device)
+
+
+@pytest.mark.slow
+def test_mixed_plan_on_8x1(single_device):
+    mesh = make_mesh(8)
+    spec = mesh_spec(mesh)
+    plan = ShardingPlan(
+        {
+            "t0": plan_for_strategy(CONFIG.tables, spec, "column_wise").tables["t0"],
+            "t1": TablePlan("table_wise", (Shard(5, (0, 13), (0, 8)),)),
+            "t2": plan_for_strategy(CONFIG.tables, spec, "row_wise").tables["t2"],
+        },
+        spec,
+    )
+    check(run_sharded(plan, mesh), single_device)
