@@ -64,6 +64,7 @@ class ShardedTrainer:
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
         self.features = {f.name: (f.table, f.pooling is not Pooling.NONE) for f in self.config.features}
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.predict = jax.jit(self._predict)
 
     def init_state(self) -> ShardedState:
         logical, params, rest = self._initial
@@ -91,10 +92,19 @@ class ShardedTrainer:
     def logical_slots(self, state: ShardedState):
         return logical_slots(self.config, self.layouts, state.slots)
 
+    def _lookup(self, state: ShardedState, sparse) -> dict[str, jax.Array]:
+        ids = {f.name: sparse[f.name].ids for f in self.config.features}
+        coef = {f.name: _coefficients(f, sparse[f.name]) for f in self.config.features}
+        return sharded_lookup(self.layouts, state.tables, self.features, ids, coef, self.mesh)
+
+    def _predict(self, state: ShardedState, dense: jax.Array, sparse) -> jax.Array:
+        """Probabilities [batch] (batch sharded like a training batch)."""
+        model = nnx.merge(self.graphdef, self._no_tables, state.params, state.rest)
+        acts = Activations.from_features(self.config, self._lookup(state, sparse))
+        return jax.nn.sigmoid(model(dense, acts))
+
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
-        ids = {f.name: batch.sparse[f.name].ids for f in self.config.features}
-        coef = {f.name: _coefficients(f, batch.sparse[f.name]) for f in self.config.features}
-        acts = sharded_lookup(self.layouts, state.tables, self.features, ids, coef, self.mesh)
+        acts = self._lookup(state, batch.sparse)
 
         def loss_of(params, acts):
             model = nnx.merge(self.graphdef, self._no_tables, params, state.rest)

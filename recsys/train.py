@@ -25,6 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
 from recsys import metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
 from recsys.data import (
@@ -44,6 +45,7 @@ from recsys.data import (
 )
 from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
+from recsys.sharded_trainer import ShardedTrainer
 from recsys.sparse import InputPolicy, PackReport, pack_batch
 from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
@@ -156,6 +158,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-samples", type=_positive_int, default=200_000)
     g.add_argument("--eval-samples", type=_positive_int, default=20_000)
     g.add_argument("--num-tables", type=_positive_int, default=8)
+    g = p.add_argument_group("sharding")
+    g.add_argument("--devices", type=_positive_int, default=1, help="devices (on CPU: simulated ones)")
+    g.add_argument("--mesh", default=None, help="named mesh axes, e.g. host=2,device=4")
+    g.add_argument(
+        "--sharding", choices=[s.value for s in Strategy], default=None, help="one strategy for all tables"
+    )
+    g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None)
     g.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints")
@@ -177,6 +186,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--top-mlp must end in 1, got {args.top_mlp}")
     if args.resume and args.checkpoint_dir is None:
         p.error("--resume needs --checkpoint-dir")
+    if args.plan and args.sharding:
+        p.error("give --plan or --sharding, not both")
+    if args.mesh:
+        try:
+            MeshSpec.parse(args.mesh)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -197,13 +213,11 @@ def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Modul
     )
 
 
-def _device_batch(config: EmbeddingConfig, examples: Examples, report: PackReport) -> Batch:
+def _device_batch(config: EmbeddingConfig, examples: Examples, report: PackReport, place=None) -> Batch:
+    """Packs a host batch and puts it on the device(s): `place` shards it over a mesh."""
     sparse = pack_batch(config, examples.sparse, _PACK_POLICY, report)
-    return Batch(
-        dense=jnp.asarray(examples.dense),
-        sparse=jax.tree.map(jnp.asarray, sparse),
-        labels=jnp.asarray(examples.labels),
-    )
+    batch = Batch(dense=examples.dense, sparse=sparse, labels=examples.labels)
+    return place(batch) if place is not None else jax.tree.map(jnp.asarray, batch)
 
 
 # Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
@@ -219,7 +233,8 @@ def evaluate(
 
     def prepare(item):
         examples, valid = item
-        return _device_batch(config, examples, report), examples.labels[:valid], valid
+        place = getattr(trainer, "shard_batch", None)
+        return _device_batch(config, examples, report, place), examples.labels[:valid], valid
 
     with Prefetcher(eval_batches(data, batch_size), prepare) as batches:
         for batch, batch_labels, valid in batches:
@@ -311,7 +326,7 @@ def _examples(data: SyntheticData) -> Examples:
 _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
     "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
-    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay devices mesh sharding plan seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
 ).split()
 
 
@@ -335,6 +350,36 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
     metadata = ckpt.read_metadata(latest)["metadata"]
     check_compatible(metadata["run"], run_settings(args), args.checkpoint_dir, "run configuration")
     return ckpt, metadata
+
+
+def _sharded(args: argparse.Namespace) -> bool:
+    return args.devices > 1 or bool(args.mesh or args.sharding or args.plan)
+
+
+def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
+    spec = MeshSpec.parse(args.mesh) if args.mesh else MeshSpec.flat(args.devices)
+    if args.devices > 1 and args.devices != spec.size:
+        raise SystemExit(f"--devices {args.devices} but --mesh {args.mesh} has {spec.size} devices")
+    available = jax.devices()
+    if len(available) < spec.size:
+        raise SystemExit(
+            f"the mesh needs {spec.size} devices, {len(available)} are available"
+            + (
+                " (on CPU, pass --devices N before anything else uses JAX)"
+                if available[0].platform == "cpu"
+                else ""
+            )
+        )
+    return make_mesh(spec, available[: spec.size])
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """On CPU, ask JAX for `count` simulated devices; a no-op once JAX has started
+    (tests set their 8 devices in conftest) or on GPU/TPU."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except Exception:  # backends already initialized: keep what is there
+        pass
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -366,7 +411,26 @@ def run(args: argparse.Namespace) -> dict:
         else args.dense_lr
     )
     dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](dense_lr, args.dense_weight_decay)
-    trainer = Trainer(model, dense_opt)
+    plan, place = None, None
+    if _sharded(args):
+        if ckpt is not None:
+            raise SystemExit(
+                "--checkpoint-dir does not work with sharded tables yet (--devices/--mesh/--sharding/--plan)"
+            )
+        mesh = _mesh(args)
+        if args.plan:
+            with open(args.plan) as f:
+                plan = ShardingPlan.from_json(f.read())
+        else:
+            plan = plan_for_strategy(config.tables, mesh_spec(mesh), args.sharding or "table_wise")
+        trainer = ShardedTrainer(model, dense_opt, plan, mesh)  # validates the plan
+        if args.batch_size % mesh.devices.size:
+            raise SystemExit(
+                f"--batch-size {args.batch_size} must be a multiple of the {mesh.devices.size} devices"
+            )
+        place = trainer.shard_batch
+    else:
+        trainer = Trainer(model, dense_opt)
     state = trainer.init_state()
     start_step, position = 0, Position()
     # Per-step losses: `pending` holds device scalars (reading one waits for its step), moved
@@ -410,7 +474,7 @@ def run(args: argparse.Namespace) -> dict:
     compile_s, timed_from = None, time.perf_counter()
     start = time.perf_counter()
     with Prefetcher(
-        batches, lambda item: (_device_batch(config, item[0], train_pack), item[1])
+        batches, lambda item: (_device_batch(config, item[0], train_pack, place), item[1])
     ) as prefetched:
         for step in range(start_step, steps):
             batch, after = next(prefetched)
@@ -463,6 +527,9 @@ def run(args: argparse.Namespace) -> dict:
         "embedding_dim": args.embedding_dim,
         "seed": args.seed,
         "backend": jax.default_backend(),
+        "devices": 1 if plan is None else int(trainer.mesh.devices.size),
+        "mesh": None if plan is None else str(mesh_spec(trainer.mesh)),
+        "plan": None if plan is None else plan.to_json(),
         "notes": data.notes
         + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }
@@ -475,6 +542,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if _sharded(args):
+        simulate_cpu_devices(MeshSpec.parse(args.mesh).size if args.mesh else args.devices)
     result = run(args)
     print(
         f"\n{args.model} on {args.data}: {result['steps']} steps of {args.batch_size}, "

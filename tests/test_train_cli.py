@@ -52,6 +52,8 @@ def test_cli_other_model_and_optimizers(model):
         (["--model", "mlp"], "invalid choice"),
         (["--bottom-mlp", "32,8"], "must end in --embedding-dim"),
         (["--lr", "0"], "--lr must be > 0"),
+        (["--plan", "p.json", "--sharding", "grid"], "not both"),
+        (["--mesh", "host=2,device"], "expected name=size"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
@@ -70,3 +72,43 @@ def test_trainer_learns_the_planted_model(tmp_path):
     # The planted model's own AUC is the ceiling; a correct trainer comes close to it.
     assert result["planted_auc"] - result["auc"] < 0.035, result
     assert result["auc"] > 0.8
+
+
+SHARD_RUN = ["--steps", "20", "--train-samples", "2560", "--eval-samples", "512", "--batch-size", "64"]
+SHARD_RUN += ["--num-tables", "3", "--rows", "50", "--no-progress"]
+
+
+def _metrics(tmp_path, name, *argv):
+    out = tmp_path / f"{name}.json"
+    assert train.main([*SHARD_RUN, *argv, "--metrics-out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_cli_sharded_runs_match_one_device(tmp_path):
+    one = _metrics(tmp_path, "one")
+    assert one["devices"] == 1 and one["plan"] is None
+    for strategy in ("table_wise", "row_wise", "column_wise", "data_parallel"):
+        got = _metrics(tmp_path, strategy, "--devices", "8", "--sharding", strategy)
+        assert got["devices"] == 8 and got["plan"]["tables"]["t0"]["strategy"] == strategy
+        assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
+        assert got["auc"] == pytest.approx(one["auc"], abs=1e-4), strategy
+    for strategy in ("table_row_wise", "table_column_wise", "grid"):
+        got = _metrics(tmp_path, strategy, "--mesh", "host=2,device=4", "--sharding", strategy)
+        assert got["mesh"] == "host=2,device=4"
+        assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps(got["plan"]))
+    again = _metrics(tmp_path, "plan", "--mesh", "host=2,device=4", "--plan", str(plan_file))
+    assert again["train_loss"] == got["train_loss"]
+
+
+def test_cli_sharding_errors(tmp_path):
+    with pytest.raises(SystemExit, match="multiple of the 8 devices"):
+        train.main([*SHARD_RUN, "--devices", "8", "--batch-size", "60"])
+    with pytest.raises(SystemExit, match="does not work with sharded tables yet"):
+        train.main([*SHARD_RUN, "--devices", "8", "--checkpoint-dir", str(tmp_path / "ck")])
+    bad_plan = tmp_path / "plan.json"
+    bad_plan.write_text(json.dumps({"tables": {"t0": {"strategy": "table_wise", "shards": []}}}))
+    with pytest.raises(ValueError, match="tables without a plan"):
+        train.main([*SHARD_RUN, "--devices", "8", "--plan", str(bad_plan)])
