@@ -7,6 +7,8 @@ inside `jax.shard_map`.
 
 from __future__ import annotations
 
+import re
+
 import jax
 from jax import lax
 
@@ -29,3 +31,56 @@ def scatter_sum_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 def device_index(axes: tuple[str, ...]) -> jax.Array:
     """This device's global index: its row-major position over `axes`."""
     return lax.axis_index(axes)
+
+
+_DTYPE_BYTES = {
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "s64": 8,
+    "f64": 8,
+}
+_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_LINE = re.compile(r"=\s*(?P<shapes>.+?)\s+(?P<op>[a-z-]+?)(?:-start)?\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*|pred)\[([\d,]*)\]")
+_GROUP = re.compile(r"replica_groups=\{\{([\d,]+)\}")
+
+
+def collective_bytes(hlo_text: str, devices: int) -> dict[str, int]:
+    """Bytes one device sends per execution of a compiled program, by collective kind.
+
+    Read from the optimized HLO (`jitted.lower(...).compile().as_text()`), counting ring
+    algorithms: all-gather and all-to-all send (k-1)/k of their result, reduce-scatter
+    sends k-1 result-sized chunks, all-reduce twice (k-1)/k of its size, a permute its
+    whole operand; k is the replica-group size.
+    """
+    out = dict.fromkeys(_KINDS, 0)
+    for line in hlo_text.splitlines():
+        match = _LINE.search(line)
+        if not match or match["op"] not in _KINDS or "-done" in line.split("=")[1].split("(")[0]:
+            continue
+        size = 0
+        for dtype, dims in _SHAPE.findall(match["shapes"]):
+            count = 1
+            for d in filter(None, dims.split(",")):
+                count *= int(d)
+            size += count * _DTYPE_BYTES.get(dtype, 4)
+        group = _GROUP.search(line)
+        k = len(group[1].split(",")) if group else devices
+        if k <= 1:
+            continue
+        op = match["op"]
+        sent = {
+            "all-gather": size * (k - 1) // k,
+            "all-to-all": size * (k - 1) // k,
+            "reduce-scatter": size * (k - 1),
+            "all-reduce": 2 * size * (k - 1) // k,
+            "collective-permute": size,
+        }[op]
+        out[op] += sent
+    return out

@@ -48,3 +48,16 @@ def test_input_benchmark_prints_every_path(capsys):
         "text_reparsed_no_prefetch",
     ]
     assert all(r["samples_per_s"] > 0 for r in records)
+
+
+def test_sharded_benchmark_reports_bytes_sent(capsys):
+    from recsys import bench_sharded
+
+    argv = ["--tables", "2", "--rows", "100", "--dim", "8", "--batch", "64", "--steps", "1", "--warmup", "1"]
+    assert bench_sharded.main([*argv, "--strategies", "row_wise", "data_parallel"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["strategy"] for r in records] == ["single_device", "row_wise", "data_parallel"]
+    assert records[0]["bytes_sent_per_device"] == 0
+    # Row-wise moves the batch's ids and pooled activations; data-parallel only ids.
+    assert records[1]["bytes_by_collective"]["reduce-scatter"] > 0
+    assert "reduce-scatter" not in records[2]["bytes_by_collective"]
