@@ -86,11 +86,23 @@ class ShardedTrainer:
             raise ValueError(f"batch size {batch.labels.shape[0]} is not a multiple of the {devices} devices")
         return jax.device_put(batch, NamedSharding(self.mesh, P(self.axes)))
 
+    def shard_local_batch(self, local: Batch) -> Batch:
+        """Multi-process input: each process passes only its own samples (its devices' share
+        of the global batch, in process order); no process ever holds the whole batch."""
+        sharding = NamedSharding(self.mesh, P(self.axes))
+        processes = jax.process_count()
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(
+                sharding, x, (x.shape[0] * processes, *x.shape[1:])
+            ),
+            local,
+        )
+
     def logical_tables(self, state: ShardedState):
-        return gather_tables(self.layouts, state.tables)
+        return gather_tables(self.layouts, _to_host(state.tables))
 
     def logical_slots(self, state: ShardedState):
-        return logical_slots(self.config, self.layouts, state.slots)
+        return logical_slots(self.config, self.layouts, _to_host(state.slots))
 
     def _lookup(self, state: ShardedState, sparse) -> dict[str, jax.Array]:
         ids = {f.name: sparse[f.name].ids for f in self.config.features}
@@ -132,3 +144,12 @@ class ShardedTrainer:
             slots=slots,
         )
         return new_state, loss
+
+
+def _to_host(tree):
+    """Every process gets the full arrays (gathered across processes when there are several)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
