@@ -200,3 +200,64 @@ def sharded_lookup(
         out_specs={f: batch_spec for f in names},
     )
     return mapped({t: sharded[t] for t in layouts}, {f: ids[f] for f in names}, {f: coef[f] for f in names})
+
+
+def logical_sharding(rows: int, mesh: jax.sharding.Mesh) -> NamedSharding:
+    """How a logical `[rows, ...]` array of a table is held while saved or restored: rows
+    split evenly over as many devices as divide them (arrays must shard evenly), the
+    rest of the mesh holding copies. Orbax then writes and reads the shards in parallel."""
+    devices = mesh.devices.reshape(-1)
+    parts = max(g for g in range(1, len(devices) + 1) if len(devices) % g == 0 and rows % g == 0)
+    grid = jax.sharding.Mesh(devices.reshape(parts, len(devices) // parts), ("rows", "copies"))
+    return NamedSharding(grid, P("rows"))
+
+
+def to_logical(lay: TableLayout, storage: jax.Array, mesh: jax.sharding.Mesh) -> jax.Array:
+    """Sharded storage (table or slot) -> its logical `[rows, dim]` / `[rows]` array, on device."""
+    target = logical_sharding(lay.rows, mesh)
+    if lay.data_parallel:
+        return jax.jit(jnp.copy, out_shardings=target)(storage)
+    per_column = storage.ndim == 4
+
+    def build(storage):
+        shape = (lay.rows, lay.dim) if per_column else (lay.rows,)
+        out = jnp.zeros(shape, storage.dtype)
+        for d in range(len(lay.row_start)):
+            for s in range(lay.slots):
+                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+                if count:
+                    block = storage[d, s, :count]
+                    out = (
+                        out.at[r0 : r0 + count, c0 : c0 + lay.width].set(block)
+                        if per_column
+                        else out.at[r0 : r0 + count].set(block)
+                    )
+        return out
+
+    return jax.jit(build, out_shardings=target)(storage)
+
+
+def from_logical(
+    lay: TableLayout, logical: jax.Array, mesh: jax.sharding.Mesh, per_column: bool
+) -> jax.Array:
+    """The inverse of `to_logical`: a logical array -> this layout's sharded storage."""
+    if lay.data_parallel:
+        return jax.jit(jnp.copy, out_shardings=NamedSharding(mesh, P()))(logical)
+
+    def build(logical):
+        n = len(lay.row_start)
+        trailing = (lay.width,) if per_column else ()
+        out = jnp.zeros((n, lay.slots, lay.rows_per_slot, *trailing), logical.dtype)
+        for d in range(n):
+            for s in range(lay.slots):
+                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
+                if count:
+                    part = (
+                        logical[r0 : r0 + count, c0 : c0 + lay.width]
+                        if per_column
+                        else logical[r0 : r0 + count]
+                    )
+                    out = out.at[d, s, :count].set(part)
+        return out
+
+    return jax.jit(build, out_shardings=NamedSharding(mesh, P(_axes(mesh))))(logical)

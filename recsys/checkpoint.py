@@ -17,12 +17,15 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from mesh import sharded
 from recsys.layout import build_layout
 from recsys.lookup import stack_tables
+from recsys.sharded_trainer import ShardedState, ShardedTrainer
 from recsys.trainer import Trainer, TrainState
 
 
@@ -79,12 +82,16 @@ def check_compatible(saved: dict, current: dict, directory: str, what: str) -> N
         )
 
 
-def to_logical(trainer: Trainer, state: TrainState) -> dict:
-    """The train state as host NumPy arrays, tables and slots per logical table.
+def to_logical(trainer: Trainer | ShardedTrainer, state: TrainState | ShardedState) -> dict:
+    """The train state with tables and slots per logical table.
 
-    Host copies: the next train step donates the device buffers of `state`, so an
-    asynchronous save must not read them.
+    One device: host NumPy copies (the next train step donates the device buffers of
+    `state`, so an asynchronous save must not read them). Sharded: device arrays, every
+    table `[rows, dim]` split over the devices (`mesh.sharded.logical_sharding`), so orbax
+    writes the shards in parallel and no process holds a whole table.
     """
+    if isinstance(trainer, ShardedTrainer):
+        return _sharded_to_logical(trainer, state)
     layout = build_layout(trainer.config)
     stacked = trainer.stacked_tables(state)
     tables, slots = {}, {}
@@ -103,8 +110,50 @@ def to_logical(trainer: Trainer, state: TrainState) -> dict:
     return jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(tree))
 
 
-def from_logical(trainer: Trainer, template: TrainState, tree: dict) -> TrainState:
-    """Inverse of `to_logical`, laid out like `template` (this run's stacking)."""
+def _sharded_to_logical(trainer: ShardedTrainer, state: ShardedState) -> dict:
+    mesh, layouts = trainer.mesh, trainer.layouts
+    copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # fresh buffers: the state is donated next step
+    return {
+        "step": copy(state.step),
+        "params": copy(nnx.to_pure_dict(state.params)),
+        "rest": copy(nnx.to_pure_dict(state.rest)),
+        "opt_state": copy(state.opt_state),
+        "tables": {name: sharded.to_logical(layouts[name], state.tables[name], mesh) for name in layouts},
+        "slots": {
+            name: {k: sharded.to_logical(layouts[name], v, mesh) for k, v in state.slots[name].items()}
+            for name in layouts
+        },
+    }
+
+
+def _sharded_from_logical(trainer: ShardedTrainer, template: ShardedState, tree: dict) -> ShardedState:
+    mesh, layouts = trainer.mesh, trainer.layouts
+    params = jax.tree.map(lambda x: x, template.params)
+    nnx.replace_by_pure_dict(params, tree["params"])
+    rest = jax.tree.map(lambda x: x, template.rest)
+    nnx.replace_by_pure_dict(rest, tree["rest"])
+    return ShardedState(
+        step=tree["step"],
+        params=params,
+        rest=rest,
+        opt_state=tree["opt_state"],
+        tables={
+            name: sharded.from_logical(layouts[name], tree["tables"][name], mesh, True) for name in layouts
+        },
+        slots={
+            name: {
+                k: sharded.from_logical(layouts[name], v, mesh, v.ndim == 2)
+                for k, v in tree["slots"][name].items()
+            }
+            for name in layouts
+        },
+    )
+
+
+def from_logical(trainer: Trainer | ShardedTrainer, template, tree: dict):
+    """Inverse of `to_logical`, laid out like `template` (this run's stacking or plan)."""
+    if isinstance(trainer, ShardedTrainer):
+        return _sharded_from_logical(trainer, template, tree)
     layout = build_layout(trainer.config)
     model = trainer.model(template)
     from recsys.embedding import EmbeddingTable, find_collection
@@ -144,8 +193,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, trainer: Trainer, state: TrainState, metadata: dict) -> None:
-        """Starts an asynchronous save of `state` at `step`; returns once host copies exist."""
+    def save(
+        self, step: int, trainer: Trainer | ShardedTrainer, state: TrainState | ShardedState, metadata: dict
+    ) -> None:
+        """Starts an asynchronous save of `state` at `step`; returns once copies of it exist."""
         record = {"model": describe_model(trainer, state), "metadata": metadata}
         self.manager.save(
             step,
@@ -162,8 +213,8 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
 
     def restore(
-        self, trainer: Trainer, template: TrainState, step: int | None = None
-    ) -> tuple[TrainState, dict]:
+        self, trainer: Trainer | ShardedTrainer, template: TrainState | ShardedState, step: int | None = None
+    ) -> tuple[TrainState | ShardedState, dict]:
         """(the train state, the saved metadata) of `step` (default: the latest)."""
         step = self.latest_step() if step is None else step
         record = self.read_metadata(step)

@@ -323,10 +323,12 @@ def _examples(data: SyntheticData) -> Examples:
 
 
 # Settings that change what a run computes: a resumed run must match the checkpoint in all.
+# The devices, mesh and plan may change: checkpoints are plan-independent, and a resumed
+# run on another layout differs from the original only by float summation order.
 _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
     "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
-    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay devices mesh sharding plan seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
 ).split()
 
 
@@ -413,10 +415,6 @@ def run(args: argparse.Namespace) -> dict:
     dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](dense_lr, args.dense_weight_decay)
     plan, place = None, None
     if _sharded(args):
-        if ckpt is not None:
-            raise SystemExit(
-                "--checkpoint-dir does not work with sharded tables yet (--devices/--mesh/--sharding/--plan)"
-            )
         mesh = _mesh(args)
         if args.plan:
             with open(args.plan) as f:

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -106,9 +107,22 @@ def test_cli_sharded_runs_match_one_device(tmp_path):
 def test_cli_sharding_errors(tmp_path):
     with pytest.raises(SystemExit, match="multiple of the 8 devices"):
         train.main([*SHARD_RUN, "--devices", "8", "--batch-size", "60"])
-    with pytest.raises(SystemExit, match="does not work with sharded tables yet"):
-        train.main([*SHARD_RUN, "--devices", "8", "--checkpoint-dir", str(tmp_path / "ck")])
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text(json.dumps({"tables": {"t0": {"strategy": "table_wise", "shards": []}}}))
     with pytest.raises(ValueError, match="tables without a plan"):
         train.main([*SHARD_RUN, "--devices", "8", "--plan", str(bad_plan)])
+
+
+@pytest.mark.slow
+def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path):
+    one = _metrics(tmp_path, "one")
+    directory = tmp_path / "ck"
+    argv = ["--checkpoint-dir", str(directory), "--checkpoint-every", "10", "--keep-checkpoints", "5"]
+    _metrics(tmp_path, "tw8", "--devices", "8", "--sharding", "table_wise", *argv)
+    shutil.rmtree(directory / "20")  # as if the run died after step 10
+    resumed = _metrics(tmp_path, "grid", "--mesh", "host=2,device=4", "--sharding", "grid", *argv, "--resume")
+    assert resumed["resumed_from_step"] == 10
+    assert resumed["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    shutil.rmtree(directory / "20")
+    single = _metrics(tmp_path, "single", *argv, "--resume")
+    assert single["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
