@@ -86,7 +86,7 @@ def unstack_tables(config: EmbeddingConfig, stacked: dict[str, jax.Array]) -> di
     return out
 
 
-def _coefficients(spec: FeatureSpec, feature: JaggedFeature) -> jax.Array:
+def coefficients(spec: FeatureSpec, feature: JaggedFeature) -> jax.Array:
     """[batch, max_ids] float32 factor of each position: mask x weight (/ length for mean)."""
     coef = feature.valid_mask().astype(jnp.float32)
     if feature.weights is not None:
@@ -108,7 +108,7 @@ def reference_lookup(
     for spec in config.features:
         feature = batch[spec.name]
         rows = tables[spec.table][feature.ids].astype(jnp.float32)  # [batch, max_ids, dim]
-        coef = _coefficients(spec, feature)
+        coef = coefficients(spec, feature)
         if spec.pooling is Pooling.NONE:
             out[spec.name] = rows * coef[..., None]
         else:
@@ -124,7 +124,7 @@ def group_inputs(layout: EmbeddingLayout, group: LookupGroup, batch: JaggedBatch
       coef: [features, batch, max_ids] float32 (0 on padding).
     """
     ids = jnp.stack([batch[f.name].ids + layout.row_offset(f) for f in group.features])
-    coef = jnp.stack([_coefficients(f, batch[f.name]) for f in group.features])
+    coef = jnp.stack([coefficients(f, batch[f.name]) for f in group.features])
     return ids, coef
 
 

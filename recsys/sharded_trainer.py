@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from mesh.plan import ShardingPlan
 from mesh.sharded import gather_tables, shard_tables, sharded_lookup, table_layouts
 from recsys.embedding import EmbeddingTable, find_collection
-from recsys.lookup import Activations, _coefficients
+from recsys.lookup import Activations, coefficients
 from recsys.sharded_update import init_sharded_slots, logical_slots, sharded_sparse_update
 from recsys.specs import Pooling
 from recsys.trainer import Batch, binary_cross_entropy
@@ -106,7 +106,7 @@ class ShardedTrainer:
 
     def _lookup(self, state: ShardedState, sparse) -> dict[str, jax.Array]:
         ids = {f.name: sparse[f.name].ids for f in self.config.features}
-        coef = {f.name: _coefficients(f, sparse[f.name]) for f in self.config.features}
+        coef = {f.name: coefficients(f, sparse[f.name]) for f in self.config.features}
         return sharded_lookup(self.layouts, state.tables, self.features, ids, coef, self.mesh)
 
     def _predict(self, state: ShardedState, dense: jax.Array, sparse) -> jax.Array:

@@ -23,8 +23,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mesh import collectives
-from mesh.sharded import TableLayout, shard_rows
-from recsys.lookup import _coefficients
+from mesh.sharded import TableLayout, gather_rows, shard_rows
+from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
@@ -55,7 +55,7 @@ def _unique_rows(config: EmbeddingConfig, table, batch, act_grads, axes):
         feature = batch[spec.name]
         all_ids = collectives.gather_batch(feature.ids, axes)
         valid = collectives.gather_batch(feature.valid_mask(), axes)
-        coef = collectives.gather_batch(_coefficients(spec, feature), axes)
+        coef = collectives.gather_batch(coefficients(spec, feature), axes)
         g = collectives.gather_batch(act_grads[spec.name].astype(jnp.float32), axes)
         if spec.pooling is not Pooling.NONE:
             g = g[:, None, :]  # every position of a bag gets its bag's gradient
@@ -164,8 +164,6 @@ def sharded_sparse_update(
 
 def logical_slots(config: EmbeddingConfig, layouts, slots) -> dict[str, dict[str, np.ndarray]]:
     """{table: {slot: [rows, ...]}} gathered to the host (tests, small tables)."""
-    from mesh.sharded import gather_rows
-
     return {
         t.name: {k: gather_rows(layouts[t.name], v) for k, v in slots[t.name].items()} for t in config.tables
     }

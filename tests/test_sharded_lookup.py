@@ -7,7 +7,7 @@ import pytest
 
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
 from mesh.sharded import gather_tables, shard_tables, sharded_lookup, table_layouts
-from recsys.lookup import _coefficients, reference_lookup
+from recsys.lookup import coefficients, reference_lookup
 from recsys.specs import EmbeddingConfig, FeatureSpec, TableSpec
 from tests.conftest import random_batch
 
@@ -41,7 +41,7 @@ def run_sharded(plan, mesh, tables, batch):
     np.testing.assert_array_equal(gather_tables(layouts, sharded)["a"], tables["a"])
     features = {f.name: (f.table, f.pooling.value != "none") for f in CONFIG.features}
     ids = {f.name: batch[f.name].ids for f in CONFIG.features}
-    coef = {f.name: _coefficients(f, batch[f.name]) for f in CONFIG.features}
+    coef = {f.name: coefficients(f, batch[f.name]) for f in CONFIG.features}
     return jax.jit(lambda s, i, c: sharded_lookup(layouts, s, features, i, c, mesh))(sharded, ids, coef)
 
 
