@@ -47,6 +47,22 @@ class TableLayout:
     row_count: tuple[tuple[int, ...], ...] = ()  # [devices][slots]; 0 marks an empty slot
     col_start: tuple[tuple[int, ...], ...] = ()  # [devices][slots]
 
+    def placements(self):
+        """(device, slot, cells) of every non-empty slot; `cells` indexes the slot's part of
+        a logical `[rows, dim]` array, or of a `[rows]` one through `cells[:1]`."""
+        for d in range(len(self.row_start)):
+            for s in range(self.slots):
+                r0, count, c0 = self.row_start[d][s], self.row_count[d][s], self.col_start[d][s]
+                if count:
+                    yield d, s, (slice(r0, r0 + count), slice(c0, c0 + self.width))
+
+    def slot_metadata(self, device: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[slots] int32 row start, row count and column start of `device` (traced, inside
+        `shard_map`)."""
+        return tuple(
+            jnp.asarray(x, jnp.int32)[device] for x in (self.row_start, self.row_count, self.col_start)
+        )
+
 
 def table_layouts(plan: ShardingPlan, tables, mesh: jax.sharding.Mesh) -> dict[str, TableLayout]:
     """Validates `plan` for `mesh` and derives every table's slot layout."""
@@ -95,14 +111,11 @@ def shard_rows(lay: TableLayout, value, mesh: jax.sharding.Mesh) -> jax.Array:
         )
     if lay.data_parallel:
         return jax.device_put(value, NamedSharding(mesh, P()))
-    n = len(lay.row_start)
     trailing = (lay.width,) if value.ndim == 2 else ()
-    blocks = np.zeros((n, lay.slots, lay.rows_per_slot, *trailing), value.dtype)
-    for d in range(n):
-        for s in range(lay.slots):
-            r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-            part = value[r0 : r0 + count]
-            blocks[d, s, :count] = part[:, c0 : c0 + lay.width] if value.ndim == 2 else part
+    blocks = np.zeros((len(lay.row_start), lay.slots, lay.rows_per_slot, *trailing), value.dtype)
+    for d, s, cells in lay.placements():
+        part = value[cells[: value.ndim]]
+        blocks[d, s, : len(part)] = part
     return jax.device_put(blocks, NamedSharding(mesh, P(tuple(mesh.axis_names))))
 
 
@@ -111,15 +124,10 @@ def gather_rows(lay: TableLayout, sharded: jax.Array) -> np.ndarray:
     value = np.asarray(sharded)
     if lay.data_parallel:
         return value
-    per_column = value.ndim == 4
-    out = np.zeros((lay.rows, lay.dim) if per_column else (lay.rows,), value.dtype)
-    for d in range(len(lay.row_start)):
-        for s in range(lay.slots):
-            r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-            if per_column:
-                out[r0 : r0 + count, c0 : c0 + lay.width] = value[d, s, :count]
-            else:
-                out[r0 : r0 + count] = value[d, s, :count]
+    out = np.zeros((lay.rows, lay.dim) if value.ndim == 4 else (lay.rows,), value.dtype)
+    for d, s, cells in lay.placements():
+        count = cells[0].stop - cells[0].start
+        out[cells[: out.ndim]] = value[d, s, :count]
     return out
 
 
@@ -174,9 +182,7 @@ def sharded_lookup(
             all_ids = collectives.gather_batch(ids[f], axes)  # [batch, L]
             all_coef = collectives.gather_batch(coef[f], axes)
             block = tables[table][0]  # [slots, rows_per_slot, width], this device's shards
-            row_start = jnp.asarray(lay.row_start, jnp.int32)[d]
-            row_count = jnp.asarray(lay.row_count, jnp.int32)[d]
-            col_start = jnp.asarray(lay.col_start, jnp.int32)[d]
+            row_start, row_count, col_start = lay.slot_metadata(d)
             shape = (all_ids.shape[0], lay.dim) if pooled else (*all_ids.shape, lay.dim)
             buf = jnp.zeros(shape, jnp.float32)
             for s in range(lay.slots):
@@ -217,21 +223,12 @@ def to_logical(lay: TableLayout, storage: jax.Array, mesh: jax.sharding.Mesh) ->
     target = logical_sharding(lay.rows, mesh)
     if lay.data_parallel:
         return jax.jit(jnp.copy, out_shardings=target)(storage)
-    per_column = storage.ndim == 4
 
     def build(storage):
-        shape = (lay.rows, lay.dim) if per_column else (lay.rows,)
-        out = jnp.zeros(shape, storage.dtype)
-        for d in range(len(lay.row_start)):
-            for s in range(lay.slots):
-                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-                if count:
-                    block = storage[d, s, :count]
-                    out = (
-                        out.at[r0 : r0 + count, c0 : c0 + lay.width].set(block)
-                        if per_column
-                        else out.at[r0 : r0 + count].set(block)
-                    )
+        out = jnp.zeros((lay.rows, lay.dim) if storage.ndim == 4 else (lay.rows,), storage.dtype)
+        for d, s, cells in lay.placements():
+            count = cells[0].stop - cells[0].start
+            out = out.at[cells[: out.ndim]].set(storage[d, s, :count])
         return out
 
     return jax.jit(build, out_shardings=target)(storage)
@@ -245,19 +242,11 @@ def from_logical(
         return jax.jit(jnp.copy, out_shardings=NamedSharding(mesh, P()))(logical)
 
     def build(logical):
-        n = len(lay.row_start)
         trailing = (lay.width,) if per_column else ()
-        out = jnp.zeros((n, lay.slots, lay.rows_per_slot, *trailing), logical.dtype)
-        for d in range(n):
-            for s in range(lay.slots):
-                r0, count, c0 = lay.row_start[d][s], lay.row_count[d][s], lay.col_start[d][s]
-                if count:
-                    part = (
-                        logical[r0 : r0 + count, c0 : c0 + lay.width]
-                        if per_column
-                        else logical[r0 : r0 + count]
-                    )
-                    out = out.at[d, s, :count].set(part)
+        out = jnp.zeros((len(lay.row_start), lay.slots, lay.rows_per_slot, *trailing), logical.dtype)
+        for d, s, cells in lay.placements():
+            part = logical[cells[: logical.ndim]]
+            out = out.at[d, s, : part.shape[0]].set(part)
         return out
 
     return jax.jit(build, out_shardings=NamedSharding(mesh, P(_axes(mesh))))(logical)

@@ -113,9 +113,7 @@ def sharded_sparse_update(
                 }
                 continue
             d = collectives.device_index(axes)
-            row_start = jnp.asarray(lay.row_start, jnp.int32)[d]
-            row_count = jnp.asarray(lay.row_count, jnp.int32)[d]
-            col_start = jnp.asarray(lay.col_start, jnp.int32)[d]
+            row_start, row_count, col_start = lay.slot_metadata(d)
             block = tables[t.name][0]  # [slots, rows_per_slot, width]
             slot_block = {k: v[0] for k, v in slots[t.name].items()}
             parts = []
