@@ -255,17 +255,13 @@ class LoadedData:
 
 
 def read_options(args: argparse.Namespace) -> ReadOptions:
-    encoding = args.encoding
-    columns = None
-    if encoding or args.rows or args.max_ids or args.min_count != 1 or args.max_rows:
-        kind = parse_spec(args.data)[0]
-        columns = ColumnOptions(
-            encoding=encoding or ("hash" if kind == "criteo" else "vocab"),
-            rows=args.rows,
-            max_ids=args.max_ids,
-            min_count=args.min_count,
-            max_rows=args.max_rows or ColumnOptions().max_rows,
-        )
+    columns = ColumnOptions(
+        encoding=args.encoding,  # None: the format's default
+        rows=args.rows,
+        max_ids=args.max_ids,
+        min_count=args.min_count,
+        max_rows=args.max_rows or ColumnOptions().max_rows,
+    )
     return ReadOptions(
         label=args.label,
         dense=args.dense,

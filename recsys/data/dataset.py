@@ -125,7 +125,9 @@ def _reader(kind: str, paths: list[str], options: ReadOptions, fmt=None):
 
 
 def _defaults(kind: str, options: ReadOptions) -> tuple[ColumnOptions, DenseTransform]:
-    columns = options.columns or ColumnOptions(encoding=Encoding.HASH if kind == "criteo" else Encoding.VOCAB)
+    columns = options.columns or ColumnOptions()
+    if columns.encoding is None:
+        columns = dataclasses.replace(columns, encoding=Encoding.HASH if kind == "criteo" else Encoding.VOCAB)
     transform = options.dense_transform or (DenseTransform.NONE if kind == "libfm" else DenseTransform.LOG)
     return columns, DenseTransform(transform)
 

@@ -202,14 +202,15 @@ class RawChunk:
 class ColumnOptions:
     """How a reader's sparse columns are encoded; None means chosen from the data."""
 
-    encoding: Encoding = Encoding.VOCAB
+    encoding: Encoding | None = None  # None: the format's default (hash for Criteo, else vocab)
     rows: int | Sequence[int] | None = None  # table size(s), row 0 included
     max_rows: int = 1 << 20  # cap on a table size chosen from the data
     min_count: int = 1  # vocab: tokens seen fewer times map to row 0
     max_ids: int | None = None  # bag width; from the data unless given
 
     def __post_init__(self):
-        object.__setattr__(self, "encoding", Encoding(self.encoding))
+        if self.encoding is not None:
+            object.__setattr__(self, "encoding", Encoding(self.encoding))
         sizes = [self.rows] if self.rows is None or isinstance(self.rows, int) else list(self.rows)
         if any(r is not None and r < 2 for r in sizes):
             raise ValueError(f"table rows must be >= 2 (row 0 is reserved), got {self.rows}")
