@@ -150,9 +150,13 @@ def _split(reader, schema: DataSchema, paths, start, stop, sizes, chunk_ids, opt
     return Dataset(read, sizes, fingerprint=_fingerprint(paths, start, stop, schema), cache=small)
 
 
-def _count(reader, start, stop, report) -> tuple[list[int], list[int]]:
+def _count(reader, start, stop, report, observe=None) -> tuple[list[int], list[int]]:
+    """(examples per chunk, chunk indices) over global rows [start, stop); `observe(raw,
+    keep)` also sees every chunk (the schema builder's statistics pass)."""
     sizes, ids = [], []
-    for i, _raw, keep in iter_raw(reader, start, stop, report):
+    for i, raw, keep in iter_raw(reader, start, stop, report):
+        if observe is not None:
+            observe(raw, keep)
         ids.append(i)
         sizes.append(int(keep.sum()))
     return sizes, ids
@@ -187,20 +191,14 @@ def open_data(
     else:
         train_stop = total
 
+    counted = None
     if schema is None:
         builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
-        sizes, ids = [], []
-        for i, raw, keep in iter_raw(reader, 0, train_stop, train_report):
-            builder.observe(raw, keep)
-            ids.append(i)
-            sizes.append(int(keep.sum()))
+        counted = _count(reader, 0, train_stop, train_report, observe=builder.observe)
         schema = builder.build()
-        if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
-            reader.fmt.set_num_fields(len(schema.sparse))
-    else:
-        if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
-            reader.fmt.set_num_fields(len(schema.sparse))
-        sizes, ids = _count(reader, 0, train_stop, train_report)
+    if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
+        reader.fmt.set_num_fields(len(schema.sparse))  # positional: as many fields as training had
+    sizes, ids = counted or _count(reader, 0, train_stop, train_report)
     train = _split(reader, schema, paths, 0, train_stop, sizes, ids, options)
     if len(train) == 0:
         raise DataError("no valid training rows", path=",".join(paths))
@@ -239,10 +237,7 @@ def preprocess_criteo(
     reader = _reader("criteo", paths, options)
     report = ReadReport()
     builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
-    total = 0
-    for _i, raw, keep in iter_raw(reader, 0, reader.num_rows, report):
-        builder.observe(raw, keep)
-        total += int(keep.sum())
+    total = sum(_count(reader, 0, reader.num_rows, report, observe=builder.observe)[0])
     schema = builder.build()
     if any(c.max_ids != 1 for c in schema.sparse):
         raise AssertionError("Criteo columns are single-valued")
