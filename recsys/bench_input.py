@@ -43,7 +43,7 @@ from recsys.data import (
     train_batches,
 )
 from recsys.sparse import PackReport, RaggedIds
-from recsys.train import _device_batch, build_model, parse_args
+from recsys.train import _device_batch, build_model, dense_optimizer, parse_args, sparse_optimizer
 from recsys.trainer import Trainer
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "kaggle_train_10k.tsv"
@@ -119,8 +119,10 @@ def _run(args, workdir: pathlib.Path) -> None:
     if args.model_size == "large":
         model_args += ["--embedding-dim", "64", "--bottom-mlp", "512,256,64", "--top-mlp", "512,256,1"]
     cli = parse_args(model_args)
-    config = schema.embedding_config(cli.embedding_dim, _sparse_opt(cli))
-    trainer = Trainer(build_model(cli, config, len(schema.dense)), _dense_opt(cli))
+    config = schema.embedding_config(cli.embedding_dim, sparse_optimizer(cli))
+    trainer = Trainer(
+        build_model(cli, config, len(schema.dense)), dense_optimizer(cli, args.warmup + args.steps)
+    )
 
     paths = {
         "synthetic": (synthetic_like(cached.train, schema), True),
@@ -158,18 +160,6 @@ def _run(args, workdir: pathlib.Path) -> None:
 
 def _all(dataset: Dataset) -> Examples:
     return Examples.concat([dataset.chunk(i) for i in range(dataset.num_chunks)])
-
-
-def _sparse_opt(cli):
-    from recsys.specs import SparseOptimizerSpec
-
-    return SparseOptimizerSpec(kind=cli.optimizer, learning_rate=cli.lr, weight_decay=cli.weight_decay)
-
-
-def _dense_opt(cli):
-    from recsys.train import _DENSE_OPTIMIZERS
-
-    return _DENSE_OPTIMIZERS[cli.dense_optimizer](cli.dense_lr, cli.dense_weight_decay)
 
 
 if __name__ == "__main__":

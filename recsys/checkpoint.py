@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from mesh import sharded
+from recsys.embedding import EmbeddingTable, find_collection
 from recsys.layout import build_layout
 from recsys.lookup import stack_tables
 from recsys.sharded_trainer import ShardedState, ShardedTrainer
@@ -156,8 +157,6 @@ def from_logical(trainer: Trainer | ShardedTrainer, template, tree: dict):
         return _sharded_from_logical(trainer, template, tree)
     layout = build_layout(trainer.config)
     model = trainer.model(template)
-    from recsys.embedding import EmbeddingTable, find_collection
-
     find_collection(model).set_stacked_tables(stack_tables(trainer.config, tree["tables"]))
     _, table_state, _ = nnx.split(model, EmbeddingTable, ...)
     slots = {}

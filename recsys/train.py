@@ -231,9 +231,10 @@ def evaluate(
     """(probabilities, labels) for every example, in order; batches prefetched."""
     probs, labels = [], []
 
+    place = getattr(trainer, "shard_batch", None)  # a ShardedTrainer's batches span its mesh
+
     def prepare(item):
         examples, valid = item
-        place = getattr(trainer, "shard_batch", None)
         return _device_batch(config, examples, report, place), examples.labels[:valid], valid
 
     with Prefetcher(eval_batches(data, batch_size), prepare) as batches:
@@ -350,6 +351,23 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
     return ckpt, metadata
 
 
+def sparse_optimizer(args: argparse.Namespace) -> SparseOptimizerSpec:
+    """The tables' optimizer from --optimizer, --lr and --weight-decay."""
+    return SparseOptimizerSpec(kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay)
+
+
+def dense_optimizer(args: argparse.Namespace, steps: int) -> optax.GradientTransformation:
+    """The dense layers' optimizer from the --dense-* flags, for a run of `steps` steps."""
+    # Cosine decay of the dense learning rate to 0 over the run: late epochs refine
+    # instead of memorizing (on Frappe it held the test AUC at its peak).
+    lr = (
+        optax.cosine_decay_schedule(args.dense_lr, steps)
+        if args.dense_lr_schedule == "cosine"
+        else args.dense_lr
+    )
+    return _DENSE_OPTIMIZERS[args.dense_optimizer](lr, args.dense_weight_decay)
+
+
 def _sharded(args: argparse.Namespace) -> bool:
     return args.devices > 1 or bool(args.mesh or args.sharding or args.plan)
 
@@ -383,10 +401,7 @@ def simulate_cpu_devices(count: int) -> None:
 def run(args: argparse.Namespace) -> dict:
     ckpt, resumed = _open_checkpoints(args)
     saved_schema = DataSchema.from_json(resumed["schema"]) if resumed and resumed["schema"] else None
-    sparse_opt = SparseOptimizerSpec(
-        kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay
-    )
-    data = load_data(args, sparse_opt, saved_schema)
+    data = load_data(args, sparse_optimizer(args), saved_schema)
     # Normal init at 1/sqrt(dim) starts the dot-product interactions off zero; TorchRec's
     # small uniform init left DLRM on Frappe stalled for epochs before they took off.
     init = InitializerSpec(kind=args.init)
@@ -401,14 +416,7 @@ def run(args: argparse.Namespace) -> dict:
             f"the checkpoint in {args.checkpoint_dir} belongs to a run of {resumed['total_steps']} steps, "
             f"this one has {steps}; the cosine learning-rate schedule depends on the total"
         )
-    # Cosine decay of the dense learning rate to 0 over the run: late epochs refine
-    # instead of memorizing (on Frappe it held the test AUC at its peak).
-    dense_lr = (
-        optax.cosine_decay_schedule(args.dense_lr, steps)
-        if args.dense_lr_schedule == "cosine"
-        else args.dense_lr
-    )
-    dense_opt = _DENSE_OPTIMIZERS[args.dense_optimizer](dense_lr, args.dense_weight_decay)
+    dense_opt = dense_optimizer(args, steps)
     plan, place = None, None
     if _sharded(args):
         mesh = _mesh(args)

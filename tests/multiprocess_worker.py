@@ -14,30 +14,20 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from mesh import Shard, ShardingPlan, TablePlan, make_mesh, mesh_spec, plan_for_strategy  # noqa: E402
+from mesh import make_mesh, mesh_spec  # noqa: E402
 from recsys.sharded_trainer import ShardedTrainer  # noqa: E402
-from recsys.trainer import Batch  # noqa: E402
-from tests.test_sharded_training import BATCH, CONFIG, batches, model  # noqa: E402
+from tests.test_sharded_training import BATCH, batches, mixed_plan, model  # noqa: E402
 
 mesh = make_mesh("host=2,device=4")
 assert [d.process_index for d in mesh.devices[PROCESS]] == [PROCESS] * 4
-spec = mesh_spec(mesh)
-plan = ShardingPlan(
-    {
-        "t0": plan_for_strategy(CONFIG.tables, spec, "grid").tables["t0"],
-        "t1": TablePlan("table_wise", (Shard(6, (0, 13), (0, 8)),)),
-        "t2": plan_for_strategy(CONFIG.tables, spec, "table_row_wise").tables["t2"],
-    },
-    spec,
+trainer = ShardedTrainer(
+    model(), optax.adam(0.01), mixed_plan(mesh_spec(mesh), "grid", 6, "table_row_wise"), mesh
 )
-trainer = ShardedTrainer(model(), optax.adam(0.01), plan, mesh)
 state, losses = trainer.init_state(), []
 half = BATCH // 2
 for batch in batches():
     mine = jax.tree.map(lambda x: np.asarray(x)[PROCESS * half : (PROCESS + 1) * half], batch)
-    state, loss = trainer.train_step(
-        state, trainer.shard_local_batch(Batch(mine.dense, mine.sparse, mine.labels))
-    )
+    state, loss = trainer.train_step(state, trainer.shard_local_batch(mine))
     losses.append(float(loss))
 tables = trainer.logical_tables(state)
 # Dense parameters are replicated: every process holds a full copy.

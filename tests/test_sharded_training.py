@@ -58,6 +58,18 @@ def single_device():
     return losses, tables, nnx.to_pure_dict(state.params)
 
 
+def mixed_plan(spec, t0: str, t1_device: int, t2: str) -> ShardingPlan:
+    """t0 and t2 by the named strategies, t1 table-wise on one device."""
+    return ShardingPlan(
+        {
+            "t0": plan_for_strategy(CONFIG.tables, spec, t0).tables["t0"],
+            "t1": TablePlan("table_wise", (Shard(t1_device, (0, 13), (0, 8)),)),
+            "t2": plan_for_strategy(CONFIG.tables, spec, t2).tables["t2"],
+        },
+        spec,
+    )
+
+
 def run_sharded(plan, mesh):
     trainer = ShardedTrainer(model(), optax.adam(0.01), plan, mesh)
     state, losses = trainer.init_state(), []
@@ -85,13 +97,4 @@ def test_every_strategy_trains_like_one_device_on_2x4(single_device, strategy):
 @pytest.mark.slow
 def test_mixed_plan_on_8x1(single_device):
     mesh = make_mesh(8)
-    spec = mesh_spec(mesh)
-    plan = ShardingPlan(
-        {
-            "t0": plan_for_strategy(CONFIG.tables, spec, "column_wise").tables["t0"],
-            "t1": TablePlan("table_wise", (Shard(5, (0, 13), (0, 8)),)),
-            "t2": plan_for_strategy(CONFIG.tables, spec, "row_wise").tables["t2"],
-        },
-        spec,
-    )
-    check(run_sharded(plan, mesh), single_device)
+    check(run_sharded(mixed_plan(mesh_spec(mesh), "column_wise", 5, "row_wise"), mesh), single_device)
