@@ -1,8 +1,9 @@
 """Every collective the sharded embedding uses, in one place (compression hooks in here later).
 
-The batch is sharded over all mesh axes together, in row-major order of the axes; these
-helpers move per-sample data between "my slice of the batch" and "the whole batch"
-inside `jax.shard_map`.
+The batch is sharded over all mesh axes together, in row-major order of the axes. Inside
+`jax.shard_map`, `all_to_all` routes ids and results between batch owners and row
+owners (`mesh.routing`); `gather_batch` and `scatter_sum_batch` move per-sample data of
+data-parallel tables between "my slice of the batch" and "the whole batch".
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ def gather_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     as replicated outputs.
     """
     return lax.all_gather(x, axes, axis=0, tiled=True, to="invarying")
+
+
+def all_to_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """[devices, ...] -> [devices, ...]: entry e goes to device e; entry s of the result
+    came from device s (row-major over `axes`, like `device_index`)."""
+    return lax.all_to_all(x, axes, 0, 0)
 
 
 def scatter_sum_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

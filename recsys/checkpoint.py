@@ -112,42 +112,44 @@ def to_logical(trainer: Trainer | ShardedTrainer, state: TrainState | ShardedSta
 
 
 def _sharded_to_logical(trainer: ShardedTrainer, state: ShardedState) -> dict:
-    mesh, layouts = trainer.mesh, trainer.layouts
+    mesh, layout = trainer.mesh, trainer.layout
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # fresh buffers: the state is donated next step
+    tables, slots = {}, {t: {} for t in layout.table_shapes}
+    for g in layout.groups:
+        tables.update(sharded.to_logical(layout, g.name, state.tables[g.name], mesh))
+        for kind, storage in state.slots[g.name].items():
+            for table, value in sharded.to_logical(layout, g.name, storage, mesh).items():
+                slots[table][kind] = value
     return {
         "step": copy(state.step),
         "params": copy(nnx.to_pure_dict(state.params)),
         "rest": copy(nnx.to_pure_dict(state.rest)),
         "opt_state": copy(state.opt_state),
-        "tables": {name: sharded.to_logical(layouts[name], state.tables[name], mesh) for name in layouts},
-        "slots": {
-            name: {k: sharded.to_logical(layouts[name], v, mesh) for k, v in state.slots[name].items()}
-            for name in layouts
-        },
+        "tables": tables,
+        "slots": slots,
     }
 
 
 def _sharded_from_logical(trainer: ShardedTrainer, template: ShardedState, tree: dict) -> ShardedState:
-    mesh, layouts = trainer.mesh, trainer.layouts
+    mesh, layout = trainer.mesh, trainer.layout
     params = jax.tree.map(lambda x: x, template.params)
     nnx.replace_by_pure_dict(params, tree["params"])
     rest = jax.tree.map(lambda x: x, template.rest)
     nnx.replace_by_pure_dict(rest, tree["rest"])
+    tables, slots = {}, {}
+    for g in layout.groups:
+        tables[g.name] = sharded.from_logical(layout, g.name, tree["tables"], mesh)
+        slots[g.name] = {
+            kind: sharded.from_logical(layout, g.name, {t: tree["slots"][t][kind] for t in g.tables}, mesh)
+            for kind in template.slots[g.name]
+        }
     return ShardedState(
         step=tree["step"],
         params=params,
         rest=rest,
         opt_state=tree["opt_state"],
-        tables={
-            name: sharded.from_logical(layouts[name], tree["tables"][name], mesh, True) for name in layouts
-        },
-        slots={
-            name: {
-                k: sharded.from_logical(layouts[name], v, mesh, v.ndim == 2)
-                for k, v in tree["slots"][name].items()
-            }
-            for name in layouts
-        },
+        tables=tables,
+        slots=slots,
     )
 
 

@@ -21,11 +21,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh.plan import ShardingPlan
-from mesh.sharded import gather_tables, shard_tables, sharded_lookup, table_layouts
+from mesh.sharded import from_logical, gather_logical, logical_sharding, sharded_layout
+from mesh.sharded_lookup import sharded_lookup
 from recsys.embedding import EmbeddingTable, find_collection
-from recsys.lookup import Activations, coefficients
-from recsys.sharded_update import init_sharded_slots, logical_slots, sharded_sparse_update
-from recsys.specs import Pooling
+from recsys.lookup import Activations
+from recsys.sharded_update import (
+    feature_routes,
+    init_sharded_slots,
+    logical_slots,
+    routing_inputs,
+    sharded_sparse_update,
+)
 from recsys.trainer import Batch, binary_cross_entropy
 
 
@@ -36,8 +42,8 @@ class ShardedState:
     params: nnx.State  # replicated
     rest: nnx.State  # replicated
     opt_state: optax.OptState  # replicated
-    tables: dict  # {table: sharded storage}
-    slots: dict  # {table: {slot: sharded storage}}
+    tables: dict  # {group: sharded storage} (`mesh.sharded`)
+    slots: dict  # {group: {slot: sharded storage}}
 
 
 class ShardedTrainer:
@@ -55,14 +61,14 @@ class ShardedTrainer:
         collection = find_collection(model)
         self.config, self.mesh, self.plan = collection.config, mesh, plan
         self.axes = tuple(mesh.axis_names)
-        self.layouts = table_layouts(plan, self.config.tables, mesh)
+        self.layout = sharded_layout(plan, self.config.tables, mesh)
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
         # The dense forward gets looked-up activations, never the tables: empty stand-ins
         # keep the module structure without holding a second copy of every table.
         self._no_tables = jax.tree.map(lambda x: jnp.zeros((0, *x.shape[1:]), x.dtype), tables)
         self._initial = (collection.logical_tables(), params, rest)
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
-        self.features = {f.name: (f.table, f.pooling is not Pooling.NONE) for f in self.config.features}
+        self.features = feature_routes(self.config)
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -75,8 +81,8 @@ class ShardedTrainer:
             params=params,
             rest=rest,
             opt_state=replicate(self.dense_optimizer.init(params)),
-            tables=shard_tables(self.layouts, logical, self.mesh),
-            slots=init_sharded_slots(self.config, self.layouts, self.mesh),
+            tables=self._place_tables(logical),
+            slots=init_sharded_slots(self.config, self.layout, self.mesh),
         )
 
     def shard_batch(self, batch: Batch) -> Batch:
@@ -98,25 +104,36 @@ class ShardedTrainer:
             local,
         )
 
+    def _place_tables(self, logical) -> dict[str, jax.Array]:
+        """{table: [rows, dim]} -> {group: storage}: each table is split evenly over the
+        devices first, then moved into the plan's layout on the devices."""
+        out = {}
+        for g in self.layout.groups:
+            spread = {
+                t: jax.device_put(logical[t], logical_sharding(*self.layout.table_shapes[t], self.mesh))
+                for t in g.tables
+            }
+            out[g.name] = from_logical(self.layout, g.name, spread, self.mesh)
+        return out
+
     def logical_tables(self, state: ShardedState):
-        return gather_tables(self.layouts, _to_host(state.tables))
+        return gather_logical(self.layout, _to_host(state.tables))
 
     def logical_slots(self, state: ShardedState):
-        return logical_slots(self.config, self.layouts, _to_host(state.slots))
+        return logical_slots(self.layout, _to_host(state.slots))
 
-    def _lookup(self, state: ShardedState, sparse) -> dict[str, jax.Array]:
-        ids = {f.name: sparse[f.name].ids for f in self.config.features}
-        coef = {f.name: coefficients(f, sparse[f.name]) for f in self.config.features}
-        return sharded_lookup(self.layouts, state.tables, self.features, ids, coef, self.mesh)
+    def _lookup(self, state: ShardedState, sparse):
+        ids, coef = routing_inputs(self.config, sparse)
+        return sharded_lookup(self.layout, state.tables, self.features, ids, coef, self.mesh)
 
     def _predict(self, state: ShardedState, dense: jax.Array, sparse) -> jax.Array:
         """Probabilities [batch] (batch sharded like a training batch)."""
         model = nnx.merge(self.graphdef, self._no_tables, state.params, state.rest)
-        acts = Activations.from_features(self.config, self._lookup(state, sparse))
+        acts = Activations.from_features(self.config, self._lookup(state, sparse)[0])
         return jax.nn.sigmoid(model(dense, acts))
 
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
-        acts = self._lookup(state, batch.sparse)
+        acts, routed = self._lookup(state, batch.sparse)
 
         def loss_of(params, acts):
             model = nnx.merge(self.graphdef, self._no_tables, params, state.rest)
@@ -126,10 +143,11 @@ class ShardedTrainer:
         loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
         tables, slots = sharded_sparse_update(
             self.config,
-            self.layouts,
+            self.layout,
             self.mesh,
             state.tables,
             state.slots,
+            routed,
             batch.sparse,
             act_grads,
             state.step,

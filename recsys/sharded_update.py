@@ -1,16 +1,20 @@
-"""The sparse update over sharded tables: activation gradients -> updated shard rows.
+"""The sparse update over sharded tables: activation gradients -> updated rows, on their owners.
 
-Mirror of `mesh.sharded.sharded_lookup`, inside `jax.shard_map`: every device gathers
-the whole batch's ids and activation gradients of a table's features, deduplicates the
-touched rows (the same on every device), sums each row's gradient once, and applies the
-table's row optimizer to the rows its own shards hold, in place. A data-parallel table
-is updated identically on every device from the whole batch, which is what all-reducing
-its gradient would give.
+Inside `jax.shard_map`, per stacked group (`mesh.sharded`):
+- sharded group: the activation gradients travel to the owners the way pooled results
+  came back (`mesh.routing.send_gradients`); each owner takes the ids it received in
+  the forward pass, weighs every position's gradient, deduplicates the rows of its own
+  block (one sort), sums each row's gradient once and applies the group's optimizer to
+  those rows in place.
+- data-parallel group: every device gathers the whole batch's rows and gradients of the
+  group and applies the same update to its copy, which is what all-reducing the
+  gradient would give.
 
 Row-wise Adagrad keeps one statistic per row, the mean of the squared (decayed)
-gradient over the whole row. When a row is split into column shards on several
-devices, each device sums its columns and a `psum` over the mesh completes the row, so
-every shard of a row sees the same statistic as the single-device update.
+gradient over the whole row. When rows are split into column shards on several devices,
+each owner sums its columns per received position and one `psum` over the positions
+completes every row (`mesh.routing.full_row_mean_square`), so every shard of a row sees
+the statistic the single-device update computes.
 """
 
 from __future__ import annotations
@@ -22,146 +26,202 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mesh import collectives
-from mesh.sharded import TableLayout, gather_rows, shard_rows
+from mesh import collectives, routing
+from mesh.routing import FeatureRoute
+from mesh.sharded import ShardedLayout, gather_logical
+from mesh.sharded_lookup import Routed, local_rows
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
 
+def feature_routes(config: EmbeddingConfig) -> dict[str, FeatureRoute]:
+    return {
+        f.name: FeatureRoute(
+            table=f.table,
+            pooled=f.pooling is not Pooling.NONE,
+            ids_per_sample=f.max_ids,
+            scaled=f.weighted or f.pooling is Pooling.MEAN,
+        )
+        for f in config.features
+    }
+
+
+def routing_inputs(config: EmbeddingConfig, batch: JaggedBatch) -> tuple[dict, dict]:
+    """({feature: ids, -1 on padding}, {feature: coefficients} of the scaled features)."""
+    ids = {f.name: jnp.where(batch[f.name].valid_mask(), batch[f.name].ids, -1) for f in config.features}
+    coef = {
+        f.name: coefficients(f, batch[f.name])
+        for f in config.features
+        if f.weighted or f.pooling is Pooling.MEAN
+    }
+    return ids, coef
+
+
 def init_sharded_slots(
-    config: EmbeddingConfig, layouts: Mapping[str, TableLayout], mesh: jax.sharding.Mesh
+    config: EmbeddingConfig, layout: ShardedLayout, mesh: jax.sharding.Mesh
 ) -> dict[str, Slots]:
-    """{table: {slot: sharded array}}, laid out like the tables."""
+    """{group: {slot: storage}}, created sharded. Every slot starts as one value for all
+    rows, so each device fills its own block (padding rows included, never read)."""
     out = {}
-    for t in config.tables:
-        logical = row_optimizer(t.optimizer).init(t.rows, t.dim)
-        out[t.name] = {k: shard_rows(layouts[t.name], v, mesh) for k, v in logical.items()}
+    for g in layout.groups:
+        template = row_optimizer(config.table(g.tables[0]).optimizer).init(1, g.width)
+        out[g.name] = {k: _fill(v[0], g.shape(v.ndim == 2), g.sharding(mesh)) for k, v in template.items()}
     return out
 
 
-def _unique_rows(config: EmbeddingConfig, table, batch, act_grads, axes):
-    """The whole batch's touched rows of `table`, deduplicated, with summed gradients.
+def _fill(value: jax.Array, shape: tuple[int, ...], sharding) -> jax.Array:
+    return jax.jit(lambda: jnp.broadcast_to(value, shape), out_shardings=sharding)()
+
+
+def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
+    """Unique rows of a flat list, each row's gradients summed once (deterministic order).
 
     Returns:
-      unique: [n] int32 row ids, padded with `rows` (outside every shard).
-      grads: [n, dim] float32, the summed gradient of each unique row.
+      unique: [n] int32, padded with `sentinel` (outside the block: reads 0, writes drop).
+      summed: [n, width] float32.
+      segment: [n] the index into `unique` of every input position.
     """
-    ids, grads = [], []
-    for spec in config.features:
-        if spec.table != table.name:
-            continue
-        feature = batch[spec.name]
-        all_ids = collectives.gather_batch(feature.ids, axes)
-        valid = collectives.gather_batch(feature.valid_mask(), axes)
-        coef = collectives.gather_batch(coefficients(spec, feature), axes)
-        g = collectives.gather_batch(act_grads[spec.name].astype(jnp.float32), axes)
-        if spec.pooling is not Pooling.NONE:
-            g = g[:, None, :]  # every position of a bag gets its bag's gradient
-        ids.append(jnp.where(valid, all_ids, table.rows).reshape(-1))
-        grads.append((coef[..., None] * g).reshape(-1, table.dim))
-    ids, grads = jnp.concatenate(ids), jnp.concatenate(grads)
-    order = jnp.argsort(ids, stable=True)
-    ordered = ids[order]
+    order = jnp.argsort(rows, stable=True)
+    ordered = rows[order]
     first = jnp.concatenate([jnp.ones((1,), bool), ordered[1:] != ordered[:-1]])
-    segment = jnp.cumsum(first) - 1
-    unique = jnp.full(ids.shape, table.rows, jnp.int32).at[segment].set(ordered)
-    summed = jnp.zeros_like(grads).at[segment].add(grads[order])
-    return unique, summed
+    sorted_segment = jnp.cumsum(first) - 1
+    unique = jnp.full(rows.shape, sentinel, jnp.int32).at[sorted_segment].set(ordered)
+    summed = jnp.zeros_like(grads).at[sorted_segment].add(grads[order])
+    segment = jnp.zeros_like(sorted_segment).at[order].set(sorted_segment)
+    return unique, summed, segment
 
 
 def sharded_sparse_update(
     config: EmbeddingConfig,
-    layouts: Mapping[str, TableLayout],
+    layout: ShardedLayout,
     mesh: jax.sharding.Mesh,
-    tables: Mapping[str, jax.Array],
+    storage: Mapping[str, jax.Array],
     slots: Mapping[str, Slots],
+    routed: Routed,
     batch: JaggedBatch,
     act_grads: Mapping[str, jax.Array],
     step: jax.Array,
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
-    """Applies every table's optimizer to the rows the batch touched, on their owners.
+    """Applies every group's optimizer to the rows the batch touched, on their owners.
 
     Args:
-      layouts, tables: from `mesh.sharded.table_layouts` / `shard_tables`.
+      layout, storage: from `mesh.sharded.sharded_layout` / `shard_logical`.
       slots: from `init_sharded_slots`.
-      batch: the batch, sharded over all mesh axes.
+      routed: the ids owners received in the forward pass (`mesh.sharded_lookup`).
+      batch: the batch, sharded over all mesh axes (data-parallel groups read it).
       act_grads: {feature: [batch, dim] or [batch, max_ids, dim]}, batch-sharded.
       step: scalar int32, updates applied before this one.
     Returns:
-      new (tables, slots), sharded as given.
+      new (storage, slots), sharded as given.
     """
     axes = tuple(mesh.axis_names)
+    features = feature_routes(config)
+    routes = routing.build_routes(layout, features)
+    ids, coef = routing_inputs(config, batch)
+    dp_features = sorted(f for f, r in features.items() if layout.table_group(r.table).data_parallel)
+    scaled_dp = sorted(f for f in dp_features if f in coef)
+    grad_features = sorted(act_grads)
 
-    def body(tables, slots, batch, act_grads, step):
-        new_tables, new_slots = {}, {}
-        for t in config.tables:
-            lay, opt = layouts[t.name], row_optimizer(t.optimizer)
-            wd = t.optimizer.weight_decay
-            unique, grads = _unique_rows(config, t, batch, act_grads, axes)
-            if lay.data_parallel:
-                local = jnp.where(unique < t.rows, unique, t.rows)
-                values = tables[t.name].at[local].get(mode="fill", fill_value=0).astype(jnp.float32)
-                rows = {k: v.at[local].get(mode="fill", fill_value=0) for k, v in slots[t.name].items()}
-                values, rows = opt.update(values, grads, rows, step)
-                new_tables[t.name] = (
-                    tables[t.name].at[local].set(values.astype(tables[t.name].dtype), mode="drop")
+    def body(storage, slots, routed, ids, coef, act_grads, step):
+        d = collectives.device_index(axes)
+        new_storage, new_slots = dict(storage), dict(slots)
+        for g in layout.groups:
+            spec = config.table(g.tables[0]).optimizer
+            opt = row_optimizer(spec)
+            if g.data_parallel:
+                rows, grads = [], []
+                for f in dp_features:
+                    if features[f].table not in g.tables:
+                        continue
+                    r, weight = local_rows(layout, features[f].table, ids[f], coef.get(f))
+                    # Gather ids, weights and bag gradients; weigh positions after the
+                    # gather, so a bag's gradient travels once, not once per position.
+                    a = collectives.gather_batch(act_grads[f].astype(jnp.float32), axes)
+                    a = a[:, None, :] if features[f].pooled else a
+                    r = collectives.gather_batch(r, axes)
+                    if f in coef:
+                        weight = collectives.gather_batch(weight, axes)
+                    else:
+                        weight = (r < g.block_rows).astype(jnp.float32)
+                    rows.append(r.reshape(-1))
+                    grads.append((weight[..., None] * a).reshape(-1, g.width))
+                if not rows:
+                    continue
+                block, slot_block = storage[g.name], slots[g.name]
+                unique, summed, _ = _dedup(jnp.concatenate(rows), jnp.concatenate(grads), g.block_rows)
+                row_mean_sq = None
+            elif g.name in routes:
+                route = routes[g.name]
+                grads = routing.send_gradients(route, act_grads, axes)
+                received = routed[g.name]
+                rows, weight = routing.owner_rows(route, received["ids"], received.get("coef"), d)
+                position_grads = routing.position_gradients(route, grads, weight, d)
+                block, slot_block = storage[g.name][0], {k: v[0] for k, v in slots[g.name].items()}
+                unique, summed, segment = _dedup(
+                    rows.reshape(-1), position_grads.reshape(-1, g.width), g.block_rows
                 )
-                new_slots[t.name] = {
-                    k: slots[t.name][k].at[local].set(v, mode="drop") for k, v in rows.items()
-                }
-                continue
-            d = collectives.device_index(axes)
-            row_start, row_count, col_start = lay.slot_metadata(d)
-            block = tables[t.name][0]  # [slots, rows_per_slot, width]
-            slot_block = {k: v[0] for k, v in slots[t.name].items()}
-            parts = []
-            for s in range(lay.slots):
-                inside = (unique >= row_start[s]) & (unique < row_start[s] + row_count[s])
-                local = jnp.where(inside, unique - row_start[s], lay.rows_per_slot)  # outside -> dropped
-                values = block[s].at[local].get(mode="fill", fill_value=0).astype(jnp.float32)
-                g = jax.lax.dynamic_slice_in_dim(grads, col_start[s], lay.width, axis=1)
-                parts.append((inside, local, values, g))
-            row_mean_sq = None
-            if t.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
-                # This device's columns of each row, then the rest of the row from its peers.
-                partial = sum(
-                    jnp.where(inside, jnp.sum(jnp.square(g + wd * values), axis=1), 0.0)
-                    for inside, _, values, g in parts
-                )
-                row_mean_sq = jax.lax.psum(partial, axes) / t.dim
-            for s, (_inside, local, values, g) in enumerate(parts):
-                rows = {k: v[s].at[local].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
-                values, rows = opt.update(values, g, rows, step, row_mean_sq=row_mean_sq)
-                block = block.at[s, local].set(values.astype(block.dtype), mode="drop")
-                slot_block = {k: slot_block[k].at[s, local].set(v, mode="drop") for k, v in rows.items()}
-            new_tables[t.name] = block[None]
-            new_slots[t.name] = {k: v[None] for k, v in slot_block.items()}
-        return new_tables, new_slots
+                row_mean_sq = None
+                if spec.kind is OptimizerKind.ROWWISE_ADAGRAD and route.column_split:
+                    values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+                    decayed = summed + spec.weight_decay * values if spec.weight_decay else summed
+                    partial = jnp.sum(jnp.square(decayed), axis=1)[segment].reshape(rows.shape)
+                    inside = rows < g.block_rows
+                    per_position = routing.full_row_mean_square(route, partial, inside, d, axes)
+                    row_mean_sq = (
+                        jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+                    )
+            else:
+                continue  # no feature reads this group
+            values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+            slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
+            values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
+            block = block.at[unique].set(values.astype(block.dtype), mode="drop")
+            slot_block = {k: slot_block[k].at[unique].set(v, mode="drop") for k, v in slot_rows.items()}
+            if not g.data_parallel:
+                block, slot_block = block[None], {k: v[None] for k, v in slot_block.items()}
+            new_storage[g.name], new_slots[g.name] = block, slot_block
+        return new_storage, new_slots
 
-    spec_of = {name: (P() if lay.data_parallel else P(axes)) for name, lay in layouts.items()}
-    table_specs = {t.name: spec_of[t.name] for t in config.tables}
-    slot_specs = {t.name: {k: spec_of[t.name] for k in slots[t.name]} for t in config.tables}
-    batch_specs = jax.tree.map(lambda _: P(axes), batch)
-    grad_specs = {f: P(axes) for f in act_grads}
+    batch_spec = P(axes)
+    storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
+    slot_specs = {g.name: {k: g.partition_spec(axes) for k in slots[g.name]} for g in layout.groups}
+    routed_specs = jax.tree.map(lambda _: batch_spec, routed)
     mapped = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(table_specs, slot_specs, batch_specs, grad_specs, P()),
-        out_specs=(table_specs, slot_specs),
+        in_specs=(
+            storage_specs,
+            slot_specs,
+            routed_specs,
+            {f: batch_spec for f in dp_features},
+            {f: batch_spec for f in scaled_dp},
+            {f: batch_spec for f in grad_features},
+            P(),
+        ),
+        out_specs=(storage_specs, slot_specs),
     )
     return mapped(
-        {t.name: tables[t.name] for t in config.tables},
-        {t.name: slots[t.name] for t in config.tables},
-        batch,
-        dict(act_grads),
+        {g.name: storage[g.name] for g in layout.groups},
+        {g.name: slots[g.name] for g in layout.groups},
+        routed,
+        {f: ids[f] for f in dp_features},
+        {f: coef[f] for f in scaled_dp},
+        {f: act_grads[f] for f in grad_features},
         jnp.asarray(step, jnp.int32),
     )
 
 
-def logical_slots(config: EmbeddingConfig, layouts, slots) -> dict[str, dict[str, np.ndarray]]:
+def logical_slots(layout: ShardedLayout, slots) -> dict[str, dict[str, np.ndarray]]:
     """{table: {slot: [rows, ...]}} gathered to the host (tests, small tables)."""
-    return {
-        t.name: {k: gather_rows(layouts[t.name], v) for k, v in slots[t.name].items()} for t in config.tables
-    }
+    out: dict[str, dict[str, np.ndarray]] = {}
+    kinds = {k for g in layout.groups for k in slots[g.name]}
+    for kind in kinds:
+        groups = [g for g in layout.groups if kind in slots[g.name]]
+        sub = type(layout)(tuple(groups), layout.table_shapes, layout.group_of)
+        for table, value in gather_logical(sub, {g.name: slots[g.name][kind] for g in groups}).items():
+            out.setdefault(table, {})[kind] = value
+    for table in layout.table_shapes:
+        out.setdefault(table, {})
+    return out

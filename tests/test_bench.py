@@ -58,6 +58,8 @@ def test_sharded_benchmark_reports_bytes_sent(capsys):
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["strategy"] for r in records] == ["single_device", "row_wise", "data_parallel"]
     assert records[0]["bytes_sent_per_device"] == 0
-    # Row-wise moves the batch's ids and pooled activations; data-parallel only ids.
-    assert records[1]["bytes_by_collective"]["reduce-scatter"] > 0
-    assert "reduce-scatter" not in records[2]["bytes_by_collective"]
+    # Row-wise routes ids, pooled activations and their gradients with all-to-alls (plus
+    # the dense all-reduce); data-parallel tables gather ids and gradients instead.
+    assert records[1]["bytes_by_collective"]["all-to-all"] > 0
+    assert "all-to-all" not in records[2]["bytes_by_collective"]
+    assert records[2]["bytes_by_collective"]["all-gather"] > 0

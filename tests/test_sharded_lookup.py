@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
-from mesh.sharded import gather_tables, shard_tables, sharded_lookup, table_layouts
-from recsys.lookup import coefficients, reference_lookup
+from mesh.sharded import gather_logical, shard_logical, sharded_layout
+from mesh.sharded_lookup import sharded_lookup
+from recsys.lookup import reference_lookup
+from recsys.sharded_update import feature_routes, routing_inputs
 from recsys.specs import EmbeddingConfig, FeatureSpec, TableSpec
 from tests.conftest import random_batch
 
@@ -36,13 +38,14 @@ def row_coded_tables():
 
 
 def run_sharded(plan, mesh, tables, batch):
-    layouts = table_layouts(plan, CONFIG.tables, mesh)
-    sharded = shard_tables(layouts, tables, mesh)
-    np.testing.assert_array_equal(gather_tables(layouts, sharded)["a"], tables["a"])
-    features = {f.name: (f.table, f.pooling.value != "none") for f in CONFIG.features}
-    ids = {f.name: batch[f.name].ids for f in CONFIG.features}
-    coef = {f.name: coefficients(f, batch[f.name]) for f in CONFIG.features}
-    return jax.jit(lambda s, i, c: sharded_lookup(layouts, s, features, i, c, mesh))(sharded, ids, coef)
+    layout = sharded_layout(plan, CONFIG.tables, mesh)
+    sharded = shard_logical(layout, tables, mesh)
+    for name, value in gather_logical(layout, sharded).items():
+        np.testing.assert_array_equal(value, tables[name])
+    features = feature_routes(CONFIG)
+    ids, coef = routing_inputs(CONFIG, batch)
+    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh)[0])
+    return lookup(sharded, ids, coef)
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))

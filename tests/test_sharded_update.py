@@ -6,10 +6,17 @@ import numpy as np
 import pytest
 
 from mesh import Strategy, make_mesh, mesh_spec, plan_for_strategy
-from mesh.sharded import gather_tables, shard_tables, table_layouts
+from mesh.sharded import gather_logical, shard_logical, sharded_layout
+from mesh.sharded_lookup import sharded_lookup
 from recsys.layout import build_layout
 from recsys.lookup import lookup, stack_tables, unstack_tables
-from recsys.sharded_update import init_sharded_slots, logical_slots, sharded_sparse_update
+from recsys.sharded_update import (
+    feature_routes,
+    init_sharded_slots,
+    logical_slots,
+    routing_inputs,
+    sharded_sparse_update,
+)
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from tests.conftest import random_batch
@@ -87,12 +94,18 @@ def case():
 def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
     tables, batches, grads, (want_tables, want_slots) = case
     mesh = make_mesh(MESHES[mesh_name])
-    layouts = table_layouts(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
-    sharded, slots = shard_tables(layouts, tables, mesh), init_sharded_slots(CONFIG, layouts, mesh)
-    step_fn = jax.jit(lambda t, s, b, g, i: sharded_sparse_update(CONFIG, layouts, mesh, t, s, b, g, i))
+    layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
+    sharded, slots = shard_logical(layout, tables, mesh), init_sharded_slots(CONFIG, layout, mesh)
+    features = feature_routes(CONFIG)
+
+    @jax.jit
+    def step_fn(t, s, b, g, i):
+        _, routed = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh)
+        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i)
+
     for step, (batch, g) in enumerate(zip(batches, grads)):
         sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))
-    got_tables, got_slots = gather_tables(layouts, sharded), logical_slots(CONFIG, layouts, slots)
+    got_tables, got_slots = gather_logical(layout, sharded), logical_slots(layout, slots)
     for name in want_tables:
         np.testing.assert_allclose(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6, err_msg=name)
         for k in want_slots[name]:

@@ -1,0 +1,285 @@
+"""Routing a batch's ids to the owners of their rows, and results back (all_to_all).
+
+Inside `jax.shard_map`, with the batch sharded over all devices, one sharded group
+(`mesh.sharded.GroupLayout`) is served like this:
+
+1. ids out: every device sends each shard's owner the ids of its own samples for the
+   feature the shard serves, one `all_to_all` of `[devices, local_batch, columns]`. A
+   table-wise or column-wise shard thus sees exactly the ids of its table, and each row
+   shard of a row-wise table sees the feature's ids once (ids outside its rows weigh 0).
+   There is no per-peer capacity, so nothing can overflow or be dropped.
+2. lookup: the owner finds every received id in its block (one gather for all tables of
+   the group) and pools each work item: `[devices, local_batch, outputs, width]`.
+3. results back: a second `all_to_all`; each batch owner sums the row shards of a
+   column block and places the column blocks side by side.
+The backward pass sends activation gradients the way results came back (step 3 in
+reverse) and reuses the ids routed in step 1, so each owner updates its rows in place.
+
+Bytes one device sends per step and feature, with k devices, batch B and L ids per
+sample: step 1 `B/k * L * 4 * (owners - 1)/...`, in total the ids of the feature once per
+shard; step 3 `B/k * width * 4` per shard. A table-wise table costs its owner's share
+only, where an all-gather of ids plus a reduce-scatter of pools would cost every device
+the whole batch.
+
+The layout of a route is static (Python ints and NumPy arrays built once per trace);
+per-device parts are indexed by the traced device index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mesh import collectives
+from mesh.plan import Strategy
+from mesh.sharded import GroupLayout, Placement, ShardedLayout
+
+_COLUMN_SPLIT = (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureRoute:
+    """What routing needs to know of a feature."""
+
+    table: str
+    pooled: bool  # False: one output per position (a sequence feature)
+    ids_per_sample: int
+    scaled: bool  # whether per-position coefficients (weights, 1/length) travel with the ids
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One (feature, shard) pair an owner serves."""
+
+    feature: str
+    placement: Placement
+    column: int  # first column of the feature's ids in the owner's received buffer
+    output: int  # first output slot at the owner
+    ids: int
+    pooled: bool
+
+    @property
+    def outputs(self) -> int:
+        return 1 if self.pooled else self.ids
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupRoute:
+    group: GroupLayout
+    features: tuple[str, ...]
+    items: tuple[tuple[WorkItem, ...], ...]  # per owner device
+    columns: int  # received ids per sample and source, the most any owner gets
+    outputs: int  # output slots per sample and source, the most any owner has
+    scaled: bool
+    # Per owner device and received column ([devices, columns]): where the id's rows sit.
+    row_start: np.ndarray
+    row_count: np.ndarray  # 0 on padding columns: nothing inside
+    offset: np.ndarray
+    output_of: np.ndarray
+    # Per column: the feature's position space (row-wise statistics of column shards).
+    position_base: np.ndarray  # the feature's first position per sample
+    position_stride: np.ndarray  # the feature's ids per sample
+    lane: np.ndarray  # the column's position within its sample
+    table_dim: np.ndarray
+    positions_per_sample: int
+
+    @property
+    def column_split(self) -> bool:
+        """Rows of this group's tables are split into column shards on several devices."""
+        return self.group.strategy in _COLUMN_SPLIT
+
+
+def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) -> dict[str, GroupRoute]:
+    """{group: GroupRoute} of every sharded group that some feature reads."""
+    routes = {}
+    for g in layout.groups:
+        names = sorted(f for f, r in features.items() if layout.group_of[r.table] == g.name)
+        if g.data_parallel or not names:
+            continue
+        base, position_base = 0, {}
+        for f in names:
+            position_base[f] = base
+            base += features[f].ids_per_sample
+        per_device: list[list[WorkItem]] = [[] for _ in range(g.devices)]
+        fill = [[0, 0] for _ in range(g.devices)]  # columns, outputs used per owner
+        for f in names:
+            r = features[f]
+            for p in g.placements_of(r.table):
+                column, output = fill[p.device]
+                item = WorkItem(f, p, column, output, r.ids_per_sample, r.pooled)
+                per_device[p.device].append(item)
+                fill[p.device] = [column + item.ids, output + item.outputs]
+        columns = max(1, max(c for c, _ in fill))
+        outputs = max(1, max(o for _, o in fill))
+        meta = {
+            k: np.zeros((g.devices, columns), np.int32)
+            for k in ("rs", "rc", "off", "out", "pb", "ps", "lane")
+        }
+        meta["dim"] = np.ones((g.devices, columns), np.float32)
+        for d, items in enumerate(per_device):
+            for it in items:
+                cols = slice(it.column, it.column + it.ids)
+                meta["rs"][d, cols] = it.placement.rows[0]
+                meta["rc"][d, cols] = it.placement.row_count
+                meta["off"][d, cols] = it.placement.offset
+                positions = np.arange(it.ids)
+                meta["out"][d, cols] = it.output if it.pooled else it.output + positions
+                meta["pb"][d, cols] = position_base[it.feature]
+                meta["lane"][d, cols] = positions
+                meta["ps"][d, cols] = it.ids
+                meta["dim"][d, cols] = layout.table_shapes[it.placement.table][1]
+        routes[g.name] = GroupRoute(
+            group=g,
+            features=tuple(names),
+            items=tuple(tuple(v) for v in per_device),
+            columns=columns,
+            outputs=outputs,
+            scaled=any(features[f].scaled for f in names),
+            row_start=meta["rs"],
+            row_count=meta["rc"],
+            offset=meta["off"],
+            output_of=meta["out"],
+            position_base=meta["pb"],
+            position_stride=meta["ps"],
+            lane=meta["lane"],
+            table_dim=meta["dim"],
+            positions_per_sample=base,
+        )
+    return routes
+
+
+def send_ids(
+    route: GroupRoute, ids: Mapping[str, jax.Array], coef: Mapping[str, jax.Array], axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array | None]:
+    """Step 1. ids: {feature: [local_batch, L] int32, -1 on padding}; coef: {feature:
+    [local_batch, L] float32} for scaled features. Returns what this device received as an
+    owner: ids `[sources, local_batch, columns]` and coefficients (None if unscaled)."""
+
+    def buffer(values, pad_value, dtype):
+        per_owner = []
+        for items in route.items:
+            parts = [values(it.feature) for it in items]
+            used = sum(it.ids for it in items)
+            batch = next(iter(ids.values())).shape[0]
+            if used < route.columns:
+                parts.append(jnp.full((batch, route.columns - used), pad_value, dtype))
+            per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+        return collectives.all_to_all(jnp.stack(per_owner), axes)
+
+    received_ids = buffer(lambda f: ids[f].astype(jnp.int32), -1, jnp.int32)
+    if not route.scaled:
+        return received_ids, None
+    ones = lambda f: jnp.ones(ids[f].shape, jnp.float32)  # noqa: E731
+    received_coef = buffer(lambda f: coef[f] if f in coef else ones(f), 0.0, jnp.float32)
+    return received_ids, received_coef
+
+
+def owner_rows(
+    route: GroupRoute, received_ids: jax.Array, received_coef: jax.Array | None, device: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Rows in this device's block of every received id, and each position's weight.
+
+    Returns:
+      rows: [sources, local_batch, columns] int32; `block_rows` where the id is padding
+        or outside this owner's shard.
+      weight: same shape, float32; 0 exactly where `rows` is `block_rows`.
+    """
+    start = jnp.asarray(route.row_start)[device]
+    count = jnp.asarray(route.row_count)[device]
+    offset = jnp.asarray(route.offset)[device]
+    local = received_ids - start
+    inside = (local >= 0) & (local < count)
+    rows = jnp.where(inside, offset + local, route.group.block_rows)
+    weight = inside.astype(jnp.float32)
+    if received_coef is not None:
+        weight = weight * received_coef
+    return rows, weight
+
+
+def pool(route: GroupRoute, block: jax.Array, rows: jax.Array, weight: jax.Array, device) -> jax.Array:
+    """Step 2: [sources, local_batch, outputs, width] float32 pooled work items."""
+    values = block.at[rows].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
+    out_of = jnp.asarray(route.output_of)[device]
+    k, b = rows.shape[:2]
+    out = jnp.zeros((k, b, route.outputs, route.group.width), jnp.float32)
+    return out.at[:, :, out_of].add(values)
+
+
+def return_outputs(route: GroupRoute, pooled: jax.Array, axes: tuple[str, ...]) -> dict[str, jax.Array]:
+    """Step 3: the pooled work items back to the batch owners -> {feature: activations}."""
+    received = collectives.all_to_all(pooled, axes)  # [owners, local_batch, outputs, width]
+    blocks: dict[str, dict[int, jax.Array]] = {f: {} for f in route.features}
+    for owner, items in enumerate(route.items):
+        for it in items:
+            if it.pooled:
+                part = received[owner, :, it.output]
+            else:
+                part = received[owner, :, it.output : it.output + it.ids]
+            c0 = it.placement.cols[0]
+            have = blocks[it.feature]
+            have[c0] = part if c0 not in have else have[c0] + part  # row shards add up
+    return {
+        f: jnp.concatenate([b[c] for c in sorted(b)], axis=-1) if len(b) > 1 else next(iter(b.values()))
+        for f, b in blocks.items()
+    }
+
+
+def send_gradients(route: GroupRoute, act_grads: Mapping[str, jax.Array], axes) -> jax.Array:
+    """Step 3 reversed: activation gradients -> `[sources, local_batch, outputs, width]` at
+    each owner, matching its work items."""
+    width = route.group.width
+    per_owner = []
+    for items in route.items:
+        parts = []
+        for it in items:
+            g = act_grads[it.feature].astype(jnp.float32)
+            c0 = it.placement.cols[0]
+            parts.append(g[:, None, c0 : c0 + width] if it.pooled else g[:, :, c0 : c0 + width])
+        batch = next(iter(act_grads.values())).shape[0]
+        used = sum(it.outputs for it in items)
+        if used < route.outputs:
+            parts.append(jnp.zeros((batch, route.outputs - used, width), jnp.float32))
+        per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    return collectives.all_to_all(jnp.stack(per_owner), axes)
+
+
+def position_gradients(route: GroupRoute, grads: jax.Array, weight: jax.Array, device) -> jax.Array:
+    """Gradient of every received position's row: [sources, local_batch, columns, width]."""
+    out_of = jnp.asarray(route.output_of)[device]
+    return grads[:, :, out_of] * weight[..., None]
+
+
+def full_row_mean_square(
+    route: GroupRoute,
+    partial: jax.Array,
+    inside: jax.Array,
+    device,
+    axes: tuple[str, ...],
+) -> jax.Array:
+    """Completes a per-position statistic of column shards over the whole row.
+
+    `partial` [sources, local_batch, columns] holds, at every position this owner serves,
+    the sum over its columns of its row's squared gradient. All column shards of a row
+    receive the same positions, so adding the partials per position across devices (one
+    `psum` of the feature's position space) gives every shard the whole row's sum.
+    Returns the mean over the table's dim, per position.
+    """
+    k, b, _ = partial.shape
+    feature_start = jnp.asarray(route.position_base)[device]
+    stride = jnp.asarray(route.position_stride)[device]
+    lane = jnp.asarray(route.lane)[device]
+    dim = jnp.asarray(route.table_dim)[device]
+    samples = k * b
+    sample = (jnp.arange(k)[:, None] * b + jnp.arange(b)[None, :])[..., None]  # global sample index
+    # Features lie one after another: feature f's position (sample, l) is at
+    # start_f * samples + sample * L_f + l.
+    index = jnp.where(
+        inside, feature_start * samples + sample * stride + lane, samples * route.positions_per_sample
+    )
+    total = jnp.zeros((samples * route.positions_per_sample,), jnp.float32)
+    total = jax.lax.psum(total.at[index].add(partial / dim, mode="drop"), axes)
+    return total.at[index].get(mode="fill", fill_value=0.0)
