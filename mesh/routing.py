@@ -152,6 +152,15 @@ def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) ->
     return routes
 
 
+def broadcast_bytes(route: GroupRoute, local_batch: int, devices: int) -> int:
+    """Bytes one device sends per step on this route: ids (and coefficients) out, pooled
+    results back, their gradients out."""
+    share = (devices - 1) / devices
+    ids = devices * local_batch * route.columns * (8 if route.scaled else 4)
+    outputs = devices * local_batch * route.outputs * route.group.width * 4
+    return int(share * (ids + 2 * outputs))
+
+
 def send_ids(
     route: GroupRoute, ids: Mapping[str, jax.Array], coef: Mapping[str, jax.Array], axes: tuple[str, ...]
 ) -> tuple[jax.Array, jax.Array | None]:

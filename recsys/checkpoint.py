@@ -150,6 +150,7 @@ def _sharded_from_logical(trainer: ShardedTrainer, template: ShardedState, tree:
         opt_state=tree["opt_state"],
         tables=tables,
         slots=slots,
+        routing_fallbacks=template.routing_fallbacks,
     )
 
 

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from mesh.plan import ShardingPlan
 from mesh.sharded import from_logical, gather_logical, logical_sharding, sharded_layout
-from mesh.sharded_lookup import sharded_lookup
+from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.embedding import EmbeddingTable, find_collection
 from recsys.lookup import Activations
 from recsys.sharded_update import (
@@ -44,6 +44,8 @@ class ShardedState:
     opt_state: optax.OptState  # replicated
     tables: dict  # {group: sharded storage} (`mesh.sharded`)
     slots: dict  # {group: {slot: sharded storage}}
+    # Steps whose bucketized routing overflowed and took the broadcast route (`mesh.bucketed`).
+    routing_fallbacks: jax.Array
 
 
 class ShardedTrainer:
@@ -57,6 +59,7 @@ class ShardedTrainer:
         mesh: jax.sharding.Mesh,
         *,
         loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
+        routing: RoutingOptions | None = None,
     ):
         collection = find_collection(model)
         self.config, self.mesh, self.plan = collection.config, mesh, plan
@@ -69,6 +72,7 @@ class ShardedTrainer:
         self._initial = (collection.logical_tables(), params, rest)
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
         self.features = feature_routes(self.config)
+        self.routing = routing or RoutingOptions()
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -83,6 +87,7 @@ class ShardedTrainer:
             opt_state=replicate(self.dense_optimizer.init(params)),
             tables=self._place_tables(logical),
             slots=init_sharded_slots(self.config, self.layout, self.mesh),
+            routing_fallbacks=replicate(jnp.zeros((), jnp.int32)),
         )
 
     def shard_batch(self, batch: Batch) -> Batch:
@@ -124,7 +129,7 @@ class ShardedTrainer:
 
     def _lookup(self, state: ShardedState, sparse):
         ids, coef = routing_inputs(self.config, sparse)
-        return sharded_lookup(self.layout, state.tables, self.features, ids, coef, self.mesh)
+        return sharded_lookup(self.layout, state.tables, self.features, ids, coef, self.mesh, self.routing)
 
     def _predict(self, state: ShardedState, dense: jax.Array, sparse) -> jax.Array:
         """Probabilities [batch] (batch sharded like a training batch)."""
@@ -151,7 +156,9 @@ class ShardedTrainer:
             batch.sparse,
             act_grads,
             state.step,
+            self.routing,
         )
+        fell_back = [r["fallback"][0] for r in routed.values() if "fallback" in r]
         updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)
         new_state = ShardedState(
             step=state.step + 1,
@@ -160,6 +167,9 @@ class ShardedTrainer:
             opt_state=opt_state,
             tables=tables,
             slots=slots,
+            routing_fallbacks=state.routing_fallbacks + jnp.any(jnp.stack(fell_back)).astype(jnp.int32)
+            if fell_back
+            else state.routing_fallbacks,
         )
         return new_state, loss
 

@@ -19,6 +19,7 @@ the statistic the single-device update computes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -26,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mesh import collectives, routing
+from mesh import bucketed, collectives, routing
 from mesh.routing import FeatureRoute
 from mesh.sharded import ShardedLayout, gather_logical
-from mesh.sharded_lookup import Routed, local_rows
+from mesh.sharded_lookup import Routed, RoutingOptions, local_rows, plan_routes
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
@@ -93,6 +94,50 @@ def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
     return unique, summed, segment
 
 
+def _apply(opt, step, block, slot_block, unique, summed, row_mean_sq=None):
+    """The optimizer on the unique rows of one block, written back in place."""
+    values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+    slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
+    values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
+    block = block.at[unique].set(values.astype(block.dtype), mode="drop")
+    return block, {k: slot_block[k].at[unique].set(v, mode="drop") for k, v in slot_rows.items()}
+
+
+def _data_parallel_rows(layout, g, features, names, ids, coef, act_grads, axes):
+    """The whole batch's rows of a data-parallel group and their gradients, on every device."""
+    rows, grads = [], []
+    for f in names:
+        r, weight = local_rows(layout, features[f].table, ids[f], coef.get(f))
+        # Gather ids, weights and bag gradients; weigh positions after the gather, so a
+        # bag's gradient travels once, not once per position.
+        a = collectives.gather_batch(act_grads[f].astype(jnp.float32), axes)
+        a = a[:, None, :] if features[f].pooled else a
+        r = collectives.gather_batch(r, axes)
+        weight = (
+            collectives.gather_batch(weight, axes) if f in coef else (r < g.block_rows).astype(jnp.float32)
+        )
+        rows.append(r.reshape(-1))
+        grads.append((weight[..., None] * a).reshape(-1, g.width))
+    return _dedup(jnp.concatenate(rows), jnp.concatenate(grads), g.block_rows)[:2]
+
+
+def _broadcast_rows(route, spec, block, received, act_grads, device, axes):
+    """Unique rows of this owner's block served on the broadcast route, their summed
+    gradients and (row-wise Adagrad over column shards) the whole-row statistic."""
+    g = route.group
+    grads = routing.send_gradients(route, act_grads, axes)
+    rows, weight = routing.owner_rows(route, received["ids"], received.get("coef"), device)
+    position_grads = routing.position_gradients(route, grads, weight, device)
+    unique, summed, segment = _dedup(rows.reshape(-1), position_grads.reshape(-1, g.width), g.block_rows)
+    if spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or not route.column_split:
+        return unique, summed, None
+    values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
+    decayed = summed + spec.weight_decay * values if spec.weight_decay else summed
+    partial = jnp.sum(jnp.square(decayed), axis=1)[segment].reshape(rows.shape)
+    per_position = routing.full_row_mean_square(route, partial, rows < g.block_rows, device, axes)
+    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+
+
 def sharded_sparse_update(
     config: EmbeddingConfig,
     layout: ShardedLayout,
@@ -103,25 +148,33 @@ def sharded_sparse_update(
     batch: JaggedBatch,
     act_grads: Mapping[str, jax.Array],
     step: jax.Array,
+    options: RoutingOptions | None = None,
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies every group's optimizer to the rows the batch touched, on their owners.
 
     Args:
       layout, storage: from `mesh.sharded.sharded_layout` / `shard_logical`.
       slots: from `init_sharded_slots`.
-      routed: the ids owners received in the forward pass (`mesh.sharded_lookup`).
-      batch: the batch, sharded over all mesh axes (data-parallel groups read it).
+      routed: what owners received in the forward pass (`mesh.sharded_lookup`).
+      batch: the batch, sharded over all mesh axes.
       act_grads: {feature: [batch, dim] or [batch, max_ids, dim]}, batch-sharded.
       step: scalar int32, updates applied before this one.
+      options: the routing options the forward pass used.
     Returns:
       new (storage, slots), sharded as given.
     """
     axes = tuple(mesh.axis_names)
+    options = options or RoutingOptions()
     features = feature_routes(config)
-    routes = routing.build_routes(layout, features)
     ids, coef = routing_inputs(config, batch)
-    dp_features = sorted(f for f, r in features.items() if layout.table_group(r.table).data_parallel)
-    scaled_dp = sorted(f for f in dp_features if f in coef)
+    local_batch = batch.batch_size // mesh.devices.size
+    routes, buckets = plan_routes(layout, features, local_batch, options)
+    # Features whose ids the update reads on the batch owner: data-parallel and bucketized.
+    local = sorted(
+        f
+        for f, r in features.items()
+        if layout.table_group(r.table).data_parallel or layout.group_of[r.table] in buckets
+    )
     grad_features = sorted(act_grads)
 
     def body(storage, slots, routed, ids, coef, act_grads, step):
@@ -129,65 +182,53 @@ def sharded_sparse_update(
         new_storage, new_slots = dict(storage), dict(slots)
         for g in layout.groups:
             spec = config.table(g.tables[0]).optimizer
-            opt = row_optimizer(spec)
+            apply = functools.partial(_apply, row_optimizer(spec), step)
             if g.data_parallel:
-                rows, grads = [], []
-                for f in dp_features:
-                    if features[f].table not in g.tables:
-                        continue
-                    r, weight = local_rows(layout, features[f].table, ids[f], coef.get(f))
-                    # Gather ids, weights and bag gradients; weigh positions after the
-                    # gather, so a bag's gradient travels once, not once per position.
-                    a = collectives.gather_batch(act_grads[f].astype(jnp.float32), axes)
-                    a = a[:, None, :] if features[f].pooled else a
-                    r = collectives.gather_batch(r, axes)
-                    if f in coef:
-                        weight = collectives.gather_batch(weight, axes)
-                    else:
-                        weight = (r < g.block_rows).astype(jnp.float32)
-                    rows.append(r.reshape(-1))
-                    grads.append((weight[..., None] * a).reshape(-1, g.width))
-                if not rows:
-                    continue
-                block, slot_block = storage[g.name], slots[g.name]
-                unique, summed, _ = _dedup(jnp.concatenate(rows), jnp.concatenate(grads), g.block_rows)
-                row_mean_sq = None
-            elif g.name in routes:
-                route = routes[g.name]
-                grads = routing.send_gradients(route, act_grads, axes)
-                received = routed[g.name]
-                rows, weight = routing.owner_rows(route, received["ids"], received.get("coef"), d)
-                position_grads = routing.position_gradients(route, grads, weight, d)
-                block, slot_block = storage[g.name][0], {k: v[0] for k, v in slots[g.name].items()}
-                unique, summed, segment = _dedup(
-                    rows.reshape(-1), position_grads.reshape(-1, g.width), g.block_rows
-                )
-                row_mean_sq = None
-                if spec.kind is OptimizerKind.ROWWISE_ADAGRAD and route.column_split:
-                    values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
-                    decayed = summed + spec.weight_decay * values if spec.weight_decay else summed
-                    partial = jnp.sum(jnp.square(decayed), axis=1)[segment].reshape(rows.shape)
-                    inside = rows < g.block_rows
-                    per_position = routing.full_row_mean_square(route, partial, inside, d, axes)
-                    row_mean_sq = (
-                        jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+                names = [f for f in local if features[f].table in g.tables]
+                if names:
+                    unique, summed = _data_parallel_rows(
+                        layout, g, features, names, ids, coef, act_grads, axes
                     )
-            else:
+                    new_storage[g.name], new_slots[g.name] = apply(
+                        storage[g.name], slots[g.name], unique, summed
+                    )
+                continue
+            if g.name not in routes:
                 continue  # no feature reads this group
-            values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
-            slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
-            values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
-            block = block.at[unique].set(values.astype(block.dtype), mode="drop")
-            slot_block = {k: slot_block[k].at[unique].set(v, mode="drop") for k, v in slot_rows.items()}
-            if not g.data_parallel:
-                block, slot_block = block[None], {k: v[None] for k, v in slot_block.items()}
-            new_storage[g.name], new_slots[g.name] = block, slot_block
+            block, slot_block = storage[g.name][0], {k: v[0] for k, v in slots[g.name].items()}
+            received = routed[g.name]
+
+            def broadcast(block, slot_block, route=routes[g.name], received=received, spec=spec, apply=apply):
+                unique, summed, row_mean_sq = _broadcast_rows(
+                    route, spec, block, received, act_grads, d, axes
+                )
+                return apply(block, slot_block, unique, summed, row_mean_sq)
+
+            if g.name in buckets:
+
+                def via_buckets(block, slot_block, bucket=buckets[g.name], received=received, apply=apply):
+                    grads = bucketed.send_gradients(
+                        bucket, act_grads, received["owner"], received["slot"], coef, ids, axes
+                    )
+                    served = received["served"].reshape(-1)
+                    unique, summed, _ = _dedup(
+                        served, grads.reshape(-1, bucket.group.width), bucket.group.block_rows
+                    )
+                    return apply(block, slot_block, unique, summed)
+
+                block, slot_block = jax.lax.cond(
+                    received["fallback"][0], broadcast, via_buckets, block, slot_block
+                )
+            else:
+                block, slot_block = broadcast(block, slot_block)
+            new_storage[g.name], new_slots[g.name] = block[None], {k: v[None] for k, v in slot_block.items()}
         return new_storage, new_slots
 
     batch_spec = P(axes)
     storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
     slot_specs = {g.name: {k: g.partition_spec(axes) for k in slots[g.name]} for g in layout.groups}
     routed_specs = jax.tree.map(lambda _: batch_spec, routed)
+    scaled = [f for f in local if f in coef]
     mapped = jax.shard_map(
         body,
         mesh=mesh,
@@ -195,8 +236,8 @@ def sharded_sparse_update(
             storage_specs,
             slot_specs,
             routed_specs,
-            {f: batch_spec for f in dp_features},
-            {f: batch_spec for f in scaled_dp},
+            {f: batch_spec for f in local},
+            {f: batch_spec for f in scaled},
             {f: batch_spec for f in grad_features},
             P(),
         ),
@@ -206,8 +247,8 @@ def sharded_sparse_update(
         {g.name: storage[g.name] for g in layout.groups},
         {g.name: slots[g.name] for g in layout.groups},
         routed,
-        {f: ids[f] for f in dp_features},
-        {f: coef[f] for f in scaled_dp},
+        {f: ids[f] for f in local},
+        {f: coef[f] for f in scaled},
         {f: act_grads[f] for f in grad_features},
         jnp.asarray(step, jnp.int32),
     )

@@ -1,5 +1,7 @@
 """The sharded forward lookup equals the single-device reference for every strategy."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
 from mesh.sharded import gather_logical, shard_logical, sharded_layout
-from mesh.sharded_lookup import sharded_lookup
+from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.lookup import reference_lookup
 from recsys.sharded_update import feature_routes, routing_inputs
 from recsys.specs import EmbeddingConfig, FeatureSpec, TableSpec
@@ -37,15 +39,16 @@ def row_coded_tables():
     }
 
 
-def run_sharded(plan, mesh, tables, batch):
+def run_sharded(plan, mesh, tables, batch, options=None, routed=False):
     layout = sharded_layout(plan, CONFIG.tables, mesh)
     sharded = shard_logical(layout, tables, mesh)
     for name, value in gather_logical(layout, sharded).items():
         np.testing.assert_array_equal(value, tables[name])
     features = feature_routes(CONFIG)
     ids, coef = routing_inputs(CONFIG, batch)
-    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh)[0])
-    return lookup(sharded, ids, coef)
+    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options))
+    acts, received = lookup(sharded, ids, coef)
+    return (acts, received) if routed else acts
 
 
 @pytest.mark.parametrize("strategy", list(Strategy))
@@ -82,3 +85,36 @@ def test_mixed_plan_with_several_shards_per_device():
     got = run_sharded(plan, mesh, tables, batch)
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
+
+
+def skewed_batch(seed: int):
+    """Every id of every feature in the first rows of its table: under row-wise sharding
+    they all belong to device 0, far more than its share."""
+    batch = random_batch(CONFIG, 16, seed=seed)
+    features = {name: dataclasses.replace(f, ids=f.ids % 2) for name, f in batch.features.items()}
+    return dataclasses.replace(batch, features=features)
+
+
+@pytest.mark.parametrize("strategy", ["row_wise", "table_row_wise"])
+@pytest.mark.parametrize(
+    ("batch_of", "factor", "overflows"),
+    [(lambda: random_batch(CONFIG, 16, seed=3), 8.0, False), (lambda: skewed_batch(4), 2.0, True)],
+    ids=["uniform", "skewed"],
+)
+def test_bucketized_routing_matches_and_falls_back_on_overflow(strategy, batch_of, factor, overflows):
+    mesh = make_mesh("device=8")
+    tables, batch = row_coded_tables(), batch_of()
+    expected = reference_lookup(CONFIG, {k: jnp.asarray(v) for k, v in tables.items()}, batch)
+    plan = plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy)
+    got, received = run_sharded(plan, mesh, tables, batch, RoutingOptions("always", factor), routed=True)
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
+    flags = {name: bool(np.asarray(r["fallback"]).all()) for name, r in received.items()}
+    assert flags and all(f == overflows for f in flags.values()), flags
+
+
+def test_routing_options_are_checked():
+    with pytest.raises(ValueError, match="auto, always or never"):
+        RoutingOptions("sometimes")
+    with pytest.raises(ValueError, match="positive"):
+        RoutingOptions(capacity_factor=0)

@@ -7,7 +7,7 @@ import pytest
 
 from mesh import Strategy, make_mesh, mesh_spec, plan_for_strategy
 from mesh.sharded import gather_logical, shard_logical, sharded_layout
-from mesh.sharded_lookup import sharded_lookup
+from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.layout import build_layout
 from recsys.lookup import lookup, stack_tables, unstack_tables
 from recsys.sharded_update import (
@@ -92,6 +92,22 @@ def case():
 @pytest.mark.parametrize("strategy", list(Strategy))
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
+    check_update(case, strategy, mesh_name, RoutingOptions())
+
+
+# Row-wise groups both ways: every id to its row's owner (capacity 8x: never full; or so small that
+# every step overflows and falls back), and every id to every row shard.
+@pytest.mark.parametrize("strategy", ["row_wise", "table_row_wise"])
+@pytest.mark.parametrize(
+    "options",
+    [RoutingOptions("always", 8.0), RoutingOptions("always", 0.05), RoutingOptions("never")],
+    ids=["bucketized", "overflowing", "broadcast"],
+)
+def test_both_row_wise_routes_match_the_single_device_update(case, strategy, options):
+    check_update(case, strategy, "2x4", options)
+
+
+def check_update(case, strategy, mesh_name, options):
     tables, batches, grads, (want_tables, want_slots) = case
     mesh = make_mesh(MESHES[mesh_name])
     layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
@@ -100,8 +116,8 @@ def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
 
     @jax.jit
     def step_fn(t, s, b, g, i):
-        _, routed = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh)
-        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i)
+        _, routed = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh, options)
+        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options)
 
     for step, (batch, g) in enumerate(zip(batches, grads)):
         sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))
