@@ -37,7 +37,14 @@ from mesh import collectives
 from mesh.plan import Strategy
 from mesh.sharded import GroupLayout, ShardedLayout
 
-BUCKETIZED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE)
+_ROW_SHARDED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
+
+
+def bucketizable(layout: ShardedLayout, g: GroupLayout) -> bool:
+    """Row-sharded groups whose rows are whole on their owners (a grid of one column
+    shard, e.g. on one host). Column shards would need row-wise statistics across owners,
+    which the broadcast route provides (`mesh.routing.full_row_mean_square`)."""
+    return g.strategy in _ROW_SHARDED and all(layout.table_shapes[t][1] == g.width for t in g.tables)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +72,11 @@ class BucketRoute:
 def build_bucket_routes(
     layout: ShardedLayout, features, local_batch: int, capacity_factor: float
 ) -> dict[str, BucketRoute]:
-    """{group: BucketRoute} for every row-wise or table-row-wise group some feature reads."""
+    """{group: BucketRoute} for every bucketizable group some feature reads."""
     routes = {}
     for g in layout.groups:
         names = sorted(f for f, r in features.items() if layout.group_of[r.table] == g.name)
-        if g.strategy not in BUCKETIZED or not names:
+        if not bucketizable(layout, g) or not names:
             continue
         lanes, expected = [], np.zeros(g.devices)
         for f in names:

@@ -5,11 +5,12 @@
 
 For every strategy (and one device without sharding, the baseline) it compiles the
 `ShardedTrainer` step, reads from the optimized HLO how many bytes one device sends per
-step by collective kind (`mesh.collectives.collective_bytes`), and times `--steps` steps
+step by collective kind (`mesh.collectives.collective_bytes`; also on the overflow
+fallback path of bucketized row-wise routing), and times `--steps` steps
 after `--warmup`. One JSON line per strategy. On simulated CPU devices all "devices"
 share the host's cores, so samples/s compares strategies with each other, not with real
 hardware; the byte counts are what a real mesh would move. This is the baseline later
-work on all_to_all routing, compression and kernels is measured against.
+work on compression and kernels is measured against.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def _run(args, spec) -> None:
     def measure(trainer, placed, name, plan=None):
         state = trainer.init_state()
         compiled = trainer.train_step.lower(state, placed).compile()
-        sent = collective_bytes(compiled.as_text(), spec.size) if plan is not None else {}
+        hlo = compiled.as_text()
+        sent = collective_bytes(hlo, spec.size) if plan is not None else {}
+        fallback = collective_bytes(hlo, spec.size, branch=1) if plan is not None else {}
         times = []
         for step in range(args.warmup + args.steps):
             start = time.perf_counter()
@@ -106,6 +109,9 @@ def _run(args, spec) -> None:
             "samples_per_s": round(args.batch / statistics.median(times), 1),
             "bytes_sent_per_device": sum(sent.values()),
             "bytes_by_collective": {k: v for k, v in sent.items() if v},
+            # A step whose bucketized routing overflowed sends this instead (`mesh.bucketed`).
+            "fallback_bytes_per_device": sum(fallback.values()),
+            "fallback_steps": int(getattr(state, "routing_fallbacks", 0)),
             "tables": args.tables,
             "rows": args.rows,
             "dim": args.dim,

@@ -95,7 +95,7 @@ def skewed_batch(seed: int):
     return dataclasses.replace(batch, features=features)
 
 
-@pytest.mark.parametrize("strategy", ["row_wise", "table_row_wise"])
+@pytest.mark.parametrize("strategy", ["row_wise", "table_row_wise", "grid"])
 @pytest.mark.parametrize(
     ("batch_of", "factor", "overflows"),
     [(lambda: random_batch(CONFIG, 16, seed=3), 8.0, False), (lambda: skewed_batch(4), 2.0, True)],
