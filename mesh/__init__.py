@@ -1,9 +1,11 @@
 """Device meshes with named axes, sharding plans and the planner, shard_map lookups and
 the collectives that carry them (with compression).
 
-Depends on `pallas_kernels` only; knows nothing of models. So far: `meshes` (named
-device meshes from a short spec) and `plan` (sharding plans, their JSON schema and
-validation); the shard_map lookups and collectives come next.
+Depends on `pallas_kernels` only; knows nothing of models. Modules: `meshes` (named
+device meshes from a short spec), `plan` (sharding plans, their JSON schema and
+validation), `sharded` (stacked group layouts), `routing` and `bucketed` (moving ids and
+results between batch owners and row owners), `sharded_lookup`, `relayout` (layout <->
+logical tables on the devices, for checkpoints) and `collectives`.
 """
 
 from mesh.meshes import MeshSpec, make_mesh, mesh_spec

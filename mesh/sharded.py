@@ -11,9 +11,9 @@ one group array, so a group is looked up and updated by one fused computation:
 Optimizer slots are laid out like their tables (a row-wise slot drops the last axis).
 
 Conversions. `shard_logical` / `gather_logical` move whole tables between the host and
-this layout (tests, small models). `to_logical` / `from_logical` convert on the devices
-for checkpoints and initialization: the logical `[rows, dim]` array is split over the
-devices (`logical_sharding`), so no device ever holds a whole table.
+this layout (tests, small models). `mesh.relayout` converts on the devices, for
+checkpoints and initialization, between this layout and the logical `[rows, dim]` arrays
+split over the devices (`logical_sharding`), so no device ever holds a whole table.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -140,7 +139,7 @@ def sharded_layout(plan: ShardingPlan, tables, mesh: jax.sharding.Mesh) -> Shard
     return ShardedLayout(tuple(groups), {t.name: (t.rows, t.dim) for t in tables}, group_of)
 
 
-def _check_shape(table: str, shape: tuple[int, int], value) -> None:
+def check_shape(table: str, shape: tuple[int, int], value) -> None:
     rows, dim = shape
     if value.ndim not in (1, 2) or value.shape[0] != rows or (value.ndim == 2 and value.shape[1] != dim):
         raise ValueError(f"table {table!r}: array of shape {tuple(value.shape)} for a {rows} x {dim} table")
@@ -168,7 +167,7 @@ def shard_logical(
     for g in layout.groups:
         values = {t: np.asarray(logical[t]) for t in g.tables}
         for t, v in values.items():
-            _check_shape(t, layout.table_shapes[t], v)
+            check_shape(t, layout.table_shapes[t], v)
         ndim = values[g.tables[0]].ndim
         storage = np.zeros(g.shape(ndim == 2), values[g.tables[0]].dtype)
         for p in g.placements:
@@ -208,48 +207,3 @@ def logical_sharding(rows: int, dim: int | None, mesh: jax.sharding.Mesh) -> Nam
         devices.reshape(row_parts, col_parts, n // (row_parts * col_parts)), ("rows", "cols", "copies")
     )
     return NamedSharding(grid, P("rows", "cols") if dim is not None else P("rows"))
-
-
-def to_logical(
-    layout: ShardedLayout, group: str, storage: jax.Array, mesh: jax.sharding.Mesh
-) -> dict[str, jax.Array]:
-    """One group's storage (table or slot) -> {table: logical array}, on the devices."""
-    g = layout.group(group)
-    per_column = storage.ndim == len(g.shape(True))
-    out = {}
-    for t in g.tables:
-        rows, dim = layout.table_shapes[t]
-        target = logical_sharding(rows, dim if per_column else None, mesh)
-
-        def build(storage, t=t, rows=rows, dim=dim):
-            shape = (rows, dim) if per_column else (rows,)
-            parts = {p.cols: [] for p in g.placements_of(t)}
-            for p in g.placements_of(t):
-                parts[p.cols].append(storage[_slot(p)])
-            # Row blocks of a column shard are consecutive; column shards side by side.
-            columns = [jnp.concatenate(v) if len(v) > 1 else v[0] for _, v in sorted(parts.items())]
-            out = jnp.concatenate(columns, axis=1) if per_column and len(columns) > 1 else columns[0]
-            assert out.shape == shape, (t, out.shape, shape)
-            return out
-
-        out[t] = jax.jit(build, out_shardings=target)(storage)
-    return out
-
-
-def from_logical(
-    layout: ShardedLayout, group: str, logical: Mapping[str, jax.Array], mesh: jax.sharding.Mesh
-) -> jax.Array:
-    """The inverse of `to_logical`: {table: logical array} -> the group's storage."""
-    g = layout.group(group)
-    for t in g.tables:
-        _check_shape(t, layout.table_shapes[t], logical[t])
-    per_column = logical[g.tables[0]].ndim == 2
-    dtype = logical[g.tables[0]].dtype
-
-    def build(logical):
-        out = jnp.zeros(g.shape(per_column), dtype)
-        for p in g.placements:
-            out = out.at[_slot(p)].set(logical[p.table][_cells(p, 2 if per_column else 1)])
-        return out
-
-    return jax.jit(build, out_shardings=g.sharding(mesh))({t: logical[t] for t in g.tables})

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mesh import sharded
+from mesh import relayout
 from recsys.embedding import EmbeddingTable, find_collection
 from recsys.layout import build_layout
 from recsys.lookup import stack_tables
@@ -116,9 +116,9 @@ def _sharded_to_logical(trainer: ShardedTrainer, state: ShardedState) -> dict:
     copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # fresh buffers: the state is donated next step
     tables, slots = {}, {t: {} for t in layout.table_shapes}
     for g in layout.groups:
-        tables.update(sharded.to_logical(layout, g.name, state.tables[g.name], mesh))
+        tables.update(relayout.to_logical(layout, g.name, state.tables[g.name], mesh))
         for kind, storage in state.slots[g.name].items():
-            for table, value in sharded.to_logical(layout, g.name, storage, mesh).items():
+            for table, value in relayout.to_logical(layout, g.name, storage, mesh).items():
                 slots[table][kind] = value
     return {
         "step": copy(state.step),
@@ -138,9 +138,9 @@ def _sharded_from_logical(trainer: ShardedTrainer, template: ShardedState, tree:
     nnx.replace_by_pure_dict(rest, tree["rest"])
     tables, slots = {}, {}
     for g in layout.groups:
-        tables[g.name] = sharded.from_logical(layout, g.name, tree["tables"], mesh)
+        tables[g.name] = relayout.from_logical(layout, g.name, tree["tables"], mesh)
         slots[g.name] = {
-            kind: sharded.from_logical(layout, g.name, {t: tree["slots"][t][kind] for t in g.tables}, mesh)
+            kind: relayout.from_logical(layout, g.name, {t: tree["slots"][t][kind] for t in g.tables}, mesh)
             for kind in template.slots[g.name]
         }
     return ShardedState(

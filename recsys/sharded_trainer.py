@@ -21,7 +21,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh.plan import ShardingPlan
-from mesh.sharded import from_logical, gather_logical, logical_sharding, sharded_layout
+from mesh.relayout import from_logical
+from mesh.sharded import gather_logical, logical_sharding, sharded_layout
 from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.embedding import EmbeddingTable, find_collection
 from recsys.lookup import Activations
