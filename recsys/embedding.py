@@ -14,6 +14,9 @@ model only has to pass its sparse input through to the collection.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 from flax import nnx
 
@@ -26,10 +29,32 @@ class EmbeddingTable(nnx.Variable):
     """A stacked `[total_rows, dim]` table; updated by the sparse optimizer, not by optax."""
 
 
+_init_keys: contextvars.ContextVar[list | None] = contextvars.ContextVar("table_init_keys", default=None)
+
+
+@contextlib.contextmanager
+def capture_init_keys():
+    """Collects the key every EmbeddingCollection built inside draws its tables from.
+
+    A sharded trainer builds the model inside `jit` within this block and draws each
+    device's block of every table again from the key (`initial_tables`); the stacked
+    tables the build made are then dead code that XLA drops.
+    """
+    keys: list = []
+    token = _init_keys.set(keys)
+    try:
+        yield keys
+    finally:
+        _init_keys.reset(token)
+
+
 class EmbeddingCollection(nnx.Module):
     def __init__(self, config: EmbeddingConfig, *, rngs: nnx.Rngs):
         self.config = config
-        stacked = init_tables(config, rngs.params())
+        key = rngs.params()
+        if (keys := _init_keys.get()) is not None:
+            keys.append(key)
+        stacked = init_tables(config, key)
         self.tables = nnx.Dict({name: EmbeddingTable(value) for name, value in stacked.items()})
 
     def stacked_tables(self) -> dict[str, jax.Array]:

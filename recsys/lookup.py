@@ -40,19 +40,22 @@ def init_table(spec: TableSpec, key: jax.Array) -> jax.Array:
     return values.astype(spec.dtype)
 
 
-def init_tables(config: EmbeddingConfig, key: jax.Array) -> dict[str, jax.Array]:
-    """Stacked initial tables, one array per table group: {group: [total_rows, dim]}.
+def initial_tables(config: EmbeddingConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """{table: [rows, dim]} initial values: table i is drawn from `fold_in(key, i)`, so its
+    values do not depend on how tables are stacked or sharded."""
+    return {t.name: init_table(t, jax.random.fold_in(key, i)) for i, t in enumerate(config.tables)}
 
-    Table i is initialized from `fold_in(key, i)`, so its values do not depend on how
-    tables are stacked or sharded.
-    """
+
+def init_tables(config: EmbeddingConfig, key: jax.Array) -> dict[str, jax.Array]:
+    """Stacked initial tables, one array per table group: {group: [total_rows, dim]}
+    (the values of `initial_tables`)."""
     layout = build_layout(config)
-    index = {t.name: i for i, t in enumerate(config.tables)}
 
     def make(key):
+        logical = initial_tables(config, key)
         out = {}
         for group in layout.table_groups:
-            parts = [init_table(t, jax.random.fold_in(key, index[t.name])) for t in group.tables]
+            parts = [logical[t.name] for t in group.tables]
             out[group.name] = jnp.concatenate(parts) if len(parts) > 1 else parts[0]
         return out
 

@@ -24,8 +24,8 @@ from mesh.plan import ShardingPlan
 from mesh.relayout import from_logical
 from mesh.sharded import gather_logical, logical_sharding, sharded_layout
 from mesh.sharded_lookup import RoutingOptions, sharded_lookup
-from recsys.embedding import EmbeddingTable, find_collection
-from recsys.lookup import Activations
+from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
+from recsys.lookup import Activations, initial_tables
 from recsys.sharded_update import (
     feature_routes,
     init_sharded_slots,
@@ -50,11 +50,19 @@ class ShardedState:
 
 
 class ShardedTrainer:
-    """Like `Trainer`, for a model whose tables are placed by `plan` on `mesh`."""
+    """Like `Trainer`, for a model whose tables are placed by `plan` on `mesh`.
+
+    `model` is a module, or a function without arguments that builds one. Given a
+    function, the model is never materialized on one device: `init_state` runs it under
+    `jit` with every table's output split over the devices (each device draws only its
+    block of the initial values) and moves the tables into the plan's layout piece by
+    piece (`mesh.relayout`), so tables larger than any one device fit. The values equal
+    those of the module the function builds.
+    """
 
     def __init__(
         self,
-        model: nnx.Module,
+        model: nnx.Module | Callable[[], nnx.Module],
         dense_optimizer: optax.GradientTransformation,
         plan: ShardingPlan,
         mesh: jax.sharding.Mesh,
@@ -62,6 +70,9 @@ class ShardedTrainer:
         loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
         routing: RoutingOptions | None = None,
     ):
+        self._build = None if isinstance(model, nnx.Module) else model
+        if self._build is not None:
+            model = nnx.eval_shape(self._build)  # shapes only: nothing is computed yet
         collection = find_collection(model)
         self.config, self.mesh, self.plan = collection.config, mesh, plan
         self.axes = tuple(mesh.axis_names)
@@ -70,7 +81,7 @@ class ShardedTrainer:
         # The dense forward gets looked-up activations, never the tables: empty stand-ins
         # keep the module structure without holding a second copy of every table.
         self._no_tables = jax.tree.map(lambda x: jnp.zeros((0, *x.shape[1:]), x.dtype), tables)
-        self._initial = (collection.logical_tables(), params, rest)
+        self._initial = None if self._build else (collection.logical_tables(), params, rest)
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
         self.features = feature_routes(self.config)
         self.routing = routing or RoutingOptions()
@@ -78,9 +89,13 @@ class ShardedTrainer:
         self.predict = jax.jit(self._predict)
 
     def init_state(self) -> ShardedState:
-        logical, params, rest = self._initial
-        replicate = lambda tree: jax.device_put(tree, NamedSharding(self.mesh, P()))  # noqa: E731
-        params, rest = replicate(jax.tree.map(jnp.copy, params)), replicate(jax.tree.map(jnp.copy, rest))
+        replicated = NamedSharding(self.mesh, P())
+        replicate = lambda tree: jax.device_put(tree, replicated)  # noqa: E731
+        if self._build is None:
+            logical, params, rest = self._initial
+            params, rest = replicate(jax.tree.map(jnp.copy, params)), replicate(jax.tree.map(jnp.copy, rest))
+        else:
+            logical, params, rest = self.initial_program()()
         return ShardedState(
             step=replicate(jnp.zeros((), jnp.int32)),
             params=params,
@@ -110,6 +125,21 @@ class ShardedTrainer:
             local,
         )
 
+    def initial_program(self):
+        """The jitted model build of `init_state`: (logical tables split over the devices,
+        replicated dense parameters, the rest). Its compiled memory use is tested."""
+
+        def build():
+            with capture_init_keys() as keys:
+                model = self._build()
+            _, _, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
+            # Drawn afresh per table: the stacked tables the build made are dead code.
+            return initial_tables(self.config, keys[0]), params, rest
+
+        spread = {t: logical_sharding(*shape, self.mesh) for t, shape in self.layout.table_shapes.items()}
+        replicated = NamedSharding(self.mesh, P())
+        return jax.jit(build, out_shardings=(spread, replicated, replicated))
+
     def _place_tables(self, logical) -> dict[str, jax.Array]:
         """{table: [rows, dim]} -> {group: storage}: each table is split evenly over the
         devices first, then moved into the plan's layout on the devices."""
@@ -123,10 +153,10 @@ class ShardedTrainer:
         return out
 
     def logical_tables(self, state: ShardedState):
-        return gather_logical(self.layout, _to_host(state.tables))
+        return gather_logical(self.layout, to_host(state.tables))
 
     def logical_slots(self, state: ShardedState):
-        return logical_slots(self.layout, _to_host(state.slots))
+        return logical_slots(self.layout, to_host(state.slots))
 
     def _lookup(self, state: ShardedState, sparse):
         ids, coef = routing_inputs(self.config, sparse)
@@ -175,10 +205,11 @@ class ShardedTrainer:
         return new_state, loss
 
 
-def _to_host(tree):
-    """Every process gets the full arrays (gathered across processes when there are several)."""
+def to_host(tree):
+    """Every process gets the full arrays as NumPy (gathered across processes when there
+    are several; for small results: predictions, tests)."""
     if jax.process_count() == 1:
-        return tree
+        return jax.device_get(tree)
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.sharded_lookup import RoutingOptions
 from recsys import metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
 from recsys.data import (
@@ -45,7 +46,7 @@ from recsys.data import (
 )
 from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
-from recsys.sharded_trainer import ShardedTrainer
+from recsys.sharded_trainer import ShardedTrainer, to_host
 from recsys.sparse import InputPolicy, PackReport, pack_batch
 from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
@@ -165,6 +166,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sharding", choices=[s.value for s in Strategy], default=None, help="one strategy for all tables"
     )
     g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
+    g.add_argument(
+        "--route-bucketize",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="row-wise tables: send each id only to its row's owner (auto: when it sends fewer bytes)",
+    )
+    g.add_argument(
+        "--route-capacity",
+        type=float,
+        default=2.0,
+        help="bucketized routing: slots per peer as a multiple of its expected ids (overflow falls back)",
+    )
+    g = p.add_argument_group("several processes (hosts)")
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0; starts jax.distributed")
+    g.add_argument("--num-processes", type=_positive_int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", default=None)
     g.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints")
@@ -193,6 +210,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             MeshSpec.parse(args.mesh)
         except ValueError as e:
             p.error(str(e))
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        p.error("--coordinator needs --num-processes and --process-id")
+    if args.route_capacity <= 0:
+        p.error(f"--route-capacity must be > 0, got {args.route_capacity}")
     return args
 
 
@@ -214,10 +235,23 @@ def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Modul
 
 
 def _device_batch(config: EmbeddingConfig, examples: Examples, report: PackReport, place=None) -> Batch:
-    """Packs a host batch and puts it on the device(s): `place` shards it over a mesh."""
+    """Packs a host batch and puts it on the device(s): `place` shards it over a mesh.
+
+    With several processes, each packs and transfers only its own share of the global
+    batch (its devices' samples, in process order)."""
+    if jax.process_count() > 1:
+        share = len(examples) // jax.process_count()
+        examples = examples.slice(jax.process_index() * share, (jax.process_index() + 1) * share)
     sparse = pack_batch(config, examples.sparse, _PACK_POLICY, report)
     batch = Batch(dense=examples.dense, sparse=sparse, labels=examples.labels)
     return place(batch) if place is not None else jax.tree.map(jnp.asarray, batch)
+
+
+def _batch_placer(trainer):
+    """None (one device), or how a host batch is sharded over the trainer's mesh."""
+    if not isinstance(trainer, ShardedTrainer):
+        return None
+    return trainer.shard_batch if jax.process_count() == 1 else trainer.shard_local_batch
 
 
 # Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
@@ -231,7 +265,7 @@ def evaluate(
     """(probabilities, labels) for every example, in order; batches prefetched."""
     probs, labels = [], []
 
-    place = getattr(trainer, "shard_batch", None)  # a ShardedTrainer's batches span its mesh
+    place = _batch_placer(trainer)
 
     def prepare(item):
         examples, valid = item
@@ -239,7 +273,8 @@ def evaluate(
 
     with Prefetcher(eval_batches(data, batch_size), prepare) as batches:
         for batch, batch_labels, valid in batches:
-            probs.append(np.asarray(trainer.predict(state, batch.dense, batch.sparse))[:valid])
+            predicted = trainer.predict(state, batch.dense, batch.sparse)
+            probs.append(np.asarray(to_host(predicted))[:valid])
             labels.append(batch_labels)
     return np.concatenate(probs), np.concatenate(labels)
 
@@ -408,7 +443,6 @@ def run(args: argparse.Namespace) -> dict:
     config = dataclasses.replace(
         data.config, tables=tuple(dataclasses.replace(t, initializer=init) for t in data.config.tables)
     )
-    model = build_model(args, config, data.num_dense)
     per_epoch = steps_per_epoch(data.train, args.batch_size)
     steps = args.steps or args.epochs * per_epoch
     if resumed is not None and args.dense_lr_schedule == "cosine" and resumed["total_steps"] != steps:
@@ -417,7 +451,7 @@ def run(args: argparse.Namespace) -> dict:
             f"this one has {steps}; the cosine learning-rate schedule depends on the total"
         )
     dense_opt = dense_optimizer(args, steps)
-    plan, place = None, None
+    plan = None
     if _sharded(args):
         mesh = _mesh(args)
         if args.plan:
@@ -425,14 +459,18 @@ def run(args: argparse.Namespace) -> dict:
                 plan = ShardingPlan.from_json(f.read())
         else:
             plan = plan_for_strategy(config.tables, mesh_spec(mesh), args.sharding or "table_wise")
-        trainer = ShardedTrainer(model, dense_opt, plan, mesh)  # validates the plan
         if args.batch_size % mesh.devices.size:
             raise SystemExit(
                 f"--batch-size {args.batch_size} must be a multiple of the {mesh.devices.size} devices"
             )
-        place = trainer.shard_batch
+        routing = RoutingOptions(args.route_bucketize, args.route_capacity)
+        # A builder, not a module: the trainer creates the tables already sharded.
+        trainer = ShardedTrainer(
+            lambda: build_model(args, config, data.num_dense), dense_opt, plan, mesh, routing=routing
+        )
     else:
-        trainer = Trainer(model, dense_opt)
+        trainer = Trainer(build_model(args, config, data.num_dense), dense_opt)
+    place = _batch_placer(trainer)
     state = trainer.init_state()
     start_step, position = 0, Position()
     # Per-step losses: `pending` holds device scalars (reading one waits for its step), moved
@@ -469,7 +507,7 @@ def run(args: argparse.Namespace) -> dict:
         ckpt.save(step, trainer, state, metadata)
 
     train_pack, eval_pack = PackReport(), PackReport()
-    progress = Progress(steps, enabled=not args.no_progress)
+    progress = Progress(steps, enabled=not args.no_progress and jax.process_index() == 0)
     batches = itertools.islice(
         train_batches(data.train, args.batch_size, seed=args.seed, start=position), steps - start_step
     )
@@ -532,6 +570,8 @@ def run(args: argparse.Namespace) -> dict:
         "devices": 1 if plan is None else int(trainer.mesh.devices.size),
         "mesh": None if plan is None else str(mesh_spec(trainer.mesh)),
         "plan": None if plan is None else plan.to_json(),
+        "processes": jax.process_count(),
+        "routing_fallbacks": None if plan is None else int(state.routing_fallbacks.addressable_data(0)),
         "notes": data.notes
         + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }
@@ -542,11 +582,31 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
+def start_processes(args: argparse.Namespace) -> None:
+    """Joins a multi-process run. On CPU each process simulates its share of --devices (or
+    --mesh) and the processes talk over gloo; on GPU/TPU each uses its local devices."""
+    total = MeshSpec.parse(args.mesh).size if args.mesh else args.devices
+    if total % args.num_processes:
+        raise SystemExit(f"{total} devices do not split over {args.num_processes} processes")
+    simulate_cpu_devices(total // args.num_processes)
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # a JAX without CPU collectives options: GPU/TPU runs do not need them
+        pass
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if _sharded(args):
+    if args.coordinator:
+        start_processes(args)
+    elif _sharded(args):
         simulate_cpu_devices(MeshSpec.parse(args.mesh).size if args.mesh else args.devices)
     result = run(args)
+    if jax.process_index() != 0:  # one report per run
+        return 0
     print(
         f"\n{args.model} on {args.data}: {result['steps']} steps of {args.batch_size}, "
         f"{result['samples_per_s'] or 0:.0f} samples/s (first step with compile {result['compile_s']:.1f}s)\n"
