@@ -3,7 +3,9 @@
 The batch is sharded over all mesh axes together, in row-major order of the axes. Inside
 `jax.shard_map`, `all_to_all` routes ids and results between batch owners and row
 owners (`mesh.routing`); `gather_batch` and `scatter_sum_batch` move per-sample data of
-data-parallel tables between "my slice of the batch" and "the whole batch".
+data-parallel tables between "my slice of the batch" and "the whole batch"; `permute`
+moves table pieces for checkpoints (`mesh.relayout`); `sum_over` and `any_device` reduce
+statistics and flags.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import re
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -33,6 +36,22 @@ def all_to_all(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 def scatter_sum_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """Sums [global_batch, ...] contributions over devices; each keeps its own batch slice."""
     return lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+
+
+def sum_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """The sum of `x` over all devices, on every device (row-wise statistics, flags)."""
+    return lax.psum(x, axes)
+
+
+def any_device(flag: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """True on every device if `flag` is true on any (bucket overflow)."""
+    return lax.psum(flag.astype(jnp.int32), axes) > 0
+
+
+def permute(x: jax.Array, axes: tuple[str, ...], pairs: list[tuple[int, int]]) -> jax.Array:
+    """Sends `x` from each `src` to its `dst` (global device indices); devices that
+    receive nothing get zeros (`mesh.relayout`)."""
+    return lax.ppermute(x, axes, perm=pairs)
 
 
 def device_index(axes: tuple[str, ...]) -> jax.Array:

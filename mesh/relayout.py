@@ -8,7 +8,7 @@ every device (measured: 2-3x a table's bytes of temporaries per device). Here th
 are explicit: every (logical block, shard) overlap is a rectangular piece with a static
 source, destination and size; pieces are scheduled into rounds in which each device
 sends at most one piece and receives at most one, and each round is one
-`lax.ppermute`. A device never holds more than its own blocks plus one piece in flight.
+`collectives.permute`. A device never holds more than its own blocks plus one piece in flight.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from mesh import collectives
 from mesh.sharded import GroupLayout, ShardedLayout, check_shape, logical_sharding
 
 _GRID_AXES = ("rows", "cols", "copies")
@@ -90,7 +91,7 @@ def _move(src: jax.Array, dst: jax.Array, rounds: list[list[Piece]], axes, devic
             send[p.src], recv[p.dst], receiving[p.dst] = p.src_start, p.dst_start, True
         send, recv, receiving = (jnp.asarray(a)[device] for a in (send, recv, receiving))
         piece = lax.dynamic_slice(src, (send[0], send[1]), size)
-        got = lax.ppermute(piece, axes, perm=[(p.src, p.dst) for p in members])
+        got = collectives.permute(piece, axes, [(p.src, p.dst) for p in members])
         window = lax.dynamic_slice(dst, (recv[0], recv[1]), size)
         dst = lax.dynamic_update_slice(dst, jnp.where(receiving, got, window), (recv[0], recv[1]))
     return dst

@@ -290,5 +290,5 @@ def full_row_mean_square(
         inside, feature_start * samples + sample * stride + lane, samples * route.positions_per_sample
     )
     total = jnp.zeros((samples * route.positions_per_sample,), jnp.float32)
-    total = jax.lax.psum(total.at[index].add(partial / dim, mode="drop"), axes)
+    total = collectives.sum_over(total.at[index].add(partial / dim, mode="drop"), axes)
     return total.at[index].get(mode="fill", fill_value=0.0)

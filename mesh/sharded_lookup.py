@@ -97,7 +97,7 @@ def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, 
     """Bucketized routing, or the broadcast route for the whole group when any device's
     buckets overflow this step."""
     owner, slot, row, overflow = bucketed.assign(bucket, ids)
-    fallback = jax.lax.psum(overflow.astype(jnp.int32), axes) > 0
+    fallback = collectives.any_device(overflow, axes)
     n, local_batch = bucket.group.devices, next(iter(ids.values())).shape[0]
     broadcast_shapes = {"ids": ((n, local_batch, route.columns), jnp.int32)}
     if route.scaled:

@@ -89,8 +89,9 @@ def check(got, want):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", list(Strategy))
-def test_every_strategy_trains_like_one_device_on_2x4(single_device, strategy):
-    mesh = make_mesh("host=2,device=4")
+@pytest.mark.parametrize("mesh_spec_text", ["host=2,device=4", "device=8"], ids=["2x4", "8x1"])
+def test_every_strategy_trains_like_one_device(single_device, strategy, mesh_spec_text):
+    mesh = make_mesh(mesh_spec_text)
     check(run_sharded(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), mesh), single_device)
 
 
