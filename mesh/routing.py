@@ -15,11 +15,12 @@ Inside `jax.shard_map`, with the batch sharded over all devices, one sharded gro
 The backward pass sends activation gradients the way results came back (step 3 in
 reverse) and reuses the ids routed in step 1, so each owner updates its rows in place.
 
-Bytes one device sends per step and feature, with k devices, batch B and L ids per
-sample: step 1 `B/k * L * 4 * (owners - 1)/...`, in total the ids of the feature once per
-shard; step 3 `B/k * width * 4` per shard. A table-wise table costs its owner's share
-only, where an all-gather of ids plus a reduce-scatter of pools would cost every device
-the whole batch.
+Bytes one device sends per step, for a feature with L ids per sample, local batch b and
+a table of `s` shards of width w: `s * b * L * 4` of ids out, `s * b * w * 4` of results
+back and as much of gradients out (`broadcast_bytes`), times (k-1)/k for the share that
+leaves the device. For a table-wise table each sample's ids and result cross the network
+once; gathering the batch's ids and reduce-scattering pooled results (the first version)
+moved every sample's to every device.
 
 The layout of a route is static (Python ints and NumPy arrays built once per trace);
 per-device parts are indexed by the traced device index.
