@@ -49,10 +49,10 @@ def bucketizable(layout: ShardedLayout, g: GroupLayout) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Lane:
-    """One feature's ids into one column block of its table: which device owns each row."""
+    """One feature's ids and which device owns each row of its table."""
 
     feature: str
-    cols: tuple[int, int]
+    cols: tuple[int, int]  # the whole dim: bucketized tables have no column shards
     ids: int  # ids per sample
     pooled: bool
     starts: tuple[int, ...]  # first row of each row shard, ascending

@@ -575,6 +575,12 @@ def run(args: argparse.Namespace) -> dict:
         "notes": data.notes
         + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }
+    if result["routing_fallbacks"]:
+        result["notes"].append(
+            f"{result['routing_fallbacks']} of {steps - start_step} steps overflowed bucketized routing "
+            "and took the broadcast route (correct, but slower): raise --route-capacity, or pass "
+            "--route-bucketize never if ids are this skewed"
+        )
     if data.planted_eval_logits is not None:
         planted_probs = 1 / (1 + np.exp(-data.planted_eval_logits))
         result["planted_auc"] = metrics.auc(labels, planted_probs)
