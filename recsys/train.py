@@ -26,6 +26,8 @@ import optax
 from flax import nnx
 
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.cost import TableLoad
+from mesh.planner import plan_tables, topology_for_mesh
 from mesh.sharded_lookup import RoutingOptions
 from recsys import metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
@@ -163,7 +165,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--devices", type=_positive_int, default=1, help="devices (on CPU: simulated ones)")
     g.add_argument("--mesh", default=None, help="named mesh axes, e.g. host=2,device=4")
     g.add_argument(
-        "--sharding", choices=[s.value for s in Strategy], default=None, help="one strategy for all tables"
+        "--sharding",
+        choices=["auto", *(s.value for s in Strategy)],
+        default=None,
+        help="one strategy for all tables, or auto: the cost-model planner (mesh.planner)",
     )
     g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
     g.add_argument(
@@ -424,6 +429,36 @@ def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
     return make_mesh(spec, available[: spec.size])
 
 
+def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Namespace) -> ShardingPlan:
+    """The planner's plan for this model on this mesh. Average ids per sample come from
+    the first training batch; memory from what the devices report."""
+    examples, _ = next(train_batches(train, args.batch_size, seed=args.seed))
+    loads = []
+    for t in config.tables:
+        features = [f for f in config.features if f.table == t.name]
+        mean_ids = sum(float(np.mean(examples.sparse[f.name].lengths)) for f in features)
+        loads.append(
+            TableLoad(
+                name=t.name,
+                rows=t.rows,
+                dim=t.dim,
+                ids_per_sample=mean_ids,
+                bag_width=sum(f.max_ids for f in features),
+                element_bytes=np.dtype(t.dtype).itemsize,
+                optimizer=t.optimizer.kind.value,
+                scaled=any(f.weighted or f.pooling.value == "mean" for f in features),
+                outputs=sum(1 if f.pooling.value != "none" else f.max_ids for f in features),
+            )
+        )
+    device = mesh.devices.reshape(-1)[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"))
+    result = plan_tables(loads, topo, args.batch_size, refine_seconds=1.0)
+    if jax.process_index() == 0 and not args.no_progress:
+        print(f"planned for {topo}:\n{result}", flush=True)
+    return result.plan
+
+
 def simulate_cpu_devices(count: int) -> None:
     """On CPU, ask JAX for `count` simulated devices; a no-op once JAX has started
     (tests set their 8 devices in conftest) or on GPU/TPU."""
@@ -457,6 +492,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.plan:
             with open(args.plan) as f:
                 plan = ShardingPlan.from_json(f.read())
+        elif args.sharding == "auto":
+            plan = auto_plan(config, data.train, mesh, args)
         else:
             plan = plan_for_strategy(config.tables, mesh_spec(mesh), args.sharding or "table_wise")
         if args.batch_size % mesh.devices.size:

@@ -126,3 +126,10 @@ def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path):
     shutil.rmtree(directory / "20")
     single = _metrics(tmp_path, "single", *argv, "--resume")
     assert single["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+def test_cli_auto_sharding_plans_and_matches_one_device(tmp_path):
+    one = _metrics(tmp_path, "one")
+    auto = _metrics(tmp_path, "auto", "--devices", "8", "--sharding", "auto")
+    assert auto["devices"] == 8 and len(auto["plan"]["tables"]) == 3
+    assert auto["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)

@@ -1,0 +1,7 @@
+"""python -m mesh.plan: plan table sharding from a tables file and a topology, without devices."""
+
+import sys
+
+from mesh.planner import main
+
+sys.exit(main())

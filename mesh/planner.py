@@ -1,0 +1,510 @@
+"""The sharding planner: per table, the strategy and placement with the fastest step.
+
+Search (enumerate -> estimate -> place -> refine):
+1. Tables go largest first (by the lookup and traffic they cost on one device).
+2. For each table every allowed strategy is tried: table-wise on each device, column-wise
+   with each shard count that divides the dim, row-wise, data-parallel, and the two-level
+   hybrids on each host. Shards that may go anywhere (table-wise, column-wise) go to the
+   device where they raise the step time least. A candidate that overflows a device's
+   memory is skipped; the candidate with the smallest resulting step time (the slowest
+   device, `mesh.cost.device_time`) wins, ties broken by total time.
+3. Refinement: while the slowest device holds a movable shard (table-wise or column-wise)
+   whose move to another device lowers the step time, move the best one.
+The result reports the estimated step time against the lower bound `sum of device times
+/ devices` (no placement of the chosen shards can beat perfect balance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, shard_loads, step_seconds
+from mesh.meshes import MeshSpec
+from mesh.plan import Shard, ShardingPlan, Strategy, TablePlan, row_blocks
+from mesh.topology import PRESETS, Topology
+
+PRESET_NAMES = sorted(PRESETS)
+
+
+class PlanningError(ValueError):
+    """No plan fits: says which table and how much memory is missing where."""
+
+
+@dataclasses.dataclass
+class _Shard:
+    table: str
+    strategy: Strategy
+    device: int
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    movable: bool
+
+
+@dataclasses.dataclass
+class PlanResult:
+    plan: ShardingPlan
+    topology: Topology
+    loads: list[DeviceLoad]
+    times: list[float]  # seconds per step, per device
+    lower_bound: float
+    seconds: float  # planning time
+
+    @property
+    def step_time(self) -> float:
+        return max(self.times)
+
+    @property
+    def balance(self) -> float:
+        """Slowest device over the mean (1.0 is perfect)."""
+        mean = sum(self.times) / len(self.times)
+        return self.step_time / mean if mean else 1.0
+
+    def to_json(self) -> dict:
+        out = self.plan.to_json()
+        out["estimates"] = {
+            "step_time_s": self.step_time,
+            "lower_bound_s": self.lower_bound,
+            "max_over_mean": self.balance,
+            "devices": [
+                {
+                    "device": d,
+                    "memory_bytes": load.memory,
+                    "memory_capacity": self.topology.memory,
+                    "time_s": t,
+                    "sent_bytes": load.sent,
+                    "received_bytes": load.received,
+                }
+                for d, (load, t) in enumerate(zip(self.loads, self.times))
+            ],
+        }
+        return out
+
+    def __str__(self) -> str:
+        lines = [str(self.plan), "", f"{'device':>6} {'memory / capacity':>24} {'time (ms)':>10}"]
+        shown = (
+            range(len(self.loads))
+            if len(self.loads) <= 64
+            else [*range(32), *range(len(self.loads) - 32, len(self.loads))]
+        )
+        for d in shown:
+            load = self.loads[d]
+            lines.append(
+                f"{d:>6} {load.memory / 1e9:>10.2f} / {self.topology.memory / 1e9:>7.1f} GB "
+                f"{100 * load.memory / self.topology.memory:>3.0f}% {1e3 * self.times[d]:>9.3f}"
+            )
+        lines.append(
+            f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms, "
+            f"max/mean {self.balance:.3f}, planned in {self.seconds:.2f} s"
+        )
+        return "\n".join(lines)
+
+
+class _State:
+    """Per-device loads while placing, as NumPy columns (memory, lookup, sent, received)."""
+
+    def __init__(self, topo: Topology):
+        self.topo = topo
+        self.table = np.zeros((topo.devices, 4))
+
+    def times(self, table: np.ndarray | None = None) -> np.ndarray:
+        t = self.table if table is None else table
+        return step_seconds(t[:, 1], t[:, 2], t[:, 3], self.topo)
+
+    def trial(self, extra: dict[int, DeviceLoad], everyone: DeviceLoad) -> np.ndarray:
+        out = self.table + _row(everyone)
+        for d, load in extra.items():
+            out[d] += _row(load)
+        return out
+
+    def loads(self) -> list[DeviceLoad]:
+        return [DeviceLoad(*row) for row in self.table.tolist()]
+
+
+def _row(load: DeviceLoad) -> np.ndarray:
+    return np.array([load.memory, load.lookup_bytes, load.sent, load.received])
+
+
+def _loads_of(
+    table, shards, batch, topo, comm, bucketized, column_split_
+) -> tuple[dict[int, DeviceLoad], DeviceLoad]:
+    """Per-device extra load of a set of shards: owners' loads, plus what every other
+    device carries for each shard (added to all, then taken back from the owner)."""
+    extra: dict[int, DeviceLoad] = {}
+    everyone = DeviceLoad()
+    for s in shards:
+        owner, other = shard_loads(
+            table,
+            s.device,
+            s.rows[1] - s.rows[0],
+            s.cols[1] - s.cols[0],
+            batch,
+            topo,
+            comm,
+            bucketized,
+            column_split_,
+        )
+        everyone.add(other)
+        mine = extra.setdefault(s.device, DeviceLoad())
+        mine.add(owner)
+        mine.add(DeviceLoad(sent=-other.sent, received=-other.received))
+    return extra, everyone
+
+
+def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state: _State, batch, comm):
+    """(strategy, shards, bucketized, column split) for every placement worth trying."""
+    k, per_host, hosts = topo.devices, topo.devices_per_host, topo.hosts
+    full_r, full_c = (0, table.rows), (0, table.dim)
+
+    def best_devices(count: int, rows, width: int) -> list[int]:
+        """Greedy: each shard to the device whose time grows least (distinct devices)."""
+        owner, _ = shard_loads(table, 0, rows[1] - rows[0], width, batch, topo, comm)
+        grown = state.times(state.table + _row(owner))
+        grown[state.table[:, 0] + owner.memory > topo.memory] = np.inf  # would not fit
+        return [int(d) for d in np.argsort(grown, kind="stable")[:count]]
+
+    if Strategy.TABLE_WISE in allowed:
+        (d,) = best_devices(1, full_r, table.dim)
+        yield Strategy.TABLE_WISE, [_Shard(table.name, Strategy.TABLE_WISE, d, full_r, full_c, True)]
+    if Strategy.COLUMN_WISE in allowed:
+        for c in sorted(
+            {c for c in range(2, min(k, table.dim) + 1) if table.dim % c == 0 and table.dim // c >= 4}
+        ):
+            width = table.dim // c
+            devices = best_devices(c, full_r, width)
+            yield (
+                Strategy.COLUMN_WISE,
+                [
+                    _Shard(table.name, Strategy.COLUMN_WISE, d, full_r, (i * width, (i + 1) * width), True)
+                    for i, d in enumerate(devices)
+                ],
+            )
+    if Strategy.ROW_WISE in allowed and k > 1:
+        yield (
+            Strategy.ROW_WISE,
+            [
+                _Shard(table.name, Strategy.ROW_WISE, d, r, full_c, False)
+                for d, r in enumerate(row_blocks(table.rows, k))
+                if r[1] > r[0]
+            ],
+        )
+    if Strategy.DATA_PARALLEL in allowed:
+        yield (
+            Strategy.DATA_PARALLEL,
+            [_Shard(table.name, Strategy.DATA_PARALLEL, d, full_r, full_c, False) for d in range(k)],
+        )
+    if hosts > 1 or per_host > 1:
+        for h in range(hosts):
+            base = h * per_host
+            if Strategy.TABLE_ROW_WISE in allowed and per_host > 1:
+                yield (
+                    Strategy.TABLE_ROW_WISE,
+                    [
+                        _Shard(table.name, Strategy.TABLE_ROW_WISE, base + d, r, full_c, False)
+                        for d, r in enumerate(row_blocks(table.rows, per_host))
+                        if r[1] > r[0]
+                    ],
+                )
+            c = _column_shards(table.dim, per_host)
+            if Strategy.TABLE_COLUMN_WISE in allowed and c > 1:
+                width = table.dim // c
+                yield (
+                    Strategy.TABLE_COLUMN_WISE,
+                    [
+                        _Shard(
+                            table.name,
+                            Strategy.TABLE_COLUMN_WISE,
+                            base + i,
+                            full_r,
+                            (i * width, (i + 1) * width),
+                            False,
+                        )
+                        for i in range(c)
+                    ],
+                )
+    if Strategy.GRID in allowed and hosts > 1:
+        c = _column_shards(table.dim, hosts)
+        width = table.dim // c
+        yield (
+            Strategy.GRID,
+            [
+                _Shard(table.name, Strategy.GRID, h * per_host + d, r, (h * width, (h + 1) * width), False)
+                for h in range(c)
+                for d, r in enumerate(row_blocks(table.rows, per_host))
+                if r[1] > r[0]
+            ],
+        )
+
+
+def _column_shards(dim: int, parts: int) -> int:
+    """Most column shards, at most `parts`, that split `dim` evenly into >= 4 columns."""
+    return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0 and (dim // c >= 4 or c == 1))
+
+
+def _is_bucketized(strategy: Strategy, shards: list[_Shard], table: TableLoad, comm: CommSettings) -> bool:
+    """The routing `mesh.sharded_lookup` picks (auto): bucketized for row shards when it
+    sends fewer bytes than the broadcast route."""
+    if strategy not in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID):
+        return False
+    if any(s.cols != (0, table.dim) for s in shards):
+        return False
+    # Per sample, broadcast sends L ids and a result per shard; bucketized f L of each.
+    return comm.capacity_factor * table.bag_width < len(shards)
+
+
+def plan_tables(
+    tables: Sequence[TableLoad],
+    topo: Topology,
+    batch: int,
+    *,
+    comm: CommSettings | None = None,
+    strategies: dict[str, Sequence[str]] | None = None,
+    refine_seconds: float = 5.0,
+) -> PlanResult:
+    """Plans `tables` for `topo` at global batch `batch`.
+
+    Args:
+      strategies: optional {table: allowed strategy names}; default every strategy.
+      refine_seconds: time budget of the refinement pass.
+    Raises:
+      PlanningError: a table fits under no allowed strategy; says how much memory is
+        missing on which device for its most compact option.
+    """
+    start = time.perf_counter()
+    comm = comm or CommSettings()
+    if batch % topo.devices:
+        raise PlanningError(f"batch {batch} does not split over {topo.devices} devices")
+    state = _State(topo)
+    placed: dict[str, tuple[Strategy, list[_Shard], bool, bool]] = {}
+
+    def weight(t: TableLoad) -> float:  # share of one device's memory, plus its lookup time
+        return (
+            t.memory(t.rows, t.dim) / topo.memory + t.lookup_bytes(batch, t.rows, t.dim) / topo.hbm_bandwidth
+        )
+
+    for table in sorted(tables, key=lambda t: (-weight(t), t.name)):
+        allowed = {Strategy(s) for s in (strategies or {}).get(table.name, [s.value for s in Strategy])}
+        best, shortfall = None, None
+        for strategy, shards in _candidates(table, topo, allowed, state, batch, comm):
+            bucketized = _is_bucketized(strategy, shards, table, comm)
+            split = any(s.cols != (0, table.dim) for s in shards)
+            if strategy is Strategy.DATA_PARALLEL:
+                extra, everyone = {}, data_parallel_load(table, batch, topo)
+            else:
+                extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+            trial = state.trial(extra, everyone)
+            if (trial[:, 0] > topo.memory).any():
+                worst = int(np.argmax(trial[:, 0]))
+                missing = trial[worst, 0] - topo.memory
+                if shortfall is None or missing < shortfall[0]:
+                    shortfall = (missing, worst, strategy)
+                continue
+            times = state.times(trial)
+            score = (float(times.max()), float(times.sum()))
+            if best is None or score < best[0]:
+                best = (score, strategy, shards, trial, bucketized, split)
+        if best is None:
+            if shortfall is None:
+                raise PlanningError(
+                    f"table {table.name!r}: none of the allowed strategies {sorted(s.value for s in allowed)} applies"
+                )
+            missing, device, strategy = shortfall
+            raise PlanningError(
+                f"table {table.name!r} ({table.rows} x {table.dim}, {table.memory(table.rows, table.dim) / 1e9:.2f} GB "
+                f"with optimizer state) does not fit: its most compact option ({strategy.value}) needs "
+                f"{missing / 1e9:.2f} GB more on device {device} (capacity {topo.memory / 1e9:.2f} GB per device)"
+            )
+        _, strategy, shards, trial, bucketized, split = best
+        state.table = trial
+        placed[table.name] = (strategy, shards, bucketized, split)
+
+    _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, start + refine_seconds)
+    times = [float(t) for t in state.times()]
+    lower = sum(times) / topo.devices
+    mesh = (
+        MeshSpec((("host", topo.hosts), ("device", topo.devices_per_host)))
+        if topo.hosts > 1
+        else MeshSpec.flat(topo.devices)
+    )
+    plan = ShardingPlan(
+        {
+            t.name: TablePlan(
+                placed[t.name][0], tuple(sorted(Shard(s.device, s.rows, s.cols) for s in placed[t.name][1]))
+            )
+            for t in tables
+        },
+        mesh,
+    )
+    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start)
+
+
+def evaluate_plan(
+    plan: ShardingPlan,
+    tables: Sequence[TableLoad],
+    topo: Topology,
+    batch: int,
+    comm: CommSettings | None = None,
+) -> PlanResult:
+    """The cost model's estimates for any plan (a hand-written one, a naive baseline)."""
+    comm = comm or CommSettings()
+    state = _State(topo)
+    for table in tables:
+        p = plan.tables[table.name]
+        shards = [_Shard(table.name, p.strategy, s.device, s.rows, s.cols, False) for s in p.shards]
+        if p.strategy is Strategy.DATA_PARALLEL:
+            extra, everyone = {}, data_parallel_load(table, batch, topo)
+        else:
+            split = any(s.cols != (0, table.dim) for s in shards)
+            bucketized = _is_bucketized(p.strategy, shards, table, comm)
+            extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+        state.table = state.trial(extra, everyone)
+    times = [float(t) for t in state.times()]
+    return PlanResult(plan, topo, state.loads(), times, sum(times) / topo.devices, 0.0)
+
+
+def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float) -> None:
+    """Moves movable shards off the slowest device while that lowers the step time."""
+    while time.perf_counter() < deadline:
+        times = state.times()
+        slowest = int(np.argmax(times))
+        current = float(times[slowest])
+        best = None
+        for name, (_, shards, bucketized, split) in placed.items():
+            for s in shards:
+                if not s.movable or s.device != slowest:
+                    continue
+                owner, other = shard_loads(
+                    tables[name], s.device, s.rows[1] - s.rows[0], s.cols[1] - s.cols[0], batch, topo, comm,
+                    bucketized, split,
+                )  # fmt: skip
+                delta = _row(owner) - _row(DeviceLoad(sent=other.sent, received=other.received))
+                trial = state.table.copy()
+                trial[slowest] -= delta
+                busy = {x.device for x in shards}
+                moved = state.times(trial + delta)  # every device as the destination
+                rest = state.times(trial)
+                fits = trial[:, 0] + delta[0] <= topo.memory
+                order = np.argsort(-rest, kind="stable")[:3]
+                for d in np.flatnonzero(fits):
+                    d = int(d)
+                    if d in busy:
+                        continue
+                    others = next((rest[j] for j in order if j != d), 0.0)
+                    worst = max(float(moved[d]), float(others))
+                    if worst < current * (1 - 1e-9) and (best is None or worst < best[0]):
+                        best = (worst, s, d, delta)
+        if best is None:
+            return
+        _, s, d, delta = best
+        state.table[s.device] -= delta
+        state.table[d] += delta
+        s.device = d
+
+
+def topology_for_mesh(spec: MeshSpec, platform: str, device_memory: float | None) -> Topology:
+    """The topology of a run's mesh: its hosts and devices, memory as the devices report
+    it, bandwidths from the platform's preset (cpu, or h100 / tpu-v5e figures)."""
+    preset = dict(PRESETS[{"gpu": "h100", "tpu": "tpu-v5e"}.get(platform, "cpu")])
+    preset.update(hosts=spec.hosts, devices_per_host=spec.devices_per_host)
+    if device_memory:
+        preset["memory"] = float(device_memory)
+    return Topology(name=f"{platform} mesh {spec}", **preset)
+
+
+def read_tables(data: dict) -> list[TableLoad]:
+    """TABLES.json: {"tables": [{"name", "rows", "dim", "ids_per_sample"}, ...]}, with
+    optional "bag_width" (static ids per sample; default ceil(ids_per_sample)),
+    "element_bytes" (4), "optimizer" ("rowwise_adagrad"), "scaled" (false) and
+    "outputs" (pooled features reading the table, 1)."""
+    if not isinstance(data, dict) or not isinstance(data.get("tables"), list):
+        raise ValueError('a tables file is a JSON object with a "tables" list')
+    out = []
+    for i, entry in enumerate(data["tables"]):
+        try:
+            p = float(entry["ids_per_sample"])
+            out.append(
+                TableLoad(
+                    name=str(entry["name"]),
+                    rows=int(entry["rows"]),
+                    dim=int(entry["dim"]),
+                    ids_per_sample=p,
+                    bag_width=int(entry.get("bag_width", max(1, math.ceil(p)))),
+                    element_bytes=int(entry.get("element_bytes", 4)),
+                    optimizer=str(entry.get("optimizer", "rowwise_adagrad")),
+                    scaled=bool(entry.get("scaled", False)),
+                    outputs=int(entry.get("outputs", 1)),
+                )
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            name = entry.get("name", "?") if isinstance(entry, dict) else entry
+            problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"tables[{i}] ({name}): {problem}") from None
+    return out
+
+
+def save_png(result: PlanResult, path: str) -> None:
+    """Per-device memory and estimated time as bars (needs matplotlib: the `plot` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--png needs matplotlib: pip install 'recsys-4d[plot]'") from None
+    devices = np.arange(len(result.loads))
+    fig, (mem, cost) = plt.subplots(2, 1, figsize=(max(6, len(devices) * 0.08), 6), sharex=True)
+    mem.bar(devices, [load.memory / 1e9 for load in result.loads], width=1.0)
+    mem.axhline(result.topology.memory / 1e9, color="red", linewidth=1, label="capacity")
+    mem.set_ylabel("memory (GB)")
+    mem.legend(loc="upper right")
+    cost.bar(devices, [1e3 * t for t in result.times], width=1.0, color="tab:orange")
+    cost.axhline(1e3 * result.lower_bound, color="black", linewidth=1, label="lower bound (mean)")
+    cost.set_ylabel("estimated time (ms)")
+    cost.set_xlabel("device")
+    cost.legend(loc="upper right")
+    fig.suptitle(
+        f"{result.topology.name}: step {1e3 * result.step_time:.2f} ms, max/mean {result.balance:.2f}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m mesh.plan --tables TABLES.json --topology SPEC --batch-size N [--json OUT] [--png OUT]"""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(
+        prog="python -m mesh.plan", description="Plan table sharding without devices."
+    )
+    p.add_argument("--tables", required=True, help="TABLES.json")
+    p.add_argument(
+        "--topology",
+        required=True,
+        help="hosts=16,devices=8,memory=80GB or a preset: " + ", ".join(PRESET_NAMES),
+    )
+    p.add_argument("--batch-size", type=int, required=True, help="global batch")
+    p.add_argument("--json", default=None, help="write the plan and per-device estimates here")
+    p.add_argument("--png", default=None, help="write per-device memory and time bars here (matplotlib)")
+    p.add_argument("--refine-seconds", type=float, default=5.0)
+    args = p.parse_args(argv)
+    try:
+        topo = Topology.parse(args.topology)
+        with open(args.tables) as f:
+            tables = read_tables(json.load(f))
+        result = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(topo)
+    print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    if args.png:
+        save_png(result, args.png)
+    return 0

@@ -1,0 +1,117 @@
+"""The planner: topology specs, the cost model's formulas on worked examples, the search,
+its errors and its command line."""
+
+import json
+
+import pytest
+
+from mesh import validate_plan
+from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, device_time, shard_loads
+from mesh.planner import PlanningError, evaluate_plan, main, plan_tables, read_tables
+from mesh.topology import Topology, parse_bytes
+
+
+def test_topology_specs_and_presets():
+    topo = Topology.parse("hosts=16,devices=8,memory=80GB")
+    assert (topo.hosts, topo.devices_per_host, topo.devices, topo.memory) == (16, 8, 128, 80e9)
+    h100 = Topology.parse("h100,hosts=4")
+    assert h100.name == "h100" and h100.devices == 32 and h100.intra_bandwidth == 450e9
+    assert parse_bytes("16GiB") == 2**34 and parse_bytes("1e9") == 1e9
+    with pytest.raises(ValueError, match="presets: a100, cpu, h100"):
+        Topology.parse("h200")
+    with pytest.raises(ValueError, match="unknown topology key 'gpus'"):
+        Topology.parse("gpus=8")
+    with pytest.raises(ValueError, match="not a byte count"):
+        Topology.parse("memory=lots")
+
+
+# A worked example: 2 hosts x 2 devices, batch 8 (b = 2 per device), a 100 x 8 table
+# read with 3 ids per sample (p = L = 3), fp32, row-wise Adagrad.
+TOPO = Topology(
+    hosts=2, devices_per_host=2, memory=1e6, hbm_bandwidth=1e3, intra_bandwidth=100.0, inter_bandwidth=10.0
+)
+TABLE = TableLoad("t", rows=100, dim=8, ids_per_sample=3, bag_width=3)
+
+
+def test_memory_and_lookup_formulas():
+    assert TABLE.memory(100, 8) == 100 * 8 * 4 + 100 * 4  # weights + one float per row
+    assert TableLoad("a", 100, 8, 3, 3, optimizer="adam").memory(50, 4) == 50 * 4 * (4 + 8)
+    # 8 samples x 3 ids, half the rows -> 12 rows read (once forward, read and written
+    # backward); 4 columns of 4 bytes are 16 bytes, below one 32-byte transaction.
+    assert TABLE.lookup_bytes(8, 50, 4) == 12 * 32 * 3
+    assert TABLE.lookup_bytes(8, 100, 8) == 24 * 32 * 3
+
+
+def test_broadcast_route_formulas():
+    owner, other = shard_loads(TABLE, 0, 100, 8, 8, TOPO, CommSettings())
+    # owner sends each of the 3 other devices b * c * 4 = 2 * 8 * 4 bytes of results and
+    # receives from each b * (L * 4 + c * 4) = 2 * (12 + 32) bytes of ids and gradients.
+    assert (owner.sent, owner.received) == (3 * 64, 3 * 88)
+    assert (other.sent, other.received) == (88, 64)
+    # A column shard of 4 with row-wise Adagrad adds the statistic's all-reduce:
+    # 2 * (k - 1) / k * B * L * 4 = 2 * 3/4 * 8 * 3 * 4 = 144 bytes each way.
+    split, _ = shard_loads(TABLE, 0, 100, 4, 8, TOPO, CommSettings(), column_split=True)
+    assert split.sent == 3 * 2 * 4 * 4 + 144
+
+
+def test_bucketized_route_and_data_parallel_formulas():
+    # A row shard of 25 rows: q = f * b * L * r / R = 2 * 2 * 3 * 0.25 = 3 slots per peer.
+    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), bucketized=True)
+    assert (owner.sent, owner.received) == (3 * 3 * 32, 3 * 3 * (4 + 32))
+    assert (other.sent, other.received) == (3 * 36, 3 * 32)
+    dp = data_parallel_load(TABLE, 8, TOPO)
+    assert dp.sent == dp.received == 3 * 2 * (3 * 4 + 8 * 4)
+    assert dp.memory == TABLE.memory(100, 8)
+
+
+def test_device_time_takes_the_slower_link():
+    # 300 bytes: a third stays on the host (1 of 3 peers): 100 / 100 B/s = 1 s intra,
+    # 200 / 10 B/s = 20 s inter; plus 500 lookup bytes at 1000 B/s.
+    load = DeviceLoad(memory=0, lookup_bytes=500, sent=300, received=120)
+    assert device_time(load, TOPO) == pytest.approx(0.5 + 20)
+
+
+MLPERF = read_tables(json.load(open("examples/configs/mlperf_dcnv2_tables.json")))
+
+
+@pytest.mark.parametrize("spec", ["h100", "h100,hosts=16", "h100,hosts=16,memory=16GB", "tpu-v5e,hosts=128"])
+def test_planned_mlperf_tables_fit_and_beat_the_naive_plans(spec):
+    topo = Topology.parse(spec)
+    result = plan_tables(MLPERF, topo, 65_536, refine_seconds=1.0)
+    validate_plan(result.plan, MLPERF, result.plan.mesh)
+    assert max(load.memory for load in result.loads) <= topo.memory
+    assert result.step_time >= result.lower_bound
+    from mesh.plan import plan_for_strategy
+
+    for naive in ("row_wise",):
+        baseline = evaluate_plan(plan_for_strategy(MLPERF, result.plan.mesh, naive), MLPERF, topo, 65_536)
+        assert result.step_time < baseline.step_time, naive
+    estimates = result.to_json()["estimates"]
+    assert len(estimates["devices"]) == topo.devices and estimates["step_time_s"] == result.step_time
+
+
+def test_an_infeasible_problem_says_what_is_missing_where():
+    big = [TableLoad("huge", rows=10_000_000, dim=128, ids_per_sample=1, bag_width=1)]
+    with pytest.raises(PlanningError, match=r"table 'huge'.*needs [\d.]+ GB more on device \d"):
+        plan_tables(big, Topology.parse("hosts=1,devices=2,memory=1GB"), 64)
+    with pytest.raises(PlanningError, match="does not split"):
+        plan_tables(big, Topology.parse("hosts=1,devices=2,memory=100GB"), 63)
+
+
+def test_tables_file_errors_name_the_entry():
+    with pytest.raises(ValueError, match=r"tables\[1\] \(b\)"):
+        read_tables(
+            {"tables": [{"name": "a", "rows": 1, "dim": 1, "ids_per_sample": 1}, {"name": "b", "rows": 2}]}
+        )
+
+
+def test_command_line_writes_the_plan_and_estimates(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    argv = ["--tables", "examples/configs/mlperf_dcnv2_tables.json", "--topology", "a100,hosts=2"]
+    assert main([*argv, "--batch-size", "4096", "--json", str(out), "--refine-seconds", "0.2"]) == 0
+    written = json.loads(out.read_text())
+    assert set(written["tables"]) == {t.name for t in MLPERF}
+    assert written["mesh"] == {"host": 2, "device": 8}
+    assert "max/mean" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown topology preset"):
+        main(["--tables", argv[1], "--topology", "b200", "--batch-size", "64"])
