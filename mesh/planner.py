@@ -53,6 +53,7 @@ class PlanResult:
     times: list[float]  # seconds per step, per device
     lower_bound: float
     seconds: float  # planning time
+    collective_bytes: float = 0.0  # per device and step, as compiled (`step_bytes`)
 
     @property
     def step_time(self) -> float:
@@ -70,6 +71,7 @@ class PlanResult:
             "step_time_s": self.step_time,
             "lower_bound_s": self.lower_bound,
             "max_over_mean": self.balance,
+            "collective_bytes_per_device": self.collective_bytes,
             "devices": [
                 {
                     "device": d,
@@ -99,7 +101,8 @@ class PlanResult:
             )
         lines.append(
             f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms, "
-            f"max/mean {self.balance:.3f}, planned in {self.seconds:.2f} s"
+            f"max/mean {self.balance:.3f}, {self.collective_bytes / 1e6:.2f} MB sent per device, "
+            f"planned in {self.seconds:.2f} s"
         )
         return "\n".join(lines)
 
@@ -339,7 +342,8 @@ def plan_tables(
         },
         mesh,
     )
-    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start)
+    sent = step_bytes(plan, tables, topo.devices, batch, comm)
+    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start, sent)
 
 
 def evaluate_plan(
@@ -363,7 +367,63 @@ def evaluate_plan(
             extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
         state.table = state.trial(extra, everyone)
     times = [float(t) for t in state.times()]
-    return PlanResult(plan, topo, state.loads(), times, sum(times) / topo.devices, 0.0)
+    sent = step_bytes(plan, tables, topo.devices, batch, comm)
+    return PlanResult(plan, topo, state.loads(), times, sum(times) / topo.devices, 0.0, sent)
+
+
+def step_bytes(
+    plan: ShardingPlan,
+    tables: Sequence[TableLoad],
+    devices: int,
+    batch: int,
+    comm: CommSettings | None = None,
+) -> float:
+    """Bytes one device sends per step over the embedding collectives of `plan`, counted
+    the way the compiled step moves them: a group's `all_to_all` buffers are padded to the
+    busiest owner and sent to every device (the per-shard figures above assume no padding),
+    bucketized routes use their capacity, column shards under row-wise Adagrad add the
+    statistic's all-reduce, data-parallel tables gather ids and gradients. The dense
+    layers' all-reduce is not included."""
+    comm = comm or CommSettings()
+    k, b = devices, batch // devices
+    share = (k - 1) / k
+    by_name = {t.name: t for t in tables}
+    groups: dict[tuple, list[TableLoad]] = {}
+    for t in tables:
+        p = plan.tables[t.name]
+        width = p.shards[0].cols[1] - p.shards[0].cols[0]
+        groups.setdefault((p.strategy, width, t.element_bytes, t.optimizer), []).append(t)
+    total = 0.0
+    for (strategy, width, _, optimizer), members in groups.items():
+        scaled = any(t.scaled for t in members)
+        if strategy is Strategy.DATA_PARALLEL:
+            total += sum((k - 1) * b * (t.bag_width * (8 if t.scaled else 4) + t.dim * 4) for t in members)
+            continue
+        columns, outputs, expected = [0] * k, [0] * k, [0.0] * k
+        for t in members:
+            for s in plan.tables[t.name].shards:
+                columns[s.device] += t.bag_width
+                outputs[s.device] += t.outputs
+                expected[s.device] += b * t.bag_width * (s.rows[1] - s.rows[0]) / t.rows
+        broadcast = share * k * b * (max(columns) * (8 if scaled else 4) + 2 * max(outputs) * width * 4)
+        shards = [
+            _Shard(t.name, strategy, s.device, s.rows, s.cols, False)
+            for t in members
+            for s in plan.tables[t.name].shards
+        ]
+        whole_rows = all(s.cols == (0, by_name[s.table].dim) for s in shards)
+        sent = broadcast
+        if strategy in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID) and whole_rows:
+            positions = b * sum(t.bag_width for t in members)
+            capacity = min(positions, max(1, math.ceil(comm.capacity_factor * max(expected))))
+            sent = min(broadcast, share * k * capacity * (4 + 2 * width * 4))
+        if (
+            strategy in (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
+            and optimizer == "rowwise_adagrad"
+        ):
+            sent += 2 * share * batch * sum(t.bag_width for t in members) * 4
+        total += sent
+    return total
 
 
 def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float) -> None:
@@ -413,98 +473,3 @@ def topology_for_mesh(spec: MeshSpec, platform: str, device_memory: float | None
     if device_memory:
         preset["memory"] = float(device_memory)
     return Topology(name=f"{platform} mesh {spec}", **preset)
-
-
-def read_tables(data: dict) -> list[TableLoad]:
-    """TABLES.json: {"tables": [{"name", "rows", "dim", "ids_per_sample"}, ...]}, with
-    optional "bag_width" (static ids per sample; default ceil(ids_per_sample)),
-    "element_bytes" (4), "optimizer" ("rowwise_adagrad"), "scaled" (false) and
-    "outputs" (pooled features reading the table, 1)."""
-    if not isinstance(data, dict) or not isinstance(data.get("tables"), list):
-        raise ValueError('a tables file is a JSON object with a "tables" list')
-    out = []
-    for i, entry in enumerate(data["tables"]):
-        try:
-            p = float(entry["ids_per_sample"])
-            out.append(
-                TableLoad(
-                    name=str(entry["name"]),
-                    rows=int(entry["rows"]),
-                    dim=int(entry["dim"]),
-                    ids_per_sample=p,
-                    bag_width=int(entry.get("bag_width", max(1, math.ceil(p)))),
-                    element_bytes=int(entry.get("element_bytes", 4)),
-                    optimizer=str(entry.get("optimizer", "rowwise_adagrad")),
-                    scaled=bool(entry.get("scaled", False)),
-                    outputs=int(entry.get("outputs", 1)),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            name = entry.get("name", "?") if isinstance(entry, dict) else entry
-            problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
-            raise ValueError(f"tables[{i}] ({name}): {problem}") from None
-    return out
-
-
-def save_png(result: PlanResult, path: str) -> None:
-    """Per-device memory and estimated time as bars (needs matplotlib: the `plot` extra)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--png needs matplotlib: pip install 'recsys-4d[plot]'") from None
-    devices = np.arange(len(result.loads))
-    fig, (mem, cost) = plt.subplots(2, 1, figsize=(max(6, len(devices) * 0.08), 6), sharex=True)
-    mem.bar(devices, [load.memory / 1e9 for load in result.loads], width=1.0)
-    mem.axhline(result.topology.memory / 1e9, color="red", linewidth=1, label="capacity")
-    mem.set_ylabel("memory (GB)")
-    mem.legend(loc="upper right")
-    cost.bar(devices, [1e3 * t for t in result.times], width=1.0, color="tab:orange")
-    cost.axhline(1e3 * result.lower_bound, color="black", linewidth=1, label="lower bound (mean)")
-    cost.set_ylabel("estimated time (ms)")
-    cost.set_xlabel("device")
-    cost.legend(loc="upper right")
-    fig.suptitle(
-        f"{result.topology.name}: step {1e3 * result.step_time:.2f} ms, max/mean {result.balance:.2f}"
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """python -m mesh.plan --tables TABLES.json --topology SPEC --batch-size N [--json OUT] [--png OUT]"""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(
-        prog="python -m mesh.plan", description="Plan table sharding without devices."
-    )
-    p.add_argument("--tables", required=True, help="TABLES.json")
-    p.add_argument(
-        "--topology",
-        required=True,
-        help="hosts=16,devices=8,memory=80GB or a preset: " + ", ".join(PRESET_NAMES),
-    )
-    p.add_argument("--batch-size", type=int, required=True, help="global batch")
-    p.add_argument("--json", default=None, help="write the plan and per-device estimates here")
-    p.add_argument("--png", default=None, help="write per-device memory and time bars here (matplotlib)")
-    p.add_argument("--refine-seconds", type=float, default=5.0)
-    args = p.parse_args(argv)
-    try:
-        topo = Topology.parse(args.topology)
-        with open(args.tables) as f:
-            tables = read_tables(json.load(f))
-        result = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(topo)
-    print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_json(), f, indent=1)
-    if args.png:
-        save_png(result, args.png)
-    return 0

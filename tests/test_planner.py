@@ -7,8 +7,10 @@ import pytest
 
 from mesh import validate_plan
 from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, device_time, shard_loads
-from mesh.planner import PlanningError, evaluate_plan, main, plan_tables, read_tables
+from mesh.planner import PlanningError, evaluate_plan, plan_tables
+from mesh.planner_cli import calibrate, main, read_tables
 from mesh.topology import Topology, parse_bytes
+from tests.test_sharded_training import single_device  # noqa: F401  (a shared fixture)
 
 
 def test_topology_specs_and_presets():
@@ -115,3 +117,62 @@ def test_command_line_writes_the_plan_and_estimates(tmp_path, capsys):
     assert "max/mean" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown topology preset"):
         main(["--tables", argv[1], "--topology", "b200", "--batch-size", "64"])
+
+
+def test_step_bytes_reproduce_the_compiled_benchmark_step():
+    """`step_bytes` for the sharded benchmark's configuration (8 tables x 20,000 x 16,
+    pooling 2, batch 1024, 8 devices) against the bytes `recsys.bench_sharded` read from
+    the compiled steps (README table): all-to-all, statistic and gathers, dense excluded."""
+    from mesh import MeshSpec
+    from mesh.plan import plan_for_strategy
+    from mesh.planner import step_bytes
+
+    tables = [TableLoad(f"t{i}", 20_000, 16, ids_per_sample=2, bag_width=2) for i in range(8)]
+    measured = {  # from the README's table, minus the dense all-reduce (52,094 bytes)
+        "table_wise": 121_856,
+        "row_wise": 473_088,
+        "column_wise": 338_814 - 52_094,
+        "data_parallel": 516_096,
+    }
+    for strategy, want in measured.items():
+        plan = plan_for_strategy(tables, MeshSpec.flat(8), strategy)
+        assert step_bytes(plan, tables, 8, 1024) == pytest.approx(want, rel=1e-3), strategy
+
+
+@pytest.mark.slow
+def test_a_planned_dlrm_trains_like_one_device_and_sends_the_estimated_bytes(single_device):  # noqa: F811
+    """On 8 CPU devices the planner's plan for the sharded-training model matches 20
+    single-device steps, and the bytes its compiled step sends agree with the estimate."""
+    import jax
+    import optax
+
+    from mesh import make_mesh
+    from mesh.collectives import collective_bytes
+    from recsys.sharded_trainer import ShardedTrainer
+    from tests.test_sharded_training import BATCH, CONFIG, batches, check, model, run_sharded
+
+    loads = []
+    for t in CONFIG.tables:
+        features = [f for f in CONFIG.features if f.table == t.name]
+        loads.append(
+            TableLoad(
+                t.name, t.rows, t.dim, ids_per_sample=sum(f.max_ids for f in features) / 2,
+                bag_width=sum(f.max_ids for f in features), optimizer=t.optimizer.kind.value,
+                scaled=any(f.pooling.value == "mean" for f in features), outputs=len(features),
+            )
+        )  # fmt: skip
+    result = plan_tables(loads, Topology.parse("cpu,devices=8"), BATCH, refine_seconds=0.5)
+    mesh = make_mesh(8)
+    check(run_sharded(result.plan, mesh), single_device)
+
+    trainer = ShardedTrainer(model(), optax.adam(0.01), result.plan, mesh)
+    state = trainer.init_state()
+    hlo = trainer.train_step.lower(state, trainer.shard_batch(next(batches()))).compile().as_text()
+    dense = 2 * 7 / 8 * 4 * sum(x.size for x in jax.tree.leaves(state.params))
+    measured = sum(collective_bytes(hlo, 8).values()) - dense
+    assert measured == pytest.approx(result.collective_bytes, rel=0.1), (measured, result.collective_bytes)
+
+
+def test_calibration_measures_the_local_devices():
+    topo = calibrate(rows=1 << 12, dim=16, batch=1 << 10, repeats=1)
+    assert topo.devices == 8 and topo.hbm_bandwidth > 0 and topo.intra_bandwidth > 0 and topo.memory > 0

@@ -2,6 +2,6 @@
 
 import sys
 
-from mesh.planner import main
+from mesh.planner_cli import main
 
 sys.exit(main())
