@@ -54,6 +54,7 @@ class PlanResult:
     lower_bound: float
     seconds: float  # planning time
     collective_bytes: float = 0.0  # per device and step, as compiled (`step_bytes`)
+    table_floor: float = 0.0  # the fastest the costliest table alone can run: also a bound
 
     @property
     def step_time(self) -> float:
@@ -70,6 +71,7 @@ class PlanResult:
         out["estimates"] = {
             "step_time_s": self.step_time,
             "lower_bound_s": self.lower_bound,
+            "table_floor_s": self.table_floor,
             "max_over_mean": self.balance,
             "collective_bytes_per_device": self.collective_bytes,
             "devices": [
@@ -100,7 +102,8 @@ class PlanResult:
                 f"{100 * load.memory / self.topology.memory:>3.0f}% {1e3 * self.times[d]:>9.3f}"
             )
         lines.append(
-            f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms, "
+            f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms (mean), "
+            f"{1e3 * self.table_floor:.3f} ms (costliest table alone), "
             f"max/mean {self.balance:.3f}, {self.collective_bytes / 1e6:.2f} MB sent per device, "
             f"planned in {self.seconds:.2f} s"
         )
@@ -289,8 +292,10 @@ def plan_tables(
             t.memory(t.rows, t.dim) / topo.memory + t.lookup_bytes(batch, t.rows, t.dim) / topo.hbm_bandwidth
         )
 
+    floor = 0.0  # no plan beats the slowest device of the costliest table placed alone
     for table in sorted(tables, key=lambda t: (-weight(t), t.name)):
         allowed = {Strategy(s) for s in (strategies or {}).get(table.name, [s.value for s in Strategy])}
+        floor = max(floor, _alone(table, topo, allowed, batch, comm))
         best, shortfall = None, None
         for strategy, shards in _candidates(table, topo, allowed, state, batch, comm):
             bucketized = _is_bucketized(strategy, shards, table, comm)
@@ -343,7 +348,7 @@ def plan_tables(
         mesh,
     )
     sent = step_bytes(plan, tables, topo.devices, batch, comm)
-    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start, sent)
+    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start, sent, floor)
 
 
 def evaluate_plan(
@@ -424,6 +429,23 @@ def step_bytes(
             sent += 2 * share * batch * sum(t.bag_width for t in members) * 4
         total += sent
     return total
+
+
+def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSettings) -> float:
+    """The step time of `table` on an otherwise empty machine, under its best strategy."""
+    empty = _State(topo)
+    best = float("inf")
+    for strategy, shards in _candidates(table, topo, allowed, empty, batch, comm):
+        if strategy is Strategy.DATA_PARALLEL:
+            extra, everyone = {}, data_parallel_load(table, batch, topo)
+        else:
+            bucketized = _is_bucketized(strategy, shards, table, comm)
+            split = any(s.cols != (0, table.dim) for s in shards)
+            extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+        trial = empty.trial(extra, everyone)
+        if not (trial[:, 0] > topo.memory).any():
+            best = min(best, float(empty.times(trial).max()))
+    return 0.0 if best == float("inf") else best
 
 
 def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float) -> None:
