@@ -270,12 +270,15 @@ def plan_tables(
     comm: CommSettings | None = None,
     strategies: dict[str, Sequence[str]] | None = None,
     refine_seconds: float = 5.0,
+    max_moves: int | None = None,
 ) -> PlanResult:
     """Plans `tables` for `topo` at global batch `batch`.
 
     Args:
       strategies: optional {table: allowed strategy names}; default every strategy.
       refine_seconds: time budget of the refinement pass.
+      max_moves: a cap on refinement moves instead, for plans that must not depend on
+        timing (several processes planning the same run must agree).
     Raises:
       PlanningError: a table fits under no allowed strategy; says how much memory is
         missing on which device for its most compact option.
@@ -330,7 +333,8 @@ def plan_tables(
         state.table = trial
         placed[table.name] = (strategy, shards, bucketized, split)
 
-    _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, start + refine_seconds)
+    deadline = start + refine_seconds if max_moves is None else float("inf")
+    _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, deadline, max_moves)
     times = [float(t) for t in state.times()]
     lower = sum(times) / topo.devices
     mesh = (
@@ -448,9 +452,11 @@ def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSett
     return 0.0 if best == float("inf") else best
 
 
-def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float) -> None:
+def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, max_moves: int | None) -> None:
     """Moves movable shards off the slowest device while that lowers the step time."""
-    while time.perf_counter() < deadline:
+    moves = 0
+    while time.perf_counter() < deadline and (max_moves is None or moves < max_moves):
+        moves += 1
         times = state.times()
         slowest = int(np.argmax(times))
         current = float(times[slowest])

@@ -453,7 +453,8 @@ def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Name
     device = mesh.devices.reshape(-1)[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"))
-    result = plan_tables(loads, topo, args.batch_size, refine_seconds=1.0)
+    # A move cap, not a time budget: every process of a multi-process run plans alike.
+    result = plan_tables(loads, topo, args.batch_size, max_moves=200)
     if jax.process_index() == 0 and not args.no_progress:
         print(f"planned for {topo}:\n{result}", flush=True)
     return result.plan

@@ -10,7 +10,6 @@ from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, d
 from mesh.planner import PlanningError, evaluate_plan, plan_tables
 from mesh.planner_cli import calibrate, main, read_tables
 from mesh.topology import Topology, parse_bytes
-from tests.test_sharded_training import single_device  # noqa: F401  (a shared fixture)
 
 
 def test_topology_specs_and_presets():
@@ -140,16 +139,17 @@ def test_step_bytes_reproduce_the_compiled_benchmark_step():
 
 
 @pytest.mark.slow
-def test_a_planned_dlrm_trains_like_one_device_and_sends_the_estimated_bytes(single_device):  # noqa: F811
-    """On 8 CPU devices the planner's plan for the sharded-training model matches 20
-    single-device steps, and the bytes its compiled step sends agree with the estimate."""
+def test_a_planned_dlrm_sends_the_estimated_bytes():
+    """On 8 CPU devices the bytes the compiled step of a planner-made plan sends agree with
+    the estimate. (That a planned DLRM trains like one device is
+    `tests/test_train_cli.py::test_cli_auto_sharding_plans_and_matches_one_device`.)"""
     import jax
     import optax
 
     from mesh import make_mesh
     from mesh.collectives import collective_bytes
     from recsys.sharded_trainer import ShardedTrainer
-    from tests.test_sharded_training import BATCH, CONFIG, batches, check, model, run_sharded
+    from tests.test_sharded_training import BATCH, CONFIG, batches, model
 
     loads = []
     for t in CONFIG.tables:
@@ -161,11 +161,8 @@ def test_a_planned_dlrm_trains_like_one_device_and_sends_the_estimated_bytes(sin
                 scaled=any(f.pooling.value == "mean" for f in features), outputs=len(features),
             )
         )  # fmt: skip
-    result = plan_tables(loads, Topology.parse("cpu,devices=8"), BATCH, refine_seconds=0.5)
-    mesh = make_mesh(8)
-    check(run_sharded(result.plan, mesh), single_device)
-
-    trainer = ShardedTrainer(model(), optax.adam(0.01), result.plan, mesh)
+    result = plan_tables(loads, Topology.parse("cpu,devices=8"), BATCH, max_moves=50)
+    trainer = ShardedTrainer(model(), optax.adam(0.01), result.plan, make_mesh(8))
     state = trainer.init_state()
     hlo = trainer.train_step.lower(state, trainer.shard_batch(next(batches()))).compile().as_text()
     dense = 2 * 7 / 8 * 4 * sum(x.size for x in jax.tree.leaves(state.params))

@@ -79,6 +79,12 @@ SHARD_RUN = ["--steps", "20", "--train-samples", "2560", "--eval-samples", "512"
 SHARD_RUN += ["--num-tables", "3", "--rows", "50", "--no-progress"]
 
 
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory):
+    """The single-device run every sharded run is compared with (computed once)."""
+    return _metrics(tmp_path_factory.mktemp("one"), "one")
+
+
 def _metrics(tmp_path, name, *argv):
     out = tmp_path / f"{name}.json"
     assert train.main([*SHARD_RUN, *argv, "--metrics-out", str(out)]) == 0
@@ -86,8 +92,8 @@ def _metrics(tmp_path, name, *argv):
 
 
 @pytest.mark.slow
-def test_cli_sharded_runs_match_one_device(tmp_path):
-    one = _metrics(tmp_path, "one")
+def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
+    one = one_device
     assert one["devices"] == 1 and one["plan"] is None
     for strategy in ("table_wise", "row_wise", "column_wise", "data_parallel"):
         got = _metrics(tmp_path, strategy, "--devices", "8", "--sharding", strategy)
@@ -114,8 +120,8 @@ def test_cli_sharding_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path):
-    one = _metrics(tmp_path, "one")
+def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path, one_device):
+    one = one_device
     directory = tmp_path / "ck"
     argv = ["--checkpoint-dir", str(directory), "--checkpoint-every", "10", "--keep-checkpoints", "5"]
     _metrics(tmp_path, "tw8", "--devices", "8", "--sharding", "table_wise", *argv)
@@ -128,8 +134,8 @@ def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path):
     assert single["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
 
 
-def test_cli_auto_sharding_plans_and_matches_one_device(tmp_path):
-    one = _metrics(tmp_path, "one")
+def test_cli_auto_sharding_plans_and_matches_one_device(tmp_path, one_device):
+    one = one_device
     auto = _metrics(tmp_path, "auto", "--devices", "8", "--sharding", "auto")
     assert auto["devices"] == 8 and len(auto["plan"]["tables"]) == 3
     assert auto["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
