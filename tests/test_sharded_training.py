@@ -87,8 +87,8 @@ def check(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
-# Every strategy on 2x4; on 8x1 the flat ones (the hybrids there are one host's worth of
-# row-wise or column-wise, which the lookup and update tests cover on 8x1).
+# Every strategy on 2x4; on 8x1 the flat ones, and the three hybrids together in one plan
+# (`test_the_hybrids_together_on_8x1`).
 _CASES = [("host=2,device=4", s) for s in Strategy] + [
     ("device=8", s) for s in ("table_wise", "row_wise", "column_wise", "data_parallel")
 ]
@@ -107,3 +107,19 @@ def test_every_strategy_trains_like_one_device(single_device, strategy, mesh_spe
 def test_mixed_plan_on_8x1(single_device):
     mesh = make_mesh(8)
     check(run_sharded(mixed_plan(mesh_spec(mesh), "column_wise", 5, "row_wise"), mesh), single_device)
+
+
+@pytest.mark.slow
+def test_the_hybrids_together_on_8x1(single_device):
+    """The three two-level hybrids in one plan on a flat mesh (one host of 8 devices)."""
+    mesh = make_mesh(8)
+    spec = mesh_spec(mesh)
+    plan = ShardingPlan(
+        {
+            "t0": plan_for_strategy(CONFIG.tables, spec, "grid").tables["t0"],
+            "t1": plan_for_strategy(CONFIG.tables, spec, "table_column_wise").tables["t1"],
+            "t2": plan_for_strategy(CONFIG.tables, spec, "table_row_wise").tables["t2"],
+        },
+        spec,
+    )
+    check(run_sharded(plan, mesh), single_device)
