@@ -5,7 +5,8 @@ Depends on `pallas_kernels` only; knows nothing of models. Modules: `meshes` (na
 device meshes from a short spec), `plan` (sharding plans, their JSON schema and
 validation), `sharded` (stacked group layouts), `routing` and `bucketed` (moving ids and
 results between batch owners and row owners), `sharded_lookup`, `relayout` (layout <->
-logical tables on the devices, for checkpoints) and `collectives`.
+logical tables on the devices, for checkpoints), `collectives`, and the planner:
+`topology`, `cost`, `planner`, `planner_cli` (`python -m mesh.plan`).
 """
 
 from mesh.meshes import MeshSpec, make_mesh, mesh_spec

@@ -1,7 +1,7 @@
 """The sharding planner: per table, the strategy and placement with the fastest step.
 
 Search (enumerate -> estimate -> place -> refine):
-1. Tables go largest first (by the lookup and traffic they cost on one device).
+1. Tables go largest first (by their share of a device's memory plus their lookup time).
 2. For each table every allowed strategy is tried: table-wise on each device, column-wise
    with each shard count that divides the dim, row-wise, data-parallel, and the two-level
    hybrids on each host. Shards that may go anywhere (table-wise, column-wise) go to the
@@ -10,8 +10,10 @@ Search (enumerate -> estimate -> place -> refine):
    device, `mesh.cost.device_time`) wins, ties broken by total time.
 3. Refinement: while the slowest device holds a movable shard (table-wise or column-wise)
    whose move to another device lowers the step time, move the best one.
-The result reports the estimated step time against the lower bound `sum of device times
-/ devices` (no placement of the chosen shards can beat perfect balance).
+The result reports the estimated step time against two lower bounds: `sum of device
+times / devices` (no placement of the chosen shards beats perfect balance) and the
+costliest table alone on an empty machine under its best strategy. It also reports the
+bytes a device sends as the compiled step moves them (`step_bytes`).
 """
 
 from __future__ import annotations
@@ -162,7 +164,7 @@ def _loads_of(
 
 
 def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state: _State, batch, comm):
-    """(strategy, shards, bucketized, column split) for every placement worth trying."""
+    """(strategy, shards) for every placement worth trying."""
     k, per_host, hosts = topo.devices, topo.devices_per_host, topo.hosts
     full_r, full_c = (0, table.rows), (0, table.dim)
 
