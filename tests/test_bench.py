@@ -63,3 +63,12 @@ def test_sharded_benchmark_reports_bytes_sent(capsys):
     assert records[1]["bytes_by_collective"]["all-to-all"] > 0
     assert "all-to-all" not in records[2]["bytes_by_collective"]
     assert records[2]["bytes_by_collective"]["all-gather"] > 0
+
+
+def test_planner_benchmark_compares_with_naive_plans(capsys):
+    from recsys import bench_planner
+
+    assert bench_planner.main(["--devices", "8", "--memory", "16GB", "--refine-seconds", "0.2"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["devices"] == 8 and record["step_ms"] > 0
+    assert not record["table_wise_round_robin"]["fits"] and record["row_wise"]["step_ms"] > record["step_ms"]
