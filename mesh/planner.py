@@ -137,6 +137,19 @@ def _row(load: DeviceLoad) -> np.ndarray:
     return np.array([load.memory, load.lookup_bytes, load.sent, load.received])
 
 
+def _strategy_loads(
+    table: TableLoad, strategy: Strategy, shards, batch: int, topo: Topology, comm: CommSettings
+):
+    """(extra per-device loads, load on every device, bucketized, column split) of a
+    table placed as `shards` under `strategy`."""
+    if strategy is Strategy.DATA_PARALLEL:
+        return {}, data_parallel_load(table, batch, topo), False, False
+    bucketized = _is_bucketized(strategy, shards, table, comm)
+    split = any(s.cols != (0, table.dim) for s in shards)
+    extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+    return extra, everyone, bucketized, split
+
+
 def _loads_of(
     table, shards, batch, topo, comm, bucketized, column_split_
 ) -> tuple[dict[int, DeviceLoad], DeviceLoad]:
@@ -303,12 +316,7 @@ def plan_tables(
         floor = max(floor, _alone(table, topo, allowed, batch, comm))
         best, shortfall = None, None
         for strategy, shards in _candidates(table, topo, allowed, state, batch, comm):
-            bucketized = _is_bucketized(strategy, shards, table, comm)
-            split = any(s.cols != (0, table.dim) for s in shards)
-            if strategy is Strategy.DATA_PARALLEL:
-                extra, everyone = {}, data_parallel_load(table, batch, topo)
-            else:
-                extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+            extra, everyone, bucketized, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
             trial = state.trial(extra, everyone)
             if (trial[:, 0] > topo.memory).any():
                 worst = int(np.argmax(trial[:, 0]))
@@ -370,12 +378,7 @@ def evaluate_plan(
     for table in tables:
         p = plan.tables[table.name]
         shards = [_Shard(table.name, p.strategy, s.device, s.rows, s.cols, False) for s in p.shards]
-        if p.strategy is Strategy.DATA_PARALLEL:
-            extra, everyone = {}, data_parallel_load(table, batch, topo)
-        else:
-            split = any(s.cols != (0, table.dim) for s in shards)
-            bucketized = _is_bucketized(p.strategy, shards, table, comm)
-            extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+        extra, everyone, _, _ = _strategy_loads(table, p.strategy, shards, batch, topo, comm)
         state.table = state.trial(extra, everyone)
     times = [float(t) for t in state.times()]
     sent = step_bytes(plan, tables, topo.devices, batch, comm)
@@ -442,12 +445,7 @@ def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSett
     empty = _State(topo)
     best = float("inf")
     for strategy, shards in _candidates(table, topo, allowed, empty, batch, comm):
-        if strategy is Strategy.DATA_PARALLEL:
-            extra, everyone = {}, data_parallel_load(table, batch, topo)
-        else:
-            bucketized = _is_bucketized(strategy, shards, table, comm)
-            split = any(s.cols != (0, table.dim) for s in shards)
-            extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
+        extra, everyone, _, _ = _strategy_loads(table, strategy, shards, batch, topo, comm)
         trial = empty.trial(extra, everyone)
         if not (trial[:, 0] > topo.memory).any():
             best = min(best, float(empty.times(trial).max()))

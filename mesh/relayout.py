@@ -70,14 +70,18 @@ def _grid(rows: int, dim: int | None, mesh: jax.sharding.Mesh):
 
 
 def _overlaps(layout: ShardedLayout, g: GroupLayout, table: str, block, holders, per_column: bool):
-    """(placement, grid block, holder devices, rows, cols) of every overlap, in logical cells."""
+    """Every (logical block, shard) overlap as (placement, the block's holder devices, its
+    corner in the block, its corner in the shard's device block, its size); the two
+    conversions send these pieces in opposite directions."""
     for p in g.placements_of(table):
         cols = p.cols if per_column else (0, 1)
         for (r, c), devices in holders.items():
             r0, r1 = max(p.rows[0], r * block[0]), min(p.rows[1], (r + 1) * block[0])
             c0, c1 = max(cols[0], c * block[1]), min(cols[1], (c + 1) * block[1])
             if r0 < r1 and c0 < c1:
-                yield p, (r, c), devices, (r0, r1), (c0, c1)
+                in_block = (r0 - r * block[0], c0 - c * block[1])
+                in_storage = (p.offset + r0 - p.rows[0], c0 - cols[0])
+                yield p, devices, in_block, in_storage, (r1 - r0, c1 - c0)
 
 
 def _move(src: jax.Array, dst: jax.Array, rounds: list[list[Piece]], axes, device, n: int) -> jax.Array:
@@ -110,19 +114,12 @@ def place_program(layout: ShardedLayout, group: str, table: str, per_column: boo
     g = layout.group(group)
     rows, dim = layout.table_shapes[table]
     grid, block, holders = _grid(rows, dim if per_column else None, mesh)
-    pieces = []
-    for p, (r, c), devices, rr, cc in _overlaps(layout, g, table, block, holders, per_column):
-        src = devices[p.device % len(devices)]  # spread reads over the copies
-        dst_col = cc[0] - p.cols[0] if per_column else 0
-        pieces.append(
-            Piece(
-                src,
-                p.device,
-                (rr[0] - r * block[0], cc[0] - c * block[1]),
-                (p.offset + rr[0] - p.rows[0], dst_col),
-                (rr[1] - rr[0], cc[1] - cc[0]),
-            )
-        )
+    pieces = [
+        Piece(
+            devices[p.device % len(devices)], p.device, in_block, in_storage, size
+        )  # spread reads over copies
+        for p, devices, in_block, in_storage, size in _overlaps(layout, g, table, block, holders, per_column)
+    ]
     rounds = schedule(pieces)
     axes = _GRID_AXES
 
@@ -148,19 +145,11 @@ def take_program(layout: ShardedLayout, group: str, table: str, per_column: bool
     g = layout.group(group)
     rows, dim = layout.table_shapes[table]
     grid, block, holders = _grid(rows, dim if per_column else None, mesh)
-    pieces = []
-    for p, (r, c), devices, rr, cc in _overlaps(layout, g, table, block, holders, per_column):
-        src_col = cc[0] - p.cols[0] if per_column else 0
-        for dst in devices:  # every copy of the block receives it
-            pieces.append(
-                Piece(
-                    p.device,
-                    dst,
-                    (p.offset + rr[0] - p.rows[0], src_col),
-                    (rr[0] - r * block[0], cc[0] - c * block[1]),
-                    (rr[1] - rr[0], cc[1] - cc[0]),
-                )
-            )
+    pieces = [
+        Piece(p.device, dst, in_storage, in_block, size)
+        for p, devices, in_block, in_storage, size in _overlaps(layout, g, table, block, holders, per_column)
+        for dst in devices  # every copy of the block receives it
+    ]
     rounds = schedule(pieces)
     axes = _GRID_AXES
 

@@ -101,49 +101,23 @@ def parse_bytes(text: str) -> float:
 # across hosts. Sources: vendor data sheets (H100 SXM, A100 SXM 80GB, TPU v5e / v5p / v6e
 # system architecture pages); inter-host = one 400 Gb/s (H100) or 200 Gb/s (A100) NIC per
 # GPU, TPU data-center network per chip.
-_CPU = dict(
-    hosts=1, devices_per_host=8, memory=2e9, hbm_bandwidth=2e9, intra_bandwidth=4e9, inter_bandwidth=1e9
-)
+def _preset(devices_per_host: int, memory: float, hbm: float, intra: float, inter: float) -> dict:
+    return dict(
+        hosts=1,
+        devices_per_host=devices_per_host,
+        memory=memory,
+        hbm_bandwidth=hbm,
+        intra_bandwidth=intra,
+        inter_bandwidth=inter,
+    )
+
+
+_CPU = _preset(8, memory=2e9, hbm=2e9, intra=4e9, inter=1e9)
 PRESETS: dict[str, dict] = {
-    "h100": dict(
-        hosts=1,
-        devices_per_host=8,
-        memory=80e9,
-        hbm_bandwidth=3.35e12,
-        intra_bandwidth=450e9,
-        inter_bandwidth=50e9,
-    ),
-    "a100": dict(
-        hosts=1,
-        devices_per_host=8,
-        memory=80e9,
-        hbm_bandwidth=2.0e12,
-        intra_bandwidth=300e9,
-        inter_bandwidth=25e9,
-    ),
-    "tpu-v5e": dict(
-        hosts=1,
-        devices_per_host=8,
-        memory=16e9,
-        hbm_bandwidth=819e9,
-        intra_bandwidth=200e9,
-        inter_bandwidth=12.5e9,
-    ),
-    "tpu-v5p": dict(
-        hosts=1,
-        devices_per_host=4,
-        memory=95e9,
-        hbm_bandwidth=2.76e12,
-        intra_bandwidth=600e9,
-        inter_bandwidth=25e9,
-    ),
-    "tpu-v6e": dict(
-        hosts=1,
-        devices_per_host=8,
-        memory=32e9,
-        hbm_bandwidth=1.64e12,
-        intra_bandwidth=448e9,
-        inter_bandwidth=25e9,
-    ),
+    "h100": _preset(8, memory=80e9, hbm=3.35e12, intra=450e9, inter=50e9),
+    "a100": _preset(8, memory=80e9, hbm=2.0e12, intra=300e9, inter=25e9),
+    "tpu-v5e": _preset(8, memory=16e9, hbm=819e9, intra=200e9, inter=12.5e9),
+    "tpu-v5p": _preset(4, memory=95e9, hbm=2.76e12, intra=600e9, inter=25e9),
+    "tpu-v6e": _preset(8, memory=32e9, hbm=1.64e12, intra=448e9, inter=25e9),
     "cpu": _CPU,
 }

@@ -189,7 +189,10 @@ class ShardedTrainer:
             state.step,
             self.routing,
         )
-        fell_back = [r["fallback"][0] for r in routed.values() if "fallback" in r]
+        fell_back = jnp.zeros((), bool)  # any bucketized group took its overflow route
+        for received in routed.values():
+            if "fallback" in received:
+                fell_back = fell_back | received["fallback"][0]
         updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)
         new_state = ShardedState(
             step=state.step + 1,
@@ -198,9 +201,7 @@ class ShardedTrainer:
             opt_state=opt_state,
             tables=tables,
             slots=slots,
-            routing_fallbacks=state.routing_fallbacks + jnp.any(jnp.stack(fell_back)).astype(jnp.int32)
-            if fell_back
-            else state.routing_fallbacks,
+            routing_fallbacks=state.routing_fallbacks + fell_back.astype(jnp.int32),
         )
         return new_state, loss
 

@@ -17,7 +17,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -429,20 +429,17 @@ def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
     return make_mesh(spec, available[: spec.size])
 
 
-def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Namespace) -> ShardingPlan:
-    """The planner's plan for this model on this mesh. Average ids per sample come from
-    the first training batch; memory from what the devices report."""
-    examples, _ = next(train_batches(train, args.batch_size, seed=args.seed))
+def table_loads(config: EmbeddingConfig, mean_ids: Mapping[str, float]) -> list[TableLoad]:
+    """What the planner needs of each table, from the specs and {feature: average ids}."""
     loads = []
     for t in config.tables:
         features = [f for f in config.features if f.table == t.name]
-        mean_ids = sum(float(np.mean(examples.sparse[f.name].lengths)) for f in features)
         loads.append(
             TableLoad(
                 name=t.name,
                 rows=t.rows,
                 dim=t.dim,
-                ids_per_sample=mean_ids,
+                ids_per_sample=sum(mean_ids[f.name] for f in features),
                 bag_width=sum(f.max_ids for f in features),
                 element_bytes=np.dtype(t.dtype).itemsize,
                 optimizer=t.optimizer.kind.value,
@@ -450,11 +447,19 @@ def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Name
                 outputs=sum(1 if f.pooling.value != "none" else f.max_ids for f in features),
             )
         )
+    return loads
+
+
+def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Namespace) -> ShardingPlan:
+    """The planner's plan for this model on this mesh. Average ids per sample come from
+    the first training batch; memory from what the devices report."""
+    examples, _ = next(train_batches(train, args.batch_size, seed=args.seed))
+    mean_ids = {f.name: float(np.mean(examples.sparse[f.name].lengths)) for f in config.features}
     device = mesh.devices.reshape(-1)[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"))
     # A move cap, not a time budget: every process of a multi-process run plans alike.
-    result = plan_tables(loads, topo, args.batch_size, max_moves=200)
+    result = plan_tables(table_loads(config, mean_ids), topo, args.batch_size, max_moves=200)
     if jax.process_index() == 0 and not args.no_progress:
         print(f"planned for {topo}:\n{result}", flush=True)
     return result.plan

@@ -149,18 +149,10 @@ def test_a_planned_dlrm_sends_the_estimated_bytes():
     from mesh import make_mesh
     from mesh.collectives import collective_bytes
     from recsys.sharded_trainer import ShardedTrainer
+    from recsys.train import table_loads
     from tests.test_sharded_training import BATCH, CONFIG, batches, model
 
-    loads = []
-    for t in CONFIG.tables:
-        features = [f for f in CONFIG.features if f.table == t.name]
-        loads.append(
-            TableLoad(
-                t.name, t.rows, t.dim, ids_per_sample=sum(f.max_ids for f in features) / 2,
-                bag_width=sum(f.max_ids for f in features), optimizer=t.optimizer.kind.value,
-                scaled=any(f.pooling.value == "mean" for f in features), outputs=len(features),
-            )
-        )  # fmt: skip
+    loads = table_loads(CONFIG, {f.name: f.max_ids / 2 for f in CONFIG.features})
     result = plan_tables(loads, Topology.parse("cpu,devices=8"), BATCH, max_moves=50)
     trainer = ShardedTrainer(model(), optax.adam(0.01), result.plan, make_mesh(8))
     state = trainer.init_state()
