@@ -26,15 +26,20 @@ Communication, broadcast route (`mesh.routing`), per shard on its owner o:
 So o sends `(k - 1) * b * c * w` and receives `(k - 1) * b * (L * 4 + c * w)`; every
 other device sends `b * (L * 4 + c * w)` and receives `b * c * w`.
 
-Bucketized route (`mesh.bucketed`, row shards): each device sends a row shard's owner
-`q = f * b * L * r / R` slots (f the capacity factor), gets `q` rows of `c * w` back and
-sends `q` gradients of `c * w`.
+Bucketized routes (`mesh.bucketed`, whole-row shards): each device sends a row shard's
+owner `q = f * b * L * r / R` slots (f the capacity factor). Route "rows": each slot
+carries a row index (4 bytes); `q` rows of `c * w` come back and `q` gradients of `c * w`
+go out. Route "pooled": each slot carries the row and its position in the sender's
+batch (8 bytes, 12 with a coefficient); the owner pools, so results and gradients travel
+as in the broadcast route, `b * c * w` per pooled feature each way.
 
 Data-parallel table: every device holds it; it gathers the batch's ids and gradients:
 `(k - 1) * b * (L * 4 + D * 4)` sent and received, and updates `B * p` rows.
 
-Row-wise Adagrad over column shards adds one all-reduce of `B * L` floats per feature,
-`2 (k - 1) / k * B * L * 4` each way.
+Row-wise Adagrad over column shards completes each row's statistic through the senders:
+every position's partial goes back to its sender and the row's sum returns, one float
+each way per id received: on the broadcast route `b * L * 4` each way per peer (like the
+ids), on the pooled route `q * 4`.
 
 Links: a device's traffic to its peers is spread evenly over them (the batch is), so
 a fraction `(devices_per_host - 1) / (k - 1)` stays on its host and the rest crosses
@@ -52,6 +57,7 @@ import numpy as np
 
 from mesh.topology import Topology
 
+ROUTES = ("broadcast", "rows", "pooled")  # see the module docstring
 MIN_ROW_BYTES = 32  # one memory transaction (a GPU sector, half a CPU cache line)
 STATE_ELEMENTS = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0, "rowwise_adagrad": 0.0}
 
@@ -69,6 +75,7 @@ class TableLoad:
     optimizer: str = "rowwise_adagrad"
     scaled: bool = False  # weighted or mean pooling: coefficients travel with the ids
     outputs: int = 1  # vectors per sample looked up from it: one per pooled feature reading it
+    sequence: bool = False  # some feature reading it is unpooled: no pooling at the owner
 
     def __post_init__(self):
         if self.optimizer not in STATE_ELEMENTS:
@@ -141,7 +148,7 @@ def shard_loads(
     batch: int,
     topo: Topology,
     comm: CommSettings,
-    bucketized: bool = False,
+    route: str = "broadcast",
     column_split: bool = False,
 ) -> tuple[DeviceLoad, DeviceLoad]:
     """(load on the owner, load on every other device) of one shard, per the formulas above."""
@@ -154,23 +161,33 @@ def shard_loads(
     other = DeviceLoad()
     if k == 1:
         return owner_load, other
+    if route not in ROUTES:
+        raise ValueError(f"route {route!r}; choose from {ROUTES}")
     fwd, bwd = comm.forward_bytes, comm.backward_bytes
-    if bucketized:
-        q = comm.capacity_factor * b * table.bag_width * rows / table.rows
+    q = comm.capacity_factor * b * table.bag_width * rows / table.rows
+    if route == "rows":
         owner_load.sent += (k - 1) * q * cols * fwd
-        owner_load.received += (k - 1) * q * (ids + cols * bwd)
-        other.sent += q * (ids + cols * bwd)
+        owner_load.received += (k - 1) * q * (4 + cols * bwd)
+        other.sent += q * (4 + cols * bwd)
         other.received += q * cols * fwd
     else:
         vectors = table.outputs * cols
+        sent_ids = b * table.bag_width * ids if route == "broadcast" else q * (ids + 4)
         owner_load.sent += (k - 1) * b * vectors * fwd
-        owner_load.received += (k - 1) * b * (table.bag_width * ids + vectors * bwd)
-        other.sent += b * (table.bag_width * ids + vectors * bwd)
+        owner_load.received += (k - 1) * (sent_ids + b * vectors * bwd)
+        other.sent += sent_ids + b * vectors * bwd
         other.received += b * vectors * fwd
     if column_split and table.optimizer == "rowwise_adagrad":
-        statistic = 2 * (k - 1) / k * batch * table.bag_width * 4
-        owner_load.sent += statistic
-        owner_load.received += statistic
+        if route == "pooled":  # one float per slot to the sender and the row's sum back
+            owner_load.sent += (k - 1) * q * 4
+            owner_load.received += (k - 1) * q * 4
+            other.sent += q * 4
+            other.received += q * 4
+        else:
+            owner_load.sent += (k - 1) * b * table.bag_width * 4
+            owner_load.received += (k - 1) * b * table.bag_width * 4
+            other.sent += b * table.bag_width * 4
+            other.received += b * table.bag_width * 4
     return owner_load, other
 
 

@@ -140,18 +140,18 @@ def _row(load: DeviceLoad) -> np.ndarray:
 def _strategy_loads(
     table: TableLoad, strategy: Strategy, shards, batch: int, topo: Topology, comm: CommSettings
 ):
-    """(extra per-device loads, load on every device, bucketized, column split) of a
+    """(extra per-device loads, load on every device, route, column split) of a
     table placed as `shards` under `strategy`."""
     if strategy is Strategy.DATA_PARALLEL:
         return {}, data_parallel_load(table, batch, topo), False, False
-    bucketized = _is_bucketized(strategy, shards, table, comm)
+    route = _route_of(strategy, shards, table, comm)
     split = any(s.cols != (0, table.dim) for s in shards)
-    extra, everyone = _loads_of(table, shards, batch, topo, comm, bucketized, split)
-    return extra, everyone, bucketized, split
+    extra, everyone = _loads_of(table, shards, batch, topo, comm, route, split)
+    return extra, everyone, route, split
 
 
 def _loads_of(
-    table, shards, batch, topo, comm, bucketized, column_split_
+    table, shards, batch, topo, comm, route, column_split_
 ) -> tuple[dict[int, DeviceLoad], DeviceLoad]:
     """Per-device extra load of a set of shards: owners' loads, plus what every other
     device carries for each shard (added to all, then taken back from the owner)."""
@@ -166,7 +166,7 @@ def _loads_of(
             batch,
             topo,
             comm,
-            bucketized,
+            route,
             column_split_,
         )
         everyone.add(other)
@@ -266,15 +266,22 @@ def _column_shards(dim: int, parts: int) -> int:
     return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0 and (dim // c >= 4 or c == 1))
 
 
-def _is_bucketized(strategy: Strategy, shards: list[_Shard], table: TableLoad, comm: CommSettings) -> bool:
-    """The routing `mesh.sharded_lookup` picks (auto): bucketized for row shards when it
-    sends fewer bytes than the broadcast route."""
+def _route_of(strategy: Strategy, shards: list[_Shard], table: TableLoad, comm: CommSettings) -> str:
+    """The route `mesh.sharded_lookup` picks (auto) for a table's shards: of those that
+    apply, the one that sends the fewest bytes per sample (`mesh.cost.ROUTES`; like the
+    runtime, the choice leaves the row-wise statistic's exchange out)."""
     if strategy not in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID):
-        return False
-    if any(s.cols != (0, table.dim) for s in shards):
-        return False
-    # Per sample, broadcast sends L ids and a result per shard; bucketized f L of each.
-    return comm.capacity_factor * table.bag_width < len(shards)
+        return "broadcast"
+    ids = 8 if table.scaled else 4
+    f, bag = comm.capacity_factor, table.bag_width
+    blocks = len({s.cols for s in shards})  # column blocks: an id goes to one shard of each
+    results = sum(2 * table.outputs * (s.cols[1] - s.cols[0]) * 4 for s in shards)  # and gradients
+    per_sample = {"broadcast": len(shards) * bag * ids + results}
+    if blocks == 1:
+        per_sample["rows"] = f * bag * (4 + 2 * table.dim * 4)
+    if not table.sequence:
+        per_sample["pooled"] = blocks * f * bag * (ids + 4) + results
+    return min(per_sample, key=lambda r: (per_sample[r], r != "broadcast"))
 
 
 def plan_tables(
@@ -310,13 +317,22 @@ def plan_tables(
             t.memory(t.rows, t.dim) / topo.memory + t.lookup_bytes(batch, t.rows, t.dim) / topo.hbm_bandwidth
         )
 
-    floor = 0.0  # no plan beats the slowest device of the costliest table placed alone
-    for table in sorted(tables, key=lambda t: (-weight(t), t.name)):
-        allowed = {Strategy(s) for s in (strategies or {}).get(table.name, [s.value for s in Strategy])}
-        floor = max(floor, _alone(table, topo, allowed, batch, comm))
+    order = sorted(tables, key=lambda t: (-weight(t), t.name))
+    allowed_of = {
+        t.name: {Strategy(s) for s in (strategies or {}).get(t.name, [s.value for s in Strategy])}
+        for t in tables
+    }
+    alone = {t.name: _alone(t, topo, allowed_of[t.name], batch, comm) for t in tables}
+    floor = max(a[0] for a in alone.values())  # no plan beats the costliest table placed alone
+    # The device time the tables not yet placed will add at the least: a candidate that
+    # spreads work everywhere must leave room for them (see `score` below).
+    remaining = sum(a[1] for a in alone.values())
+    for table in order:
+        allowed = allowed_of[table.name]
+        remaining -= alone[table.name][1]
         best, shortfall = None, None
         for strategy, shards in _candidates(table, topo, allowed, state, batch, comm):
-            extra, everyone, bucketized, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
+            extra, everyone, route, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
             trial = state.trial(extra, everyone)
             if (trial[:, 0] > topo.memory).any():
                 worst = int(np.argmax(trial[:, 0]))
@@ -325,9 +341,12 @@ def plan_tables(
                     shortfall = (missing, worst, strategy)
                 continue
             times = state.times(trial)
-            score = (float(times.max()), float(times.sum()))
+            # The step can end no sooner than the slowest device now, nor than perfect
+            # balance of the work placed plus the least the rest will add.
+            total = float(times.sum())
+            score = (max(float(times.max()), (total + remaining) / topo.devices), total)
             if best is None or score < best[0]:
-                best = (score, strategy, shards, trial, bucketized, split)
+                best = (score, strategy, shards, trial, route, split)
         if best is None:
             if shortfall is None:
                 raise PlanningError(
@@ -339,10 +358,11 @@ def plan_tables(
                 f"with optimizer state) does not fit: its most compact option ({strategy.value}) needs "
                 f"{missing / 1e9:.2f} GB more on device {device} (capacity {topo.memory / 1e9:.2f} GB per device)"
             )
-        _, strategy, shards, trial, bucketized, split = best
+        _, strategy, shards, trial, route, split = best
         state.table = trial
-        placed[table.name] = (strategy, shards, bucketized, split)
+        placed[table.name] = (strategy, shards, route, split)
 
+    _replace_each(state, placed, order, allowed_of, batch, topo, comm)
     deadline = start + refine_seconds if max_moves is None else float("inf")
     _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, deadline, max_moves)
     times = [float(t) for t in state.times()]
@@ -395,13 +415,13 @@ def step_bytes(
     """Bytes one device sends per step over the embedding collectives of `plan`, counted
     the way the compiled step moves them: a group's `all_to_all` buffers are padded to the
     busiest owner and sent to every device (the per-shard figures above assume no padding),
+    each group takes the route the runtime picks (`mesh.sharded_lookup.plan_routes`),
     bucketized routes use their capacity, column shards under row-wise Adagrad add the
-    statistic's all-reduce, data-parallel tables gather ids and gradients. The dense
+    statistic's two exchanges, data-parallel tables gather ids and gradients. The dense
     layers' all-reduce is not included."""
     comm = comm or CommSettings()
     k, b = devices, batch // devices
     share = (k - 1) / k
-    by_name = {t.name: t for t in tables}
     groups: dict[tuple, list[TableLoad]] = {}
     for t in tables:
         p = plan.tables[t.name]
@@ -414,42 +434,77 @@ def step_bytes(
             total += sum((k - 1) * b * (t.bag_width * (8 if t.scaled else 4) + t.dim * 4) for t in members)
             continue
         columns, outputs, expected = [0] * k, [0] * k, [0.0] * k
+        lanes = 0  # ids per sample the bucketized routes send: one per column block
         for t in members:
-            for s in plan.tables[t.name].shards:
+            shards = plan.tables[t.name].shards
+            lanes += t.bag_width * len({s.cols for s in shards})
+            for s in shards:
                 columns[s.device] += t.bag_width
                 outputs[s.device] += t.outputs
                 expected[s.device] += b * t.bag_width * (s.rows[1] - s.rows[0]) / t.rows
-        broadcast = share * k * b * (max(columns) * (8 if scaled else 4) + 2 * max(outputs) * width * 4)
-        shards = [
-            _Shard(t.name, strategy, s.device, s.rows, s.cols, False)
-            for t in members
-            for s in plan.tables[t.name].shards
-        ]
-        whole_rows = all(s.cols == (0, by_name[s.table].dim) for s in shards)
-        sent = broadcast
-        if strategy in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID) and whole_rows:
-            positions = b * sum(t.bag_width for t in members)
-            capacity = min(positions, max(1, math.ceil(comm.capacity_factor * max(expected))))
-            sent = min(broadcast, share * k * capacity * (4 + 2 * width * 4))
-        if (
-            strategy in (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
-            and optimizer == "rowwise_adagrad"
-        ):
-            sent += 2 * share * batch * sum(t.bag_width for t in members) * 4
-        total += sent
+        capacity = min(b * lanes, max(1, math.ceil(comm.capacity_factor * max(expected))))
+        results = 2 * max(outputs) * width * 4
+        sent = {"broadcast": share * k * b * (max(columns) * (8 if scaled else 4) + results)}
+        if strategy in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID):
+            if all(s.cols == (0, t.dim) for t in members for s in plan.tables[t.name].shards):
+                sent["rows"] = share * k * capacity * (4 + 2 * width * 4)
+            if not any(t.sequence for t in members):
+                sent["pooled"] = share * k * (capacity * (12 if scaled else 8) + b * results)
+        route = min(sent, key=lambda r: (sent[r], r != "broadcast"))
+        total += sent[route]
+        column_split = any(s.cols != (0, t.dim) for t in members for s in plan.tables[t.name].shards)
+        if column_split and optimizer == "rowwise_adagrad":  # the statistic's two exchanges
+            total += 2 * share * k * 4 * (capacity if route == "pooled" else b * max(columns))
     return total
 
 
-def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSettings) -> float:
-    """The step time of `table` on an otherwise empty machine, under its best strategy."""
+def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSettings) -> tuple[float, float]:
+    """`table` on an otherwise empty machine: the step time under its best strategy, and
+    the least total device time (summed over devices) any strategy costs."""
     empty = _State(topo)
-    best = float("inf")
+    best, least = float("inf"), float("inf")
     for strategy, shards in _candidates(table, topo, allowed, empty, batch, comm):
         extra, everyone, _, _ = _strategy_loads(table, strategy, shards, batch, topo, comm)
         trial = empty.trial(extra, everyone)
         if not (trial[:, 0] > topo.memory).any():
-            best = min(best, float(empty.times(trial).max()))
-    return 0.0 if best == float("inf") else best
+            times = empty.times(trial)
+            best, least = min(best, float(times.max())), min(least, float(times.sum()))
+    return (0.0, 0.0) if best == float("inf") else (best, least)
+
+
+def _replace_each(state: _State, placed, order, allowed_of, batch, topo, comm, passes: int = 2) -> None:
+    """Places every table again, largest first, knowing where all the others are (the
+    first pass chose before the smaller tables were placed); keeps a new placement only
+    when it lowers the step time, or keeps it and lowers the total device time."""
+    for _ in range(passes):
+        changed = False
+        for table in order:
+            strategy, shards, _, _ = placed[table.name]
+            extra, everyone, _, _ = _strategy_loads(table, strategy, shards, batch, topo, comm)
+            mine = state.trial(extra, everyone) - state.table
+            current = state.times()
+            best = ((float(current.max()), float(current.sum())), None)
+            state.table = state.table - mine
+            for strategy, shards in _candidates(table, topo, allowed_of[table.name], state, batch, comm):
+                extra, everyone, route, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
+                trial = state.trial(extra, everyone)
+                if (trial[:, 0] > topo.memory).any():
+                    continue
+                times = state.times(trial)
+                score = (float(times.max()), float(times.sum()))
+                if score[0] < best[0][0] * (1 - 1e-9) or (
+                    score[0] <= best[0][0] and score[1] < best[0][1] * (1 - 1e-9)
+                ):
+                    best = (score, (strategy, shards, route, split, trial))
+            if best[1] is None:
+                state.table = state.table + mine
+                continue
+            strategy, shards, route, split, trial = best[1]
+            state.table = trial
+            placed[table.name] = (strategy, shards, route, split)
+            changed = True
+        if not changed:
+            return
 
 
 def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, max_moves: int | None) -> None:
@@ -461,13 +516,13 @@ def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, m
         slowest = int(np.argmax(times))
         current = float(times[slowest])
         best = None
-        for name, (_, shards, bucketized, split) in placed.items():
+        for name, (_, shards, route, split) in placed.items():
             for s in shards:
                 if not s.movable or s.device != slowest:
                     continue
                 owner, other = shard_loads(
                     tables[name], s.device, s.rows[1] - s.rows[0], s.cols[1] - s.cols[0], batch, topo, comm,
-                    bucketized, split,
+                    route, split,
                 )  # fmt: skip
                 delta = _row(owner) - _row(DeviceLoad(sent=other.sent, received=other.received))
                 trial = state.table.copy()
@@ -476,13 +531,13 @@ def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, m
                 moved = state.times(trial + delta)  # every device as the destination
                 rest = state.times(trial)
                 fits = trial[:, 0] + delta[0] <= topo.memory
-                order = np.argsort(-rest, kind="stable")[:3]
                 for d in np.flatnonzero(fits):
                     d = int(d)
                     if d in busy:
                         continue
-                    others = next((rest[j] for j in order if j != d), 0.0)
-                    worst = max(float(moved[d]), float(others))
+                    # Both ends of the move end below the slowest time: the step drops, or
+                    # at least one device fewer is as slow (ties are common).
+                    worst = max(float(moved[d]), float(rest[slowest]))
                     if worst < current * (1 - 1e-9) and (best is None or worst < best[0]):
                         best = (worst, s, d, delta)
         if best is None:

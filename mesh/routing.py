@@ -81,12 +81,7 @@ class GroupRoute:
     row_count: np.ndarray  # 0 on padding columns: nothing inside
     offset: np.ndarray
     output_of: np.ndarray
-    # Per column: the feature's position space (row-wise statistics of column shards).
-    position_base: np.ndarray  # the feature's first position per sample
-    position_stride: np.ndarray  # the feature's ids per sample
-    lane: np.ndarray  # the column's position within its sample
-    table_dim: np.ndarray
-    positions_per_sample: int
+    table_dim: np.ndarray  # per owner and column: the table's dim (row-wise statistics)
 
     @property
     def column_split(self) -> bool:
@@ -101,10 +96,6 @@ def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) ->
         names = sorted(f for f, r in features.items() if layout.group_of[r.table] == g.name)
         if g.data_parallel or not names:
             continue
-        base, position_base = 0, {}
-        for f in names:
-            position_base[f] = base
-            base += features[f].ids_per_sample
         per_device: list[list[WorkItem]] = [[] for _ in range(g.devices)]
         fill = [[0, 0] for _ in range(g.devices)]  # columns, outputs used per owner
         for f in names:
@@ -116,10 +107,7 @@ def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) ->
                 fill[p.device] = [column + item.ids, output + item.outputs]
         columns = max(1, max(c for c, _ in fill))
         outputs = max(1, max(o for _, o in fill))
-        meta = {
-            k: np.zeros((g.devices, columns), np.int32)
-            for k in ("rs", "rc", "off", "out", "pb", "ps", "lane")
-        }
+        meta = {k: np.zeros((g.devices, columns), np.int32) for k in ("rs", "rc", "off", "out")}
         meta["dim"] = np.ones((g.devices, columns), np.float32)
         for d, items in enumerate(per_device):
             for it in items:
@@ -129,9 +117,6 @@ def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) ->
                 meta["off"][d, cols] = it.placement.offset
                 positions = np.arange(it.ids)
                 meta["out"][d, cols] = it.output if it.pooled else it.output + positions
-                meta["pb"][d, cols] = position_base[it.feature]
-                meta["lane"][d, cols] = positions
-                meta["ps"][d, cols] = it.ids
                 meta["dim"][d, cols] = layout.table_shapes[it.placement.table][1]
         routes[g.name] = GroupRoute(
             group=g,
@@ -144,11 +129,7 @@ def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) ->
             row_count=meta["rc"],
             offset=meta["off"],
             output_of=meta["out"],
-            position_base=meta["pb"],
-            position_stride=meta["ps"],
-            lane=meta["lane"],
             table_dim=meta["dim"],
-            positions_per_sample=base,
         )
     return routes
 
@@ -263,33 +244,28 @@ def position_gradients(route: GroupRoute, grads: jax.Array, weight: jax.Array, d
     return grads[:, :, out_of] * weight[..., None]
 
 
-def full_row_mean_square(
-    route: GroupRoute,
-    partial: jax.Array,
-    inside: jax.Array,
-    device,
-    axes: tuple[str, ...],
-) -> jax.Array:
-    """Completes a per-position statistic of column shards over the whole row.
+def exchange_statistic(route: GroupRoute, partial: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Completes row-wise Adagrad's statistic of column shards over the whole row.
 
     `partial` [sources, local_batch, columns] holds, at every position this owner serves,
-    the sum over its columns of its row's squared gradient. All column shards of a row
-    receive the same positions, so adding the partials per position across devices (one
-    `psum` of the feature's position space) gives every shard the whole row's sum.
-    Returns the mean over the table's dim, per position.
+    the sum over its columns of its row's squared gradient (0 outside its rows). Each
+    shard of a table receives every id of its feature, so the sender of a position adds
+    what all of them report for it (only the row's own shards report anything) and sends
+    the whole row's mean over the table's dim back to each: two `all_to_all`s shaped like
+    the ids', only among the owners that served the position. Returns `[sources,
+    local_batch, columns]` at the owner.
     """
-    k, b, _ = partial.shape
-    feature_start = jnp.asarray(route.position_base)[device]
-    stride = jnp.asarray(route.position_stride)[device]
-    lane = jnp.asarray(route.lane)[device]
-    dim = jnp.asarray(route.table_dim)[device]
-    samples = k * b
-    sample = (jnp.arange(k)[:, None] * b + jnp.arange(b)[None, :])[..., None]  # global sample index
-    # Features lie one after another: feature f's position (sample, l) is at
-    # start_f * samples + sample * L_f + l.
-    index = jnp.where(
-        inside, feature_start * samples + sample * stride + lane, samples * route.positions_per_sample
-    )
-    total = jnp.zeros((samples * route.positions_per_sample,), jnp.float32)
-    total = collectives.sum_over(total.at[index].add(partial / dim, mode="drop"), axes)
-    return total.at[index].get(mode="fill", fill_value=0.0)
+    reported = collectives.all_to_all(partial, axes)  # [owners, local_batch, columns] at the sender
+    whole: dict[str, jax.Array] = {}
+    for owner, items in enumerate(route.items):
+        for it in items:
+            part = reported[owner, :, it.column : it.column + it.ids]
+            whole[it.feature] = whole[it.feature] + part if it.feature in whole else part
+    per_owner = []
+    for owner, items in enumerate(route.items):
+        parts = [whole[it.feature] / route.table_dim[owner, it.column] for it in items]
+        used = sum(it.ids for it in items)
+        if used < route.columns:
+            parts.append(jnp.zeros((partial.shape[1], route.columns - used), jnp.float32))
+        per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    return collectives.all_to_all(jnp.stack(per_owner), axes)

@@ -1,9 +1,10 @@
 """The forward lookup over a sharded layout, under `jax.shard_map`.
 
 Sharded groups route ids to their owners and results back with `all_to_all`s: by
-broadcast to every shard of a table (`mesh.routing`) or, for row-wise groups where it
-sends fewer bytes, bucketized to the one owner of each row (`mesh.bucketed`, with the
-broadcast route as its overflow fallback). Data-parallel groups are looked up locally.
+broadcast to every shard of a table (`mesh.routing`) or, for row-sharded groups where it
+sends fewer bytes, bucketized to the owners of each row (`mesh.bucketed`: rows back
+unpooled, or pooled at the owner; the broadcast route is their overflow fallback).
+Data-parallel groups are looked up locally.
 What each owner received is returned too, so the backward pass
 (`recsys.sharded_update`) updates the same rows without routing the ids again.
 """
@@ -22,26 +23,31 @@ from mesh.bucketed import BucketRoute
 from mesh.routing import FeatureRoute, GroupRoute
 from mesh.sharded import ShardedLayout
 
-# {group: {"ids", "coef": broadcast route; "served", "owner", "slot", "fallback": bucketized}}
+ROUTES = ("auto", "broadcast", "rows", "pooled")
+
+# {group: {"ids", "coef": broadcast route; "served", "owner", "slot", "fallback": bucketized;
+#  "at", "weight": pooled at the owner}}
 Routed = dict[str, dict[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
 class RoutingOptions:
-    """How row-wise groups route ids (`mesh.bucketed`).
+    """How row-sharded groups route ids (`mesh.routing`, `mesh.bucketed`).
 
-    bucketize: "auto" picks, per group, the route that sends fewer bytes; "always" and
-      "never" force bucketized or broadcast routing.
-    capacity_factor: slots per peer, as a multiple of the ids a peer expects when ids
-      spread like rows. A step that needs more falls back to broadcast routing.
+    route: "auto" picks, per group, the route that sends the fewest bytes; "broadcast",
+      "rows" and "pooled" force one where it applies (rows: whole-row groups; pooled:
+      groups read only by pooled features), the broadcast route elsewhere.
+    capacity_factor: slots per peer on the bucketized routes, as a multiple of the ids a
+      peer expects when ids spread like rows. A step that needs more falls back to the
+      broadcast route.
     """
 
-    bucketize: str = "auto"
+    route: str = "auto"
     capacity_factor: float = 2.0
 
     def __post_init__(self):
-        if self.bucketize not in ("auto", "always", "never"):
-            raise ValueError(f"bucketize must be auto, always or never, got {self.bucketize!r}")
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
 
@@ -54,16 +60,23 @@ def plan_routes(
 ) -> tuple[dict[str, GroupRoute], dict[str, BucketRoute]]:
     """Broadcast routes of every sharded group, and the bucketized routes chosen."""
     routes = routing.build_routes(layout, features)
-    buckets = bucketed.build_bucket_routes(layout, features, local_batch, options.capacity_factor)
-    if options.bucketize == "never":
+    if options.route == "broadcast":
         return routes, {}
-    if options.bucketize == "auto":
-        n = layout.groups[0].devices
-        buckets = {
-            g: b
-            for g, b in buckets.items()
-            if bucketed.bucket_bytes(b, n) < routing.broadcast_bytes(routes[g], local_batch, n)
-        }
+    f = options.capacity_factor
+    rows = bucketed.build_bucket_routes(layout, features, local_batch, f)
+    pooled = bucketed.build_bucket_routes(layout, features, local_batch, f, broadcast=routes)
+    if options.route != "auto":
+        return routes, rows if options.route == "rows" else pooled
+    n = layout.groups[0].devices
+    buckets = {}
+    for name, route in routes.items():
+        sent = {None: routing.broadcast_bytes(route, local_batch, n)}
+        for bucket in (rows.get(name), pooled.get(name)):
+            if bucket is not None:
+                sent[bucket] = bucketed.bucket_bytes(bucket, n, local_batch)
+        best = min(sent, key=lambda b: (sent[b], b is not None))
+        if best is not None:
+            buckets[name] = best
     return routes, buckets
 
 
@@ -96,25 +109,40 @@ def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes):
 def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, device, axes):
     """Bucketized routing, or the broadcast route for the whole group when any device's
     buckets overflow this step."""
-    owner, slot, row, overflow = bucketed.assign(bucket, ids)
-    fallback = collectives.any_device(overflow, axes)
+    a = bucketed.assign(bucket, ids)
+    fallback = collectives.any_device(a.overflow, axes)
     n, local_batch = bucket.group.devices, next(iter(ids.values())).shape[0]
     broadcast_shapes = {"ids": ((n, local_batch, route.columns), jnp.int32)}
     if route.scaled:
         broadcast_shapes["coef"] = ((n, local_batch, route.columns), jnp.float32)
+    slots = (n, bucket.capacity)
+    bucket_shapes = {"served": (slots, jnp.int32)}
+    if bucket.pool_at_owner:
+        bucket_shapes.update(at=(slots, jnp.int32), weight=(slots, jnp.float32))
+
+    def unused(shapes):
+        return {k: varying(jnp.zeros(shape, dtype), axes) for k, (shape, dtype) in shapes.items()}
 
     def via_buckets():
-        served, values = bucketed.exchange_rows(bucket, block, owner, slot, row, axes)
-        unused = {k: varying(jnp.zeros(shape, dtype), axes) for k, (shape, dtype) in broadcast_shapes.items()}
-        return bucketed.pool_lanes(bucket, values, owner, slot, coef, ids), served, unused
+        if bucket.pool_at_owner:
+            served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
+            pooled = bucketed.pool_at_owner(bucket, block, served, at, weight, local_batch)
+            acts = routing.return_outputs(route, pooled, axes)
+            return acts, {"served": served, "at": at, "weight": weight, **unused(broadcast_shapes)}
+        served, values = bucketed.exchange_rows(bucket, block, a, axes)
+        return bucketed.pool_lanes(bucket, values, a, coef, ids), {
+            "served": served,
+            **unused(broadcast_shapes),
+        }
 
     def via_broadcast():
         acts, out = _broadcast_forward(route, block, ids, coef, device, axes)
-        unserved = jnp.full((n, bucket.capacity), bucket.group.block_rows, jnp.int32)
-        return acts, varying(unserved, axes), out
+        empty = unused(bucket_shapes)
+        empty["served"] = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
+        return acts, {**out, **empty}
 
-    acts, served, out = jax.lax.cond(fallback, via_broadcast, via_buckets)
-    return acts, {**out, "served": served, "owner": owner, "slot": slot, "fallback": fallback[None]}
+    acts, out = jax.lax.cond(fallback, via_broadcast, via_buckets)
+    return acts, {**out, "owner": a.owner, "slot": a.slot, "fallback": fallback[None]}
 
 
 def sharded_lookup(
@@ -173,6 +201,8 @@ def sharded_lookup(
         routed_specs[name] = {"ids": batch, **({"coef": batch} if route.scaled else {})}
         if name in buckets:
             routed_specs[name].update(served=batch, owner=batch, slot=batch, fallback=batch)
+            if buckets[name].pool_at_owner:
+                routed_specs[name].update(at=batch, weight=batch)
     mapped = jax.shard_map(
         body,
         mesh=mesh,

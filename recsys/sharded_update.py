@@ -12,9 +12,10 @@ Inside `jax.shard_map`, per stacked group (`mesh.sharded`):
 
 Row-wise Adagrad keeps one statistic per row, the mean of the squared (decayed)
 gradient over the whole row. When rows are split into column shards on several devices,
-each owner sums its columns per received position and one `psum` over the positions
-completes every row (`mesh.routing.full_row_mean_square`), so every shard of a row sees
-the statistic the single-device update computes.
+each owner sums its columns per received position, the senders of the positions add up
+what the shards of each row report and send the row's sum back
+(`mesh.routing.exchange_statistic`, `mesh.bucketed.exchange_statistic`), so every shard
+of a row sees the statistic the single-device update computes.
 """
 
 from __future__ import annotations
@@ -131,11 +132,35 @@ def _broadcast_rows(route, spec, block, received, act_grads, device, axes):
     unique, summed, segment = _dedup(rows.reshape(-1), position_grads.reshape(-1, g.width), g.block_rows)
     if spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or not route.column_split:
         return unique, summed, None
+    partial = _partial_statistic(spec, block, unique, summed, segment).reshape(rows.shape)
+    per_position = routing.exchange_statistic(route, partial, axes)
+    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+
+
+def _pooled_rows(bucket, route, spec, block, received, act_grads, axes):
+    """The same for a group served on the "pooled" bucketized route (`mesh.bucketed`): the
+    pooled gradients travel as on the broadcast route and spread over the served slots;
+    column blocks complete the row-wise statistic through the senders."""
+    grads = routing.send_gradients(route, act_grads, axes)
+    per_slot = bucketed.slot_gradients(bucket, grads, received["at"], received["weight"])
+    served = received["served"]
+    unique, summed, segment = _dedup(
+        served.reshape(-1), per_slot.reshape(-1, bucket.group.width), bucket.group.block_rows
+    )
+    if spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or not bucket.column_split:
+        return unique, summed, None
+    partial = _partial_statistic(spec, block, unique, summed, segment).reshape(served.shape)
+    per_slot_mean = bucketed.exchange_statistic(bucket, partial, received["owner"], received["slot"], axes)
+    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_slot_mean.reshape(-1))
+
+
+def _partial_statistic(spec, block, unique, summed, segment):
+    """Per input position of `_dedup`: the sum over this block's columns of its row's
+    squared (decayed) gradient, the part of row-wise Adagrad's statistic a column shard
+    holds."""
     values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
     decayed = summed + spec.weight_decay * values if spec.weight_decay else summed
-    partial = jnp.sum(jnp.square(decayed), axis=1)[segment].reshape(rows.shape)
-    per_position = routing.full_row_mean_square(route, partial, rows < g.block_rows, device, axes)
-    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+    return jnp.sum(jnp.square(decayed), axis=1)[segment]
 
 
 def sharded_sparse_update(
@@ -169,11 +194,13 @@ def sharded_sparse_update(
     ids, coef = routing_inputs(config, batch)
     local_batch = batch.batch_size // mesh.devices.size
     routes, buckets = plan_routes(layout, features, local_batch, options)
-    # Features whose ids the update reads on the batch owner: data-parallel and bucketized.
+    # Features whose ids the update reads on the batch owner: data-parallel and bucketized
+    # rows (the pooled route's owners received all they need in the forward pass).
+    rows_route = {name for name, b in buckets.items() if not b.pool_at_owner}
     local = sorted(
         f
         for f, r in features.items()
-        if layout.table_group(r.table).data_parallel or layout.group_of[r.table] in buckets
+        if layout.table_group(r.table).data_parallel or layout.group_of[r.table] in rows_route
     )
     grad_features = sorted(act_grads)
 
@@ -206,7 +233,20 @@ def sharded_sparse_update(
 
             if g.name in buckets:
 
-                def via_buckets(block, slot_block, bucket=buckets[g.name], received=received, apply=apply):
+                def via_buckets(
+                    block,
+                    slot_block,
+                    bucket=buckets[g.name],
+                    route=routes[g.name],
+                    received=received,
+                    spec=spec,
+                    apply=apply,
+                ):
+                    if bucket.pool_at_owner:
+                        unique, summed, row_mean_sq = _pooled_rows(
+                            bucket, route, spec, block, received, act_grads, axes
+                        )
+                        return apply(block, slot_block, unique, summed, row_mean_sq)
                     grads = bucketed.send_gradients(
                         bucket, act_grads, received["owner"], received["slot"], coef, ids, axes
                     )

@@ -28,7 +28,7 @@ from flax import nnx
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
 from mesh.cost import TableLoad
 from mesh.planner import plan_tables, topology_for_mesh
-from mesh.sharded_lookup import RoutingOptions
+from mesh.sharded_lookup import ROUTES, RoutingOptions
 from recsys import metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
 from recsys.data import (
@@ -172,10 +172,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
     g.add_argument(
-        "--route-bucketize",
-        choices=["auto", "always", "never"],
+        "--route",
+        choices=list(ROUTES),
         default="auto",
-        help="row-wise tables: send each id only to its row's owner (auto: when it sends fewer bytes)",
+        help="row-sharded tables: ids to every row shard (broadcast), or each id only to its "
+        "row's owners, the row coming back (rows) or pooled there (pooled); auto: per group, "
+        "the route that sends the fewest bytes",
     )
     g.add_argument(
         "--route-capacity",
@@ -445,6 +447,7 @@ def table_loads(config: EmbeddingConfig, mean_ids: Mapping[str, float]) -> list[
                 optimizer=t.optimizer.kind.value,
                 scaled=any(f.weighted or f.pooling.value == "mean" for f in features),
                 outputs=sum(1 if f.pooling.value != "none" else f.max_ids for f in features),
+                sequence=any(f.pooling.value == "none" for f in features),
             )
         )
     return loads
@@ -506,7 +509,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(
                 f"--batch-size {args.batch_size} must be a multiple of the {mesh.devices.size} devices"
             )
-        routing = RoutingOptions(args.route_bucketize, args.route_capacity)
+        routing = RoutingOptions(args.route, args.route_capacity)
         # A builder, not a module: the trainer creates the tables already sharded.
         trainer = ShardedTrainer(
             lambda: build_model(args, config, data.num_dense), dense_opt, plan, mesh, routing=routing
@@ -622,7 +625,7 @@ def run(args: argparse.Namespace) -> dict:
         result["notes"].append(
             f"{result['routing_fallbacks']} of {steps - start_step} steps overflowed bucketized routing "
             "and took the broadcast route (correct, but slower): raise --route-capacity, or pass "
-            "--route-bucketize never if ids are this skewed"
+            "--route broadcast if ids are this skewed"
         )
     if data.planted_eval_logits is not None:
         planted_probs = 1 / (1 + np.exp(-data.planted_eval_logits))

@@ -49,17 +49,29 @@ def test_broadcast_route_formulas():
     # receives from each b * (L * 4 + c * 4) = 2 * (12 + 32) bytes of ids and gradients.
     assert (owner.sent, owner.received) == (3 * 64, 3 * 88)
     assert (other.sent, other.received) == (88, 64)
-    # A column shard of 4 with row-wise Adagrad adds the statistic's all-reduce:
-    # 2 * (k - 1) / k * B * L * 4 = 2 * 3/4 * 8 * 3 * 4 = 144 bytes each way.
-    split, _ = shard_loads(TABLE, 0, 100, 4, 8, TOPO, CommSettings(), column_split=True)
-    assert split.sent == 3 * 2 * 4 * 4 + 144
+    # A column shard of 4 with row-wise Adagrad adds the statistic's exchange: a float per
+    # id received goes back to its sender and the row's sum returns, b * L * 4 = 24 bytes
+    # each way per peer.
+    split, other = shard_loads(TABLE, 0, 100, 4, 8, TOPO, CommSettings(), column_split=True)
+    assert (split.sent, split.received) == (3 * (2 * 4 * 4 + 24), 3 * (2 * (12 + 16) + 24))
+    assert (other.sent, other.received) == (2 * (12 + 16) + 24, 2 * 16 + 24)
 
 
 def test_bucketized_route_and_data_parallel_formulas():
     # A row shard of 25 rows: q = f * b * L * r / R = 2 * 2 * 3 * 0.25 = 3 slots per peer.
-    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), bucketized=True)
+    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="rows")
     assert (owner.sent, owner.received) == (3 * 3 * 32, 3 * 3 * (4 + 32))
     assert (other.sent, other.received) == (3 * 36, 3 * 32)
+    # Pooled at the owner: q slots of 8 bytes (row, position) in, pooled b * c * 4 = 64
+    # bytes out per peer; with column blocks the statistic adds q * 4 each way.
+    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="pooled")
+    assert (owner.sent, owner.received) == (3 * 64, 3 * (3 * 8 + 64))
+    assert (other.sent, other.received) == (3 * 8 + 64, 64)
+    owner, other = shard_loads(TABLE, 0, 25, 4, 8, TOPO, CommSettings(), route="pooled", column_split=True)
+    assert (owner.sent, owner.received) == (3 * (32 + 12), 3 * (3 * 8 + 32 + 12))
+    assert (other.sent, other.received) == (3 * 8 + 32 + 12, 32 + 12)
+    with pytest.raises(ValueError, match="route 'ring'"):
+        shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="ring")
     dp = data_parallel_load(TABLE, 8, TOPO)
     assert dp.sent == dp.received == 3 * 2 * (3 * 4 + 8 * 4)
     assert dp.memory == TABLE.memory(100, 8)
@@ -130,7 +142,7 @@ def test_step_bytes_reproduce_the_compiled_benchmark_step():
     measured = {  # from the README's table, minus the dense all-reduce (52,094 bytes)
         "table_wise": 121_856,
         "row_wise": 473_088,
-        "column_wise": 338_814 - 52_094,
+        "column_wise": 286_720,
         "data_parallel": 516_096,
     }
     for strategy, want in measured.items():

@@ -95,26 +95,37 @@ def skewed_batch(seed: int):
     return dataclasses.replace(batch, features=features)
 
 
-@pytest.mark.parametrize("strategy", ["row_wise", "table_row_wise", "grid"])
+@pytest.mark.parametrize(
+    ("strategy", "route", "mesh_name"),
+    [
+        ("row_wise", "rows", "device=8"),
+        ("table_row_wise", "rows", "device=8"),
+        ("grid", "rows", "device=8"),
+        ("row_wise", "pooled", "device=8"),
+        ("grid", "pooled", "host=2,device=4"),  # column blocks
+    ],
+)
 @pytest.mark.parametrize(
     ("batch_of", "factor", "overflows"),
     [(lambda: random_batch(CONFIG, 16, seed=3), 8.0, False), (lambda: skewed_batch(4), 2.0, True)],
     ids=["uniform", "skewed"],
 )
-def test_bucketized_routing_matches_and_falls_back_on_overflow(strategy, batch_of, factor, overflows):
-    mesh = make_mesh("device=8")
+def test_bucketized_routing_matches_and_falls_back_on_overflow(
+    strategy, route, mesh_name, batch_of, factor, overflows
+):
+    mesh = make_mesh(mesh_name)
     tables, batch = row_coded_tables(), batch_of()
     expected = reference_lookup(CONFIG, {k: jnp.asarray(v) for k, v in tables.items()}, batch)
     plan = plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy)
-    got, received = run_sharded(plan, mesh, tables, batch, RoutingOptions("always", factor), routed=True)
+    got, received = run_sharded(plan, mesh, tables, batch, RoutingOptions(route, factor), routed=True)
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
-    flags = {name: bool(np.asarray(r["fallback"]).all()) for name, r in received.items()}
+    flags = {name: bool(np.asarray(r["fallback"]).all()) for name, r in received.items() if "fallback" in r}
     assert flags and all(f == overflows for f in flags.values()), flags
 
 
 def test_routing_options_are_checked():
-    with pytest.raises(ValueError, match="auto, always or never"):
+    with pytest.raises(ValueError, match="auto, broadcast, rows, pooled"):
         RoutingOptions("sometimes")
     with pytest.raises(ValueError, match="positive"):
         RoutingOptions(capacity_factor=0)

@@ -95,13 +95,22 @@ def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
     check_update(case, strategy, mesh_name, RoutingOptions())
 
 
-# Row-wise groups both ways: every id to its row's owner (capacity 8x: never full; or so small that
-# every step overflows and falls back), and every id to every row shard.
-@pytest.mark.parametrize(("strategy", "mesh_name"), [("row_wise", "2x4"), ("table_row_wise", "2x4")])
+# Row-sharded groups every way: each id to its row's owners, rows back or pooled there
+# (capacity 8x: never full; or so small that every step overflows and falls back), and
+# every id to every row shard. The 2x4 grid has column blocks: row-wise Adagrad's statistic
+# is completed through the senders on the pooled route.
+@pytest.mark.parametrize(
+    ("strategy", "mesh_name"), [("row_wise", "2x4"), ("table_row_wise", "2x4"), ("grid", "2x4")]
+)
 @pytest.mark.parametrize(
     "options",
-    [RoutingOptions("always", 8.0), RoutingOptions("always", 0.05), RoutingOptions("never")],
-    ids=["bucketized", "overflowing", "broadcast"],
+    [
+        RoutingOptions("rows", 8.0),
+        RoutingOptions("pooled", 8.0),
+        RoutingOptions("pooled", 0.05),
+        RoutingOptions("broadcast"),
+    ],
+    ids=["rows", "pooled", "overflowing", "broadcast"],
 )
 def test_both_row_wise_routes_match_the_single_device_update(case, strategy, mesh_name, options):
     check_update(case, strategy, mesh_name, options)
