@@ -115,11 +115,11 @@ class PlanResult:
                 f"{d:>6} {load.memory / 1e9:>10.2f} / {self.topology.memory / 1e9:>7.1f} GB "
                 f"{100 * load.memory / self.topology.memory:>3.0f}% {1e3 * self.times[d]:>9.3f}"
             )
+        floor = f", {1e3 * self.table_floor:.3f} ms (costliest table alone)" if self.table_floor else ""
+        timing = f", planned in {self.seconds:.2f} s" if self.seconds else ""
         lines.append(
-            f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms (mean), "
-            f"{1e3 * self.table_floor:.3f} ms (costliest table alone), "
-            f"max/mean {self.balance:.3f}, {self.collective_bytes / 1e6:.2f} MB sent per device, "
-            f"planned in {self.seconds:.2f} s"
+            f"step {1e3 * self.step_time:.3f} ms, lower bound {1e3 * self.lower_bound:.3f} ms (mean){floor}, "
+            f"max/mean {self.balance:.3f}, {self.collective_bytes / 1e6:.2f} MB sent per device{timing}"
         )
         return "\n".join(lines)
 
@@ -342,11 +342,7 @@ def plan_tables(
     _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, deadline, max_moves)
     times = [float(t) for t in state.times()]
     lower = sum(times) / topo.devices
-    mesh = (
-        MeshSpec((("host", topo.hosts), ("device", topo.devices_per_host)))
-        if topo.hosts > 1
-        else MeshSpec.flat(topo.devices)
-    )
+    mesh = mesh_for_topology(topo)
     plan = ShardingPlan(
         {
             t.name: TablePlan(
@@ -568,9 +564,27 @@ def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, m
         s.device = d
 
 
-def topology_for_mesh(spec: MeshSpec, platform: str, device_memory: float | None) -> Topology:
-    """The topology of a run's mesh: its hosts and devices, memory as the devices report
-    it, bandwidths from the platform's preset (cpu, or h100 / tpu-v5e figures)."""
+def mesh_for_topology(topo: Topology) -> MeshSpec:
+    """The mesh a plan for `topo` runs on: host x device, or flat on one host."""
+    if topo.hosts > 1:
+        return MeshSpec((("host", topo.hosts), ("device", topo.devices_per_host)))
+    return MeshSpec.flat(topo.devices)
+
+
+def topology_for_mesh(
+    spec: MeshSpec, platform: str, device_memory: float | None, measured: Topology | None = None
+) -> Topology:
+    """The topology of a run's mesh: its hosts and devices; memory and bandwidths from
+    `measured` (a calibration or a given spec) when there is one, else memory as the
+    devices report it and bandwidths from the platform's preset (cpu, or h100 / tpu-v5e
+    figures)."""
+    if measured is not None:
+        return dataclasses.replace(
+            measured,
+            name=f"{measured.name or 'measured'} on mesh {spec}",
+            hosts=spec.hosts,
+            devices_per_host=spec.devices_per_host,
+        )
     preset = dict(PRESETS[{"gpu": "h100", "tpu": "tpu-v5e"}.get(platform, "cpu")])
     preset.update(hosts=spec.hosts, devices_per_host=spec.devices_per_host)
     if device_memory:

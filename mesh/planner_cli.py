@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from mesh.cost import TableLoad
-from mesh.planner import PRESET_NAMES, PlanResult, plan_tables
+from mesh.plan import ShardingPlan, validate_plan
+from mesh.planner import PRESET_NAMES, PlanResult, evaluate_plan, mesh_for_topology, plan_tables
 from mesh.topology import Topology
 
 
@@ -131,8 +133,19 @@ def calibrate(rows: int = 1 << 20, dim: int = 128, batch: int = 1 << 16, repeats
     )
 
 
+def _without_empty_shards(plan: ShardingPlan) -> ShardingPlan:
+    """Other planners list shards of no rows (TorchRec: a 3-row table over 8 devices);
+    they hold and cost nothing, and our plans leave them out."""
+    tables = {
+        name: dataclasses.replace(p, shards=tuple(s for s in p.shards if s.size > 0))
+        for name, p in plan.tables.items()
+    }
+    return ShardingPlan(tables, plan.mesh)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """python -m mesh.plan --tables TABLES.json --topology SPEC --batch-size N [--json OUT] [--png OUT]
+    python -m mesh.plan ... --evaluate PLAN.json   (score a given plan instead of planning)
     python -m mesh.plan --calibrate"""
     import argparse
     import json
@@ -151,6 +164,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the plan and per-device estimates here")
     p.add_argument("--png", default=None, help="write per-device memory and time bars here (matplotlib)")
     p.add_argument("--refine-seconds", type=float, default=5.0)
+    p.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="PLAN.json",
+        help="score this plan (e.g. another planner's) under the cost model instead of planning",
+    )
     args = p.parse_args(argv)
     if args.calibrate:
         topo = calibrate()
@@ -166,7 +185,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         topo = Topology.parse(args.topology)
         with open(args.tables) as f:
             tables = read_tables(json.load(f))
-        result = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
+        if args.evaluate:
+            with open(args.evaluate) as f:
+                given = _without_empty_shards(ShardingPlan.from_json(json.load(f)))
+            mesh = given.mesh or mesh_for_topology(topo)
+            if mesh.size != topo.devices:
+                raise ValueError(
+                    f"the plan's mesh {mesh} has {mesh.size} devices; the topology has {topo.devices}"
+                )
+            validate_plan(given, tables, mesh)
+            result = evaluate_plan(given, tables, topo, args.batch_size)
+        else:
+            result = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(topo)

@@ -28,7 +28,9 @@ from flax import nnx
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
 from mesh.cost import TableLoad
 from mesh.planner import plan_tables, topology_for_mesh
+from mesh.planner_cli import calibrate
 from mesh.sharded_lookup import ROUTES, RoutingOptions
+from mesh.topology import Topology
 from recsys import metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
 from recsys.data import (
@@ -169,6 +171,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=["auto", *(s.value for s in Strategy)],
         default=None,
         help="one strategy for all tables, or auto: the cost-model planner (mesh.planner)",
+    )
+    g.add_argument(
+        "--plan-topology",
+        default=None,
+        metavar="SPEC|calibrate",
+        help="--sharding auto: memory and bandwidths to plan with, a topology spec as `python -m "
+        "mesh.plan --calibrate` prints or a preset (hosts and devices come from the mesh), or "
+        "calibrate: measure these devices first; default: the platform's preset and the memory "
+        "the devices report",
     )
     g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
     g.add_argument(
@@ -460,7 +471,17 @@ def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Name
     mean_ids = {f.name: float(np.mean(examples.sparse[f.name].lengths)) for f in config.features}
     device = mesh.devices.reshape(-1)[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"))
+    measured = None
+    if args.plan_topology == "calibrate":
+        if jax.process_count() > 1:  # each process would measure its own figures and plan apart
+            raise SystemExit(
+                "--plan-topology calibrate plans from one process's measurements; with several "
+                "processes pass the spec `python -m mesh.plan --calibrate` prints"
+            )
+        measured = calibrate(rows=1 << 18, dim=64, batch=1 << 14, repeats=3)
+    elif args.plan_topology:
+        measured = Topology.parse(args.plan_topology)
+    topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"), measured)
     # A move cap, not a time budget: every process of a multi-process run plans alike.
     result = plan_tables(table_loads(config, mean_ids), topo, args.batch_size, max_moves=200)
     if jax.process_index() == 0 and not args.no_progress:

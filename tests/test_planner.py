@@ -177,3 +177,42 @@ def test_a_planned_dlrm_sends_the_estimated_bytes():
 def test_calibration_measures_the_local_devices():
     topo = calibrate(rows=1 << 12, dim=16, batch=1 << 10, repeats=1)
     assert topo.devices == 8 and topo.hbm_bandwidth > 0 and topo.intra_bandwidth > 0 and topo.memory > 0
+
+
+def test_command_line_scores_a_given_plan(tmp_path, capsys):
+    """`--evaluate` scores another planner's plan; shards of no rows (TorchRec lists them)
+    are dropped, and a plan for another mesh is refused."""
+    from mesh import MeshSpec
+    from mesh.plan import plan_for_strategy
+
+    plan = plan_for_strategy(MLPERF, MeshSpec.parse("host=2,device=8"), "table_row_wise").to_json()
+    owner = plan["tables"]["c6"]["shards"][0]["device"]
+    plan["tables"]["c6"]["shards"].append({"device": owner + 7, "rows": [3, 3], "cols": [0, 128]})
+    path = tmp_path / "given.json"
+    path.write_text(json.dumps(plan))
+    argv = [
+        "--tables",
+        "examples/configs/mlperf_dcnv2_tables.json",
+        "--batch-size",
+        "4096",
+        "--evaluate",
+        str(path),
+    ]
+    assert main([*argv, "--topology", "a100,hosts=2"]) == 0
+    out = capsys.readouterr().out
+    assert "table_row_wise" in out and "max/mean" in out and "planned in" not in out
+    with pytest.raises(SystemExit, match="16 devices; the topology has 8"):
+        main([*argv, "--topology", "a100"])
+
+
+def test_a_run_plans_with_measured_or_given_figures_on_its_own_mesh():
+    from mesh import MeshSpec
+    from mesh.planner import topology_for_mesh
+
+    spec = MeshSpec.parse("host=2,device=4")
+    preset = topology_for_mesh(spec, "cpu", 3e9)
+    assert (preset.hosts, preset.devices_per_host, preset.memory) == (2, 4, 3e9)
+    measured = Topology.parse("hosts=1,devices=8,memory=5e9,hbm=7e9,intra=3e9,inter=3e9")
+    topo = topology_for_mesh(spec, "cpu", 3e9, measured)
+    assert (topo.hosts, topo.devices_per_host) == (2, 4)  # the mesh's shape
+    assert (topo.memory, topo.hbm_bandwidth, topo.intra_bandwidth) == (5e9, 7e9, 3e9)  # the figures given

@@ -135,7 +135,8 @@ def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path, o
 
 
 def test_cli_auto_sharding_plans_and_matches_one_device(tmp_path, one_device):
+    """The planner's plan, from bandwidths measured on these devices first, trains like one device."""
     one = one_device
-    auto = _metrics(tmp_path, "auto", "--devices", "8", "--sharding", "auto")
+    auto = _metrics(tmp_path, "auto", "--devices", "8", "--sharding", "auto", "--plan-topology", "calibrate")
     assert auto["devices"] == 8 and len(auto["plan"]["tables"]) == 3
     assert auto["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
