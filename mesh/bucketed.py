@@ -166,8 +166,9 @@ def _output_slot(route: GroupRoute, feature: str, placement) -> int:
 def bucket_bytes(route: BucketRoute, devices: int, local_batch: int = 0) -> int:
     """Bytes one device sends per step on this route. rows: ids out, rows back, gradients
     out. pooled (needs `local_batch`): ids and positions (and coefficients) out, pooled
-    results back, their gradients out. Column blocks under row-wise Adagrad add
-    `statistic_bytes`."""
+    results back, their gradients out. Column blocks under row-wise Adagrad add the
+    statistic's two exchanges, `2 * capacity * 4` per peer (`exchange_statistic`); the
+    route choice leaves them out, as the lookup does not know the optimizer."""
     share = (devices - 1) / devices
     slots = devices * route.capacity
     if not route.pool_at_owner:
@@ -175,11 +176,6 @@ def bucket_bytes(route: BucketRoute, devices: int, local_batch: int = 0) -> int:
     per_slot = 12 if route.scaled else 8
     results = 2 * devices * local_batch * route.outputs * route.group.width * 4
     return int(share * (slots * per_slot + results))
-
-
-def statistic_bytes(route: BucketRoute, devices: int) -> int:
-    """The row-wise statistic's two exchanges on the pooled route (`exchange_statistic`)."""
-    return int((devices - 1) / devices * 2 * devices * route.capacity * 4)
 
 
 class Assignment(NamedTuple):
@@ -263,7 +259,7 @@ def send_gradients(route: BucketRoute, act_grads: Mapping[str, jax.Array], owner
 
 
 def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array], ids, axes):
-    """ "pooled" step 2 out: each id's row, output position and weight to its owner, in one
+    """Pooled route, step 2 out: each id's row, output position and weight to its owner, in one
     `all_to_all` of int32 (a coefficient travels as its bits).
 
     Returns, at the owner, `[sources, capacity]` each: served rows (`block_rows` on empty
@@ -283,7 +279,7 @@ def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array],
 
 
 def pool_at_owner(route: BucketRoute, block: jax.Array, served, at, weight, local_batch: int) -> jax.Array:
-    """ "pooled" step 2 at the owner: the served rows weighed and pooled into the broadcast
+    """Pooled route, step 2 at the owner: the served rows weighed and pooled into the broadcast
     route's work items, `[sources, local_batch, outputs, width]` for
     `mesh.routing.return_outputs`."""
     values = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
@@ -294,7 +290,7 @@ def pool_at_owner(route: BucketRoute, block: jax.Array, served, at, weight, loca
 
 
 def slot_gradients(route: BucketRoute, grads: jax.Array, at, weight) -> jax.Array:
-    """ "pooled" backward at the owner: the pooled gradients (`mesh.routing.send_gradients`,
+    """Pooled route, backward at the owner: the pooled gradients (`mesh.routing.send_gradients`,
     `[sources, local_batch, outputs, width]`) spread over the slots that fed them, weighed:
     `[sources, capacity, width]`, aligned with the served rows."""
     k = grads.shape[0]
@@ -309,8 +305,8 @@ def exchange_statistic(route: BucketRoute, partial: jax.Array, owner, slot, axes
     columns of its row's squared gradient (summed over the whole batch). Every column
     block of a row receives each of the row's ids, so the sender adds, per position, what
     the owners of its column blocks report and returns the whole row's mean over the
-    table's dim to each of them: two `all_to_all`s of `[peers, capacity]` floats instead of
-    an all-reduce over every position of the batch. Returns `[sources, capacity]`.
+    table's dim to each of them: two `all_to_all`s of `[peers, capacity]` floats.
+    Returns `[sources, capacity]`.
     """
     n = route.group.devices
     reported = collectives.all_to_all(partial, axes).at[owner, slot].get(mode="fill", fill_value=0.0)

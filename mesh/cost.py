@@ -1,13 +1,14 @@
-"""The planner's cost model: memory, lookup time and communication of every shard.
+"""The planner's cost model: memory and lookups of every shard, exchanges of every group.
 
 Everything is per training step and per device, in bytes and seconds, and follows what
-`mesh.routing`, `mesh.bucketed` and `recsys.sharded_update` actually do, so the byte
-estimates can be checked against the compiled step (`tests/test_planner.py`). Notation:
-B global batch, k devices, b = B / k samples per device, a table of R rows x D columns, a
-shard of r rows x c columns, L the feature's bag width (static shapes are padded to it),
-p its average ids per sample, e the table's bytes per element, s the optimizer state
-elements per table element, w the bytes per element of a communicated value (4 for
-fp32; 2 when compressed to fp16/bf16).
+`mesh.routing`, `mesh.bucketed` and `recsys.sharded_update` do in the compiled step, so
+the byte estimates are checked against it (`tests/test_planner.py`). Notation: B global
+batch, k devices, b = B / k samples per device, a table of R rows x D columns, a shard of
+r rows x c columns, L the feature's bag width (static shapes are padded to it), p its
+average ids per sample, e the table's bytes per element, s the optimizer state elements
+per table element, v (4) and u (4) the bytes of a communicated result and gradient
+element (2 each when compressed to fp16/bf16), i the bytes per id (4, or 8 with a
+per-id coefficient for weighted or mean features), f the bucketized capacity factor.
 
 Memory of a shard: `r * c * e` for the weights plus the optimizer state: `r * c * s * 4`
 (Adagrad s = 1, Adam s = 2) or `r * 4` (row-wise Adagrad: one float per row).
@@ -15,43 +16,37 @@ Memory of a shard: `r * c * e` for the weights plus the optimizer state: `r * c 
 Lookup time of a shard: the rows it reads, `n = B * p * (r / R)` (a column shard sees
 every id of its rows), each `c * e` bytes but at least 32 (one memory transaction), read
 once forward and read and written once backward, its state likewise:
-`n * max(c e, 32) * (3 + 8 s / e) / hbm_bandwidth`.
+`n * max(c e, 32) * (3 + 8 s / e) / hbm_bandwidth`. A data-parallel table reads the
+batch's rows on every device: `B * p * D * 3 * e`.
 
-Communication, broadcast route (`mesh.routing`), per shard on its owner o:
-- ids out: every device sends o its samples' ids: `b * L * 4` from each other device
-  (`b * L * 8` with per-id coefficients, for weighted or mean features);
-- results back: o sends every other device its pooled `b * c * w` (times the number of
-  pooled features reading the table);
-- gradients out: every other device sends o `b * c * w` (likewise).
-So o sends `(k - 1) * b * c * w` and receives `(k - 1) * b * (L * 4 + c * w)`; every
-other device sends `b * (L * 4 + c * w)` and receives `b * c * w`.
+Communication. Tables with the same strategy, shard width, dtype and optimizer form one
+group (`mesh.sharded`), and each group's exchanges are `all_to_all`s of static shapes:
+every device sends every peer the same padded buffer, so every device sends and receives
+the same bytes (`GroupTraffic`), and a group costs what its busiest owner needs. With
+`C` and `O` the most ids and pooled vectors per sample any owner serves, `q = min(b *
+lanes, ceil(f * b * E))` the bucketized slots per peer (`E` the most ids per sample an
+owner expects when ids spread like rows, `lanes` the ids per sample a device sends: bag
+widths times column blocks), and `share = (k - 1) / k`, each device sends per step:
+- broadcast route: `share * k * b * (C * i + O * w * (v + u))`: ids out, results back,
+  gradients out;
+- bucketized rows (whole-row, row-sharded groups): `share * k * q * (4 + w * (v + u))`;
+- pooled at the owner (row-sharded groups of pooled features): `share * k * (q * (i + 4)
+  + b * O * w * (v + u))`;
+  the runtime takes the cheapest route that applies, as the cost model does;
+- row-wise Adagrad over column shards adds the statistic's two exchanges, `2 * share * k
+  * 4 * (b * C)` (broadcast) or `2 * share * k * 4 * q` (pooled);
+- data-parallel tables gather the batch's ids and gradients: `(k - 1) * b * (L * i + D *
+  4)` each.
 
-Bucketized routes (`mesh.bucketed`, whole-row shards): each device sends a row shard's
-owner `q = f * b * L * r / R` slots (f the capacity factor). Route "rows": each slot
-carries a row index (4 bytes); `q` rows of `c * w` come back and `q` gradients of `c * w`
-go out. Route "pooled": each slot carries the row and its position in the sender's
-batch (8 bytes, 12 with a coefficient); the owner pools, so results and gradients travel
-as in the broadcast route, `b * c * w` per pooled feature each way.
-
-Data-parallel table: every device holds it; it gathers the batch's ids and gradients:
-`(k - 1) * b * (L * 4 + D * 4)` sent and received, and updates `B * p` rows.
-
-Row-wise Adagrad over column shards completes each row's statistic through the senders:
-every position's partial goes back to its sender and the row's sum returns, one float
-each way per id received: on the broadcast route `b * L * 4` each way per peer (like the
-ids), on the pooled route `q * 4`.
-
-Links: a device's traffic to its peers is spread evenly over them (the batch is), so
-a fraction `(devices_per_host - 1) / (k - 1)` stays on its host and the rest crosses
-hosts. Device time = lookup time + the slower of `intra bytes / intra bandwidth` and
-`inter bytes / inter bandwidth`, bytes being the larger of sent and received. The step
-time estimate is the slowest device's.
+Links: a device's traffic is spread evenly over its peers, so a fraction
+`(devices_per_host - 1) / (k - 1)` stays on its host and the rest crosses hosts. Device
+time = lookup time + the slower of `intra bytes / intra bandwidth` and `inter bytes /
+inter bandwidth`; the step time estimate is the slowest device's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 
 import numpy as np
 
@@ -76,6 +71,10 @@ class TableLoad:
     scaled: bool = False  # weighted or mean pooling: coefficients travel with the ids
     outputs: int = 1  # vectors per sample looked up from it: one per pooled feature reading it
     sequence: bool = False  # some feature reading it is unpooled: no pooling at the owner
+
+    @property
+    def id_bytes(self) -> int:
+        return 8 if self.scaled else 4
 
     def __post_init__(self):
         if self.optimizer not in STATE_ELEMENTS:
@@ -140,71 +139,105 @@ def step_seconds(lookup_bytes, sent, received, topo: Topology):
     return lookup_bytes / topo.hbm_bandwidth + np.maximum(intra, inter)
 
 
-def shard_loads(
-    table: TableLoad,
-    owner: int,
-    rows: int,
-    cols: int,
-    batch: int,
-    topo: Topology,
-    comm: CommSettings,
-    route: str = "broadcast",
-    column_split: bool = False,
-) -> tuple[DeviceLoad, DeviceLoad]:
-    """(load on the owner, load on every other device) of one shard, per the formulas above."""
-    k = topo.devices
-    b = batch / k
-    ids = 8 if table.scaled else 4
-    owner_load = DeviceLoad(
-        memory=table.memory(rows, cols), lookup_bytes=table.lookup_bytes(batch, rows, cols)
-    )
-    other = DeviceLoad()
-    if k == 1:
-        return owner_load, other
-    if route not in ROUTES:
-        raise ValueError(f"route {route!r}; choose from {ROUTES}")
-    fwd, bwd = comm.forward_bytes, comm.backward_bytes
-    q = comm.capacity_factor * b * table.bag_width * rows / table.rows
-    if route == "rows":
-        owner_load.sent += (k - 1) * q * cols * fwd
-        owner_load.received += (k - 1) * q * (4 + cols * bwd)
-        other.sent += q * (4 + cols * bwd)
-        other.received += q * cols * fwd
-    else:
-        vectors = table.outputs * cols
-        sent_ids = b * table.bag_width * ids if route == "broadcast" else q * (ids + 4)
-        owner_load.sent += (k - 1) * b * vectors * fwd
-        owner_load.received += (k - 1) * (sent_ids + b * vectors * bwd)
-        other.sent += sent_ids + b * vectors * bwd
-        other.received += b * vectors * fwd
-    if column_split and table.optimizer == "rowwise_adagrad":
-        if route == "pooled":  # one float per slot to the sender and the row's sum back
-            owner_load.sent += (k - 1) * q * 4
-            owner_load.received += (k - 1) * q * 4
-            other.sent += q * 4
-            other.received += q * 4
-        else:
-            owner_load.sent += (k - 1) * b * table.bag_width * 4
-            owner_load.received += (k - 1) * b * table.bag_width * 4
-            other.sent += b * table.bag_width * 4
-            other.received += b * table.bag_width * 4
-    return owner_load, other
+def data_parallel_lookup_bytes(table: TableLoad, batch: int) -> float:
+    """Every device's memory traffic for a replicated table (see the module docstring)."""
+    return batch * table.ids_per_sample * table.dim * 3 * table.element_bytes
 
 
-def data_parallel_load(table: TableLoad, batch: int, topo: Topology) -> DeviceLoad:
-    """Every device's load for a replicated table (see the module docstring)."""
-    k = topo.devices
-    exchanged = (k - 1) * (batch / k) * (table.bag_width * 4 + table.dim * 4) if k > 1 else 0.0
-    return DeviceLoad(
-        memory=table.memory(table.rows, table.dim),
-        lookup_bytes=batch * table.ids_per_sample * table.dim * 3 * table.element_bytes,
-        sent=exchanged,
-        received=exchanged,
-    )
+@dataclasses.dataclass
+class GroupTraffic:
+    """What the exchanges of one group depend on, accumulated as its tables are placed.
 
+    Counts rather than flags, so a table can be taken out again (`remove`)."""
 
-def total(loads: Iterable[DeviceLoad]) -> DeviceLoad:
-    out = DeviceLoad()
-    for load in loads:
-        out.add(load)
-    return out
+    devices: int
+    width: int  # columns per shard (data-parallel: the dim)
+    row_sharded: bool  # row_wise, table_row_wise, grid: bucketized routes apply
+    data_parallel: bool
+    rowwise_adagrad: bool
+    columns: np.ndarray = None  # per owner: ids per sample it receives on the broadcast route
+    outputs: np.ndarray = None  # per owner: pooled vectors per sample it returns
+    expected: np.ndarray = None  # per owner: ids per sample it expects from one source
+    lanes: float = 0.0  # ids per sample a device sends on a bucketized route
+    scaled: int = 0  # tables whose ids travel with a coefficient
+    sequence: int = 0  # tables read by an unpooled feature (no pooling at the owner)
+    split: int = 0  # tables in several column blocks
+    partial_rows: int = 0  # same, the "rows" route needs whole rows
+    gathered: float = 0.0  # data-parallel: bytes per sample gathered from each peer
+    tables: int = 0
+
+    def __post_init__(self):
+        for name in ("columns", "outputs", "expected"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.zeros(self.devices))
+
+    def copy(self) -> GroupTraffic:
+        return dataclasses.replace(
+            self, columns=self.columns.copy(), outputs=self.outputs.copy(), expected=self.expected.copy()
+        )
+
+    def add(self, table: TableLoad, shards, sign: int = 1) -> None:
+        """Adds (sign -1: removes) `table` placed as `shards`: (device, rows, cols) each."""
+        self.add_table(table, shards, sign)
+        self.add_owners(table, shards, sign)
+
+    def add_table(self, table: TableLoad, shards, sign: int = 1) -> None:
+        """The parts of `add` that do not depend on which devices own the shards."""
+        self.tables += sign
+        self.scaled += sign * table.scaled
+        self.sequence += sign * table.sequence
+        if self.data_parallel:
+            self.gathered += sign * (table.bag_width * table.id_bytes + table.dim * 4)
+            return
+        blocks = len({cols for _, _, cols in shards})
+        self.split += sign * (blocks > 1)
+        self.partial_rows += sign * any(cols != (0, table.dim) for _, _, cols in shards)
+        self.lanes += sign * table.bag_width * blocks
+
+    def add_owners(self, table: TableLoad, shards, sign: int = 1) -> None:
+        """The parts of `add` that do: what each owner serves."""
+        if self.data_parallel:
+            return
+        devices = np.array([device for device, _, _ in shards], np.int64)
+        np.add.at(self.columns, devices, sign * table.bag_width)
+        np.add.at(self.outputs, devices, sign * table.outputs)
+        np.add.at(self.expected, devices, [sign * self.share(table, rows) for _, rows, _ in shards])
+
+    @staticmethod
+    def share(table: TableLoad, rows) -> float:
+        """Ids per sample a shard of these rows expects from each source."""
+        return table.bag_width * (rows[1] - rows[0]) / table.rows
+
+    def bytes(self, batch: int, comm: CommSettings) -> tuple[float, str]:
+        """(bytes each device sends per step, and receives as many; the route taken)."""
+        total, route = self.bytes_if(batch, comm, self.columns.max(), self.outputs.max(), self.expected.max())
+        return float(total), ROUTES[int(route)]
+
+    def bytes_if(self, batch: int, comm: CommSettings, columns, outputs, expected):
+        """`bytes` given the busiest owner's figures, as NumPy arrays of trials (one per
+        entry): (bytes, index into ROUTES of the route taken)."""
+        columns, outputs, expected = np.broadcast_arrays(*map(np.asarray, (columns, outputs, expected)))
+        k = self.devices
+        if self.tables == 0 or k == 1:
+            return np.zeros(columns.shape), np.zeros(columns.shape, int)
+        b, share = batch / k, (k - 1) / k
+        if self.data_parallel:
+            return np.full(columns.shape, (k - 1) * b * self.gathered), np.zeros(columns.shape, int)
+        ids = 8 if self.scaled else 4
+        results = self.width * (comm.forward_bytes + comm.backward_bytes)
+        q = np.maximum(1, np.minimum(b * self.lanes, np.ceil(comm.capacity_factor * b * expected)))
+        never = np.full(columns.shape, np.inf)
+        sent = np.stack(
+            [
+                share * k * b * (columns * ids + outputs * results),
+                share * k * q * (4 + results) if self.row_sharded and not self.partial_rows else never,
+                share * k * (q * (ids + 4) + b * outputs * results)
+                if self.row_sharded and not self.sequence
+                else never,
+            ]
+        )
+        route = np.argmin(sent, axis=0)  # the runtime picks by the exchanges alone; ties: broadcast
+        total = np.take_along_axis(sent, route[None], axis=0)[0]
+        if self.split and self.rowwise_adagrad:
+            total = total + 2 * share * k * 4 * np.where(route == 2, q, b * columns)
+        return total, route

@@ -1,40 +1,53 @@
 """The sharding planner: per table, the strategy and placement with the fastest step.
 
+The cost model (`mesh.cost`) charges each shard its memory and lookups on its device,
+and each group of tables (same strategy, shard width, dtype and optimizer: one stacked
+array at run time) its exchanges: static-shape `all_to_all`s that every device sends and
+receives in full, padded to the group's busiest owner. So a device's time is its lookups
+plus the step's exchanges, the same for every device, and a placement matters twice: for
+the lookups each device does and for the busiest owner of each group.
+
 Search (enumerate -> estimate -> place -> re-place -> refine):
 1. Tables go largest first (by their share of a device's memory plus their lookup time).
-2. For each table every allowed strategy is tried: table-wise on each device, column-wise
-   with each shard count that divides the dim, row-wise, data-parallel, and the two-level
-   hybrids on each host. Shards that may go anywhere (table-wise, column-wise) go to the
-   device where they raise the step time least. A candidate that overflows a device's
-   memory is skipped; the candidate with the best score wins: the step time it implies,
-   the larger of the slowest device (`mesh.cost.device_time`) and perfect balance of the
-   work placed plus a share of the least work the remaining tables will add (so that the
-   first, largest tables do not spread over every device and leave no room), ties broken
-   by total time. The pass runs for a few shares (`LOOKAHEADS`) and the fastest plan wins.
+2. For each table every allowed strategy is tried: table-wise, column-wise with each
+   shard count that divides the dim, row-wise, data-parallel, and the two-level hybrids
+   on each host. Shards that may go anywhere (table-wise, column-wise) go, one by one, to
+   the device where the step grows least (its lookups, and its group's busiest owner). A
+   candidate that overflows a device's memory is skipped; the candidate with the best
+   score wins: the step time it implies, the larger of the step now and perfect balance
+   of the work placed plus a share of the least work the remaining tables will add (so
+   that the first, largest tables do not spread over every device and leave no room),
+   ties broken by total time. The pass runs for a few shares (`LOOKAHEADS`) and the
+   fastest plan wins.
 3. Each table is placed again, knowing where all the others are, when that lowers the
    step time (or keeps it and lowers the total).
-4. Refinement: while the slowest device holds a movable shard (table-wise or column-wise)
-   whose move to another device takes it below the slowest time without making the
-   destination as slow, move the best one (ties for the slowest are common, so a move
-   that leaves one device fewer that slow counts as progress).
-Routes: each row-sharded table is costed on the route the runtime would pick for it
-(`mesh.cost.ROUTES`: broadcast, bucketized rows, or pooled at the owner).
+4. Refinement: table-wise and column-wise shards move, one at a time, from the device
+   with the most lookups or from a group's busiest owner, where the move lowers the step
+   time, or leaves one device fewer with the most lookups (ties are common).
+Each group is costed on the route the runtime picks for it (`mesh.cost.ROUTES`:
+broadcast, bucketized rows, or pooled at the owner).
 The result reports the estimated step time against two lower bounds: `sum of device
 times / devices` (no placement of the chosen shards beats perfect balance) and the
-costliest table alone on an empty machine under its best strategy. It also reports the
-bytes a device sends as the compiled step moves them (`step_bytes`).
+costliest table alone on an empty machine under its best strategy, and the bytes each
+device sends per step, which the compiled step reproduces (`tests/test_planner.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
-from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, shard_loads, step_seconds
+from mesh.cost import (
+    CommSettings,
+    DeviceLoad,
+    GroupTraffic,
+    TableLoad,
+    data_parallel_lookup_bytes,
+    step_seconds,
+)
 from mesh.meshes import MeshSpec
 from mesh.plan import Shard, ShardingPlan, Strategy, TablePlan, row_blocks
 from mesh.topology import PRESETS, Topology
@@ -43,6 +56,9 @@ PRESET_NAMES = sorted(PRESETS)
 # How much of the least work still to place the greedy pass reserves room for (`_place_all`);
 # each is one start, and the best plan wins.
 LOOKAHEADS = (0.5, 0.8, 1.0, 1.2)
+_ROW_SHARDED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
+_MOVABLE = (Strategy.TABLE_WISE, Strategy.COLUMN_WISE)
+_EPS = 1e-9
 
 
 class PlanningError(ValueError):
@@ -56,7 +72,10 @@ class _Shard:
     device: int
     rows: tuple[int, int]
     cols: tuple[int, int]
-    movable: bool
+
+    @property
+    def owner(self) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        return self.device, self.rows, self.cols
 
 
 @dataclasses.dataclass
@@ -67,8 +86,9 @@ class PlanResult:
     times: list[float]  # seconds per step, per device
     lower_bound: float
     seconds: float  # planning time
-    collective_bytes: float = 0.0  # per device and step, as compiled (`step_bytes`)
+    collective_bytes: float = 0.0  # per device and step: every device sends (and receives) this
     table_floor: float = 0.0  # the fastest the costliest table alone can run: also a bound
+    groups: list[dict] = dataclasses.field(default_factory=list)  # per group: tables, route, bytes
 
     @property
     def step_time(self) -> float:
@@ -88,6 +108,7 @@ class PlanResult:
             "table_floor_s": self.table_floor,
             "max_over_mean": self.balance,
             "collective_bytes_per_device": self.collective_bytes,
+            "groups": self.groups,
             "devices": [
                 {
                     "device": d,
@@ -124,98 +145,158 @@ class PlanResult:
         return "\n".join(lines)
 
 
+def _group_key(table: TableLoad, strategy: Strategy, shards: Sequence[_Shard]) -> tuple:
+    """The runtime's stacking (`mesh.sharded`): strategy, shard width, dtype, optimizer."""
+    width = table.dim if strategy is Strategy.DATA_PARALLEL else shards[0].cols[1] - shards[0].cols[0]
+    return (strategy, width, table.element_bytes, table.optimizer)
+
+
+def _new_group(key: tuple, devices: int) -> GroupTraffic:
+    strategy, width, _, optimizer = key
+    return GroupTraffic(
+        devices,
+        width,
+        row_sharded=strategy in _ROW_SHARDED,
+        data_parallel=strategy is Strategy.DATA_PARALLEL,
+        rowwise_adagrad=optimizer == "rowwise_adagrad",
+    )
+
+
+@dataclasses.dataclass
+class _Trial:
+    """A state with one more table placed (or one table fewer)."""
+
+    table: np.ndarray  # [devices, 2]: memory, lookup bytes
+    key: tuple
+    group: GroupTraffic
+    group_bytes: float
+    comm: float  # bytes each device sends per step, all groups
+
+
 class _State:
-    """Per-device loads while placing, as NumPy columns (memory, lookup, sent, received)."""
+    """Per-device memory and lookups, and every group's exchanges, while placing."""
 
-    def __init__(self, topo: Topology):
-        self.topo = topo
-        self.table = np.zeros((topo.devices, 4))
+    def __init__(self, topo: Topology, batch: int, comm: CommSettings):
+        self.topo, self.batch, self.comm_settings = topo, batch, comm
+        self.table = np.zeros((topo.devices, 2))
+        self.groups: dict[tuple, GroupTraffic] = {}
+        self.sent: dict[tuple, float] = {}
 
-    def times(self, table: np.ndarray | None = None) -> np.ndarray:
+    @property
+    def comm(self) -> float:
+        return float(sum(self.sent.values()))
+
+    def times(self, table: np.ndarray | None = None, comm: float | None = None) -> np.ndarray:
         t = self.table if table is None else table
-        return step_seconds(t[:, 1], t[:, 2], t[:, 3], self.topo)
+        c = self.comm if comm is None else comm
+        return step_seconds(t[:, 1], c, c, self.topo)
 
-    def trial(self, extra: _Extra, everyone: DeviceLoad) -> np.ndarray:
-        out = self.table + _row(everyone)
-        np.add.at(out, extra[0], extra[1])
-        return out
+    def step(self, table: np.ndarray, comm) -> np.ndarray | float:
+        """The slowest device: every device pays the same exchanges."""
+        return step_seconds(table[:, 1].max(), comm, comm, self.topo)
+
+    def group(self, key: tuple) -> GroupTraffic:
+        return self.groups[key].copy() if key in self.groups else _new_group(key, self.topo.devices)
+
+    def trial(self, table: TableLoad, strategy: Strategy, shards: Sequence[_Shard], sign: int = 1) -> _Trial:
+        out = self.table.copy()
+        if strategy is Strategy.DATA_PARALLEL:
+            out += sign * np.array(
+                [table.memory(table.rows, table.dim), data_parallel_lookup_bytes(table, self.batch)]
+            )
+        else:
+            cost: dict[tuple[int, int], tuple[float, float]] = {}  # shards of one shape cost alike
+            for s in shards:
+                shape = (s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])
+                if shape not in cost:
+                    cost[shape] = (table.memory(*shape), table.lookup_bytes(self.batch, *shape))
+            rows = np.array([cost[(s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])] for s in shards])
+            np.add.at(out, np.array([s.device for s in shards]), sign * rows)
+        key = _group_key(table, strategy, shards)
+        group = self.group(key)
+        group.add(table, [s.owner for s in shards], sign)
+        sent, _ = group.bytes(self.batch, self.comm_settings)
+        return _Trial(out, key, group, sent, self.comm - self.sent.get(key, 0.0) + sent)
+
+    def apply(self, trial: _Trial) -> None:
+        self.table = trial.table
+        self.groups[trial.key] = trial.group
+        self.sent[trial.key] = trial.group_bytes
 
     def loads(self) -> list[DeviceLoad]:
-        return [DeviceLoad(*row) for row in self.table.tolist()]
+        c = self.comm
+        return [DeviceLoad(m, lookup, c, c) for m, lookup in self.table.tolist()]
+
+    def group_report(self, placed) -> list[dict]:
+        out = []
+        for key, g in self.groups.items():
+            if g.tables:
+                strategy, width, element_bytes, optimizer = key
+                members = sorted(n for n, p in placed.items() if p.key == key)
+                route = g.bytes(self.batch, self.comm_settings)[1]
+                out.append(
+                    {
+                        "strategy": strategy.value,
+                        "width": width,
+                        "tables": members,
+                        "route": route,
+                        "bytes": self.sent[key],
+                    }
+                )
+        return out
 
 
-_Extra = tuple[np.ndarray, np.ndarray]  # (devices, [shards, 4] loads) added to those devices
-_NO_EXTRA: _Extra = (np.zeros(0, np.int64), np.zeros((0, 4)))
+@dataclasses.dataclass
+class _Placed:
+    strategy: Strategy
+    shards: list[_Shard]
+    key: tuple
 
 
-def _row(load: DeviceLoad) -> np.ndarray:
-    return np.array([load.memory, load.lookup_bytes, load.sent, load.received])
-
-
-def _strategy_loads(
-    table: TableLoad, strategy: Strategy, shards, batch: int, topo: Topology, comm: CommSettings
-):
-    """(extra per-device loads, load on every device, route, column split) of a
-    table placed as `shards` under `strategy`."""
-    if strategy is Strategy.DATA_PARALLEL:
-        return _NO_EXTRA, data_parallel_load(table, batch, topo), "broadcast", False
-    route = _route_of(strategy, shards, table, comm)
-    split = any(s.cols != (0, table.dim) for s in shards)
-    extra, everyone = _loads_of(table, shards, batch, topo, comm, route, split)
-    return extra, everyone, route, split
-
-
-def _loads_of(table, shards, batch, topo, comm, route, column_split_) -> tuple[_Extra, DeviceLoad]:
-    """Per-device extra load of a set of shards: owners' loads, plus what every other
-    device carries for each shard (added to all, then taken back from the owner)."""
-    everyone = DeviceLoad()
-    devices, rows = [], []
-    cache: dict[tuple[int, int], tuple[np.ndarray, DeviceLoad]] = {}  # shards of one shape cost alike
-    for s in shards:
-        shape = (s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])
-        if shape not in cache:
-            owner, other = shard_loads(table, s.device, *shape, batch, topo, comm, route, column_split_)
-            cache[shape] = (_row(owner) - _row(DeviceLoad(sent=other.sent, received=other.received)), other)
-        mine, other = cache[shape]
-        everyone.add(other)
-        devices.append(s.device)
-        rows.append(mine)
-    return (np.asarray(devices, np.int64), np.asarray(rows).reshape(-1, 4)), everyone
-
-
-def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state: _State, batch, comm):
+def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state: _State):
     """(strategy, shards) for every placement worth trying."""
     k, per_host, hosts = topo.devices, topo.devices_per_host, topo.hosts
     full_r, full_c = (0, table.rows), (0, table.dim)
 
-    def best_devices(count: int, rows, width: int) -> list[int]:
-        """Greedy: each shard to the device whose time grows least (distinct devices)."""
-        owner, _ = shard_loads(table, 0, rows[1] - rows[0], width, batch, topo, comm)
-        grown = state.times(state.table + _row(owner))
-        grown[state.table[:, 0] + owner.memory > topo.memory] = np.inf  # would not fit
-        return [int(d) for d in np.argsort(grown, kind="stable")[:count]]
+    def spread(strategy: Strategy, count: int) -> list[_Shard]:
+        """`count` column shards (one: the whole table), each on the device where the step
+        grows least: its lookups and its group's busiest owner (distinct devices)."""
+        width = table.dim // count
+        shards = [
+            _Shard(table.name, strategy, -1, full_r, (i * width, (i + 1) * width)) for i in range(count)
+        ]
+        key = _group_key(table, strategy, shards)
+        group = state.group(key)
+        group.add_table(table, [s.owner for s in shards])
+        others = state.comm - state.sent.get(key, 0.0)
+        memory, lookup = table.memory(table.rows, width), table.lookup_bytes(state.batch, table.rows, width)
+        table_now = state.table.copy()
+        for s in shards:
+            columns = np.maximum(group.columns.max(), group.columns + table.bag_width)
+            outputs = np.maximum(group.outputs.max(), group.outputs + table.outputs)
+            expected = np.maximum(group.expected.max(), group.expected + GroupTraffic.share(table, s.rows))
+            sent, _ = group.bytes_if(state.batch, state.comm_settings, columns, outputs, expected)
+            slowest = np.maximum(table_now[:, 1].max(), table_now[:, 1] + lookup)
+            step = step_seconds(slowest, others + sent, others + sent, topo)
+            step[table_now[:, 0] + memory > topo.memory] = np.inf  # would not fit
+            step[[x.device for x in shards if x.device >= 0]] = np.inf  # one shard per device
+            s.device = int(np.lexsort((table_now[:, 1], step))[0])
+            group.add_owners(table, [s.owner])
+            table_now[s.device] += (memory, lookup)
+        return shards
 
     if Strategy.TABLE_WISE in allowed:
-        (d,) = best_devices(1, full_r, table.dim)
-        yield Strategy.TABLE_WISE, [_Shard(table.name, Strategy.TABLE_WISE, d, full_r, full_c, True)]
+        yield Strategy.TABLE_WISE, spread(Strategy.TABLE_WISE, 1)
     if Strategy.COLUMN_WISE in allowed:
         for c in sorted(
             {c for c in range(2, min(k, table.dim) + 1) if table.dim % c == 0 and table.dim // c >= 4}
         ):
-            width = table.dim // c
-            devices = best_devices(c, full_r, width)
-            yield (
-                Strategy.COLUMN_WISE,
-                [
-                    _Shard(table.name, Strategy.COLUMN_WISE, d, full_r, (i * width, (i + 1) * width), True)
-                    for i, d in enumerate(devices)
-                ],
-            )
+            yield Strategy.COLUMN_WISE, spread(Strategy.COLUMN_WISE, c)
     if Strategy.ROW_WISE in allowed and k > 1:
         yield (
             Strategy.ROW_WISE,
             [
-                _Shard(table.name, Strategy.ROW_WISE, d, r, full_c, False)
+                _Shard(table.name, Strategy.ROW_WISE, d, r, full_c)
                 for d, r in enumerate(row_blocks(table.rows, k))
                 if r[1] > r[0]
             ],
@@ -223,7 +304,7 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
     if Strategy.DATA_PARALLEL in allowed:
         yield (
             Strategy.DATA_PARALLEL,
-            [_Shard(table.name, Strategy.DATA_PARALLEL, d, full_r, full_c, False) for d in range(k)],
+            [_Shard(table.name, Strategy.DATA_PARALLEL, d, full_r, full_c) for d in range(k)],
         )
     if hosts > 1 or per_host > 1:
         for h in range(hosts):
@@ -232,7 +313,7 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
                 yield (
                     Strategy.TABLE_ROW_WISE,
                     [
-                        _Shard(table.name, Strategy.TABLE_ROW_WISE, base + d, r, full_c, False)
+                        _Shard(table.name, Strategy.TABLE_ROW_WISE, base + d, r, full_c)
                         for d, r in enumerate(row_blocks(table.rows, per_host))
                         if r[1] > r[0]
                     ],
@@ -249,7 +330,6 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
                             base + i,
                             full_r,
                             (i * width, (i + 1) * width),
-                            False,
                         )
                         for i in range(c)
                     ],
@@ -260,7 +340,7 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
         yield (
             Strategy.GRID,
             [
-                _Shard(table.name, Strategy.GRID, h * per_host + d, r, (h * width, (h + 1) * width), False)
+                _Shard(table.name, Strategy.GRID, h * per_host + d, r, (h * width, (h + 1) * width))
                 for h in range(c)
                 for d, r in enumerate(row_blocks(table.rows, per_host))
                 if r[1] > r[0]
@@ -273,22 +353,10 @@ def _column_shards(dim: int, parts: int) -> int:
     return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0 and (dim // c >= 4 or c == 1))
 
 
-def _route_of(strategy: Strategy, shards: list[_Shard], table: TableLoad, comm: CommSettings) -> str:
-    """The route `mesh.sharded_lookup` picks (auto) for a table's shards: of those that
-    apply, the one that sends the fewest bytes per sample (`mesh.cost.ROUTES`; like the
-    runtime, the choice leaves the row-wise statistic's exchange out)."""
-    if strategy not in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID):
-        return "broadcast"
-    ids = 8 if table.scaled else 4
-    f, bag = comm.capacity_factor, table.bag_width
-    blocks = len({s.cols for s in shards})  # column blocks: an id goes to one shard of each
-    results = sum(2 * table.outputs * (s.cols[1] - s.cols[0]) * 4 for s in shards)  # and gradients
-    per_sample = {"broadcast": len(shards) * bag * ids + results}
-    if blocks == 1:
-        per_sample["rows"] = f * bag * (4 + 2 * table.dim * 4)
-    if not table.sequence:
-        per_sample["pooled"] = blocks * f * bag * (ids + 4) + results
-    return min(per_sample, key=lambda r: (per_sample[r], r != "broadcast"))
+def _score(state: _State, table: np.ndarray, comm: float) -> tuple[float, float]:
+    """(step time, total device time) of per-device loads and exchanges."""
+    times = state.times(table, comm)
+    return float(times.max()), float(times.sum())
 
 
 def plan_tables(
@@ -337,23 +405,44 @@ def plan_tables(
         if best is None or score < best[0]:
             best = (score, state, placed)
     _, state, placed = best
-    _replace_each(state, placed, order, allowed_of, batch, topo, comm)
+    _replace_each(state, placed, order, allowed_of)
     deadline = start + refine_seconds if max_moves is None else float("inf")
-    _refine(state, placed, {t.name: t for t in tables}, batch, topo, comm, deadline, max_moves)
+    _refine(state, placed, {t.name: t for t in tables}, deadline, max_moves)
+    return _result(state, placed, tables, floor, time.perf_counter() - start)
+
+
+def _result(state: _State, placed: dict[str, _Placed], tables, floor: float, seconds: float) -> PlanResult:
     times = [float(t) for t in state.times()]
-    lower = sum(times) / topo.devices
-    mesh = mesh_for_topology(topo)
     plan = ShardingPlan(
         {
             t.name: TablePlan(
-                placed[t.name][0], tuple(sorted(Shard(s.device, s.rows, s.cols) for s in placed[t.name][1]))
+                placed[t.name].strategy,
+                tuple(sorted(Shard(s.device, s.rows, s.cols) for s in placed[t.name].shards)),
             )
             for t in tables
         },
-        mesh,
+        mesh_for_topology(state.topo),
     )
-    sent = step_bytes(plan, tables, topo.devices, batch, comm)
-    return PlanResult(plan, topo, state.loads(), times, lower, time.perf_counter() - start, sent, floor)
+    return PlanResult(
+        plan,
+        state.topo,
+        state.loads(),
+        times,
+        sum(times) / state.topo.devices,
+        seconds,
+        state.comm,
+        floor,
+        state.group_report(placed),
+    )
+
+
+def _placed_from(plan: ShardingPlan, tables: Sequence[TableLoad]) -> dict[str, _Placed]:
+    out = {}
+    for t in tables:
+        p = plan.tables[t.name]
+        shards = [_Shard(t.name, p.strategy, s.device, s.rows, s.cols) for s in p.shards]
+        out[t.name] = _Placed(p.strategy, shards, _group_key(t, p.strategy, shards))
+    return out
 
 
 def evaluate_plan(
@@ -364,16 +453,11 @@ def evaluate_plan(
     comm: CommSettings | None = None,
 ) -> PlanResult:
     """The cost model's estimates for any plan (a hand-written one, a naive baseline)."""
-    comm = comm or CommSettings()
-    state = _State(topo)
-    for table in tables:
-        p = plan.tables[table.name]
-        shards = [_Shard(table.name, p.strategy, s.device, s.rows, s.cols, False) for s in p.shards]
-        extra, everyone, _, _ = _strategy_loads(table, p.strategy, shards, batch, topo, comm)
-        state.table = state.trial(extra, everyone)
-    times = [float(t) for t in state.times()]
-    sent = step_bytes(plan, tables, topo.devices, batch, comm)
-    return PlanResult(plan, topo, state.loads(), times, sum(times) / topo.devices, 0.0, sent)
+    state = _State(topo, batch, comm or CommSettings())
+    placed = _placed_from(plan, tables)
+    for t in tables:
+        state.apply(state.trial(t, placed[t.name].strategy, placed[t.name].shards))
+    return _result(state, placed, tables, 0.0, 0.0)
 
 
 def step_bytes(
@@ -383,63 +467,23 @@ def step_bytes(
     batch: int,
     comm: CommSettings | None = None,
 ) -> float:
-    """Bytes one device sends per step over the embedding collectives of `plan`, counted
-    the way the compiled step moves them: a group's `all_to_all` buffers are padded to the
-    busiest owner and sent to every device (the per-shard figures above assume no padding),
-    each group takes the route the runtime picks (`mesh.sharded_lookup.plan_routes`),
-    bucketized routes use their capacity, column shards under row-wise Adagrad add the
-    statistic's two exchanges, data-parallel tables gather ids and gradients. The dense
-    layers' all-reduce is not included."""
-    comm = comm or CommSettings()
-    k, b = devices, batch // devices
-    share = (k - 1) / k
-    groups: dict[tuple, list[TableLoad]] = {}
-    for t in tables:
-        p = plan.tables[t.name]
-        width = p.shards[0].cols[1] - p.shards[0].cols[0]
-        groups.setdefault((p.strategy, width, t.element_bytes, t.optimizer), []).append(t)
-    total = 0.0
-    for (strategy, width, _, optimizer), members in groups.items():
-        scaled = any(t.scaled for t in members)
-        if strategy is Strategy.DATA_PARALLEL:
-            total += sum((k - 1) * b * (t.bag_width * (8 if t.scaled else 4) + t.dim * 4) for t in members)
-            continue
-        columns, outputs, expected = [0] * k, [0] * k, [0.0] * k
-        lanes = 0  # ids per sample the bucketized routes send: one per column block
-        for t in members:
-            shards = plan.tables[t.name].shards
-            lanes += t.bag_width * len({s.cols for s in shards})
-            for s in shards:
-                columns[s.device] += t.bag_width
-                outputs[s.device] += t.outputs
-                expected[s.device] += b * t.bag_width * (s.rows[1] - s.rows[0]) / t.rows
-        capacity = min(b * lanes, max(1, math.ceil(comm.capacity_factor * max(expected))))
-        results = 2 * max(outputs) * width * 4
-        sent = {"broadcast": share * k * b * (max(columns) * (8 if scaled else 4) + results)}
-        if strategy in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID):
-            if all(s.cols == (0, t.dim) for t in members for s in plan.tables[t.name].shards):
-                sent["rows"] = share * k * capacity * (4 + 2 * width * 4)
-            if not any(t.sequence for t in members):
-                sent["pooled"] = share * k * (capacity * (12 if scaled else 8) + b * results)
-        route = min(sent, key=lambda r: (sent[r], r != "broadcast"))
-        total += sent[route]
-        column_split = any(s.cols != (0, t.dim) for t in members for s in plan.tables[t.name].shards)
-        if column_split and optimizer == "rowwise_adagrad":  # the statistic's two exchanges
-            total += 2 * share * k * 4 * (capacity if route == "pooled" else b * max(columns))
-    return total
+    """Bytes each device sends per step over the embedding exchanges of `plan` (the dense
+    layers' all-reduce not included): `evaluate_plan`'s, for a flat mesh of `devices`."""
+    topo = Topology(hosts=1, devices_per_host=devices, memory=float("inf"), hbm_bandwidth=1.0,
+                    intra_bandwidth=1.0, inter_bandwidth=1.0)  # fmt: skip
+    return evaluate_plan(plan, tables, topo, batch, comm).collective_bytes
 
 
 def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSettings) -> tuple[float, float]:
     """`table` on an otherwise empty machine: the step time under its best strategy, and
     the least total device time (summed over devices) any strategy costs."""
-    empty = _State(topo)
+    empty = _State(topo, batch, comm)
     best, least = float("inf"), float("inf")
-    for strategy, shards in _candidates(table, topo, allowed, empty, batch, comm):
-        extra, everyone, _, _ = _strategy_loads(table, strategy, shards, batch, topo, comm)
-        trial = empty.trial(extra, everyone)
-        if not (trial[:, 0] > topo.memory).any():
-            times = empty.times(trial)
-            best, least = min(best, float(times.max())), min(least, float(times.sum()))
+    for strategy, shards in _candidates(table, topo, allowed, empty):
+        trial = empty.trial(table, strategy, shards)
+        if not (trial.table[:, 0] > topo.memory).any():
+            step, total = _score(empty, trial.table, trial.comm)
+            best, least = min(best, step), min(least, total)
     return (0.0, 0.0) if best == float("inf") else (best, least)
 
 
@@ -449,27 +493,25 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
     the slowest device now, nor than perfect balance of the work placed plus `lookahead`
     times the least the tables still to place will add (a candidate that spreads work over
     every device must leave room for them). Returns (state, {table: placement})."""
-    state = _State(topo)
-    placed: dict[str, tuple[Strategy, list[_Shard], str, bool]] = {}
+    state = _State(topo, batch, comm)
+    placed: dict[str, _Placed] = {}
     remaining = sum(a[1] for a in alone.values())
     for table in order:
         allowed = allowed_of[table.name]
         remaining -= alone[table.name][1]
         best, shortfall = None, None
-        for strategy, shards in _candidates(table, topo, allowed, state, batch, comm):
-            extra, everyone, route, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
-            trial = state.trial(extra, everyone)
-            if (trial[:, 0] > topo.memory).any():
-                worst = int(np.argmax(trial[:, 0]))
-                missing = trial[worst, 0] - topo.memory
+        for strategy, shards in _candidates(table, topo, allowed, state):
+            trial = state.trial(table, strategy, shards)
+            if (trial.table[:, 0] > topo.memory).any():
+                worst = int(np.argmax(trial.table[:, 0]))
+                missing = trial.table[worst, 0] - topo.memory
                 if shortfall is None or missing < shortfall[0]:
                     shortfall = (missing, worst, strategy)
                 continue
-            times = state.times(trial)
-            total = float(times.sum())
-            score = (max(float(times.max()), (total + lookahead * remaining) / topo.devices), total)
+            step, total = _score(state, trial.table, trial.comm)
+            score = (max(step, (total + lookahead * remaining) / topo.devices), total)
             if best is None or score < best[0]:
-                best = (score, strategy, shards, trial, route, split)
+                best = (score, strategy, shards, trial)
         if best is None:
             if shortfall is None:
                 raise PlanningError(
@@ -481,87 +523,100 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
                 f"with optimizer state) does not fit: its most compact option ({strategy.value}) needs "
                 f"{missing / 1e9:.2f} GB more on device {device} (capacity {topo.memory / 1e9:.2f} GB per device)"
             )
-        _, strategy, shards, trial, route, split = best
-        state.table = trial
-        placed[table.name] = (strategy, shards, route, split)
+        _, strategy, shards, trial = best
+        state.apply(trial)
+        placed[table.name] = _Placed(strategy, shards, trial.key)
     return state, placed
 
 
-def _replace_each(state: _State, placed, order, allowed_of, batch, topo, comm, passes: int = 2) -> None:
+def _replace_each(state: _State, placed, order, allowed_of, passes: int = 2) -> None:
     """Places every table again, largest first, knowing where all the others are (the
     first pass chose before the smaller tables were placed); keeps a new placement only
     when it lowers the step time, or keeps it and lowers the total device time."""
     for _ in range(passes):
         changed = False
         for table in order:
-            strategy, shards, _, _ = placed[table.name]
-            extra, everyone, _, _ = _strategy_loads(table, strategy, shards, batch, topo, comm)
-            mine = state.trial(extra, everyone) - state.table
-            current = state.times()
-            best = ((float(current.max()), float(current.sum())), None)
-            state.table = state.table - mine
-            for strategy, shards in _candidates(table, topo, allowed_of[table.name], state, batch, comm):
-                extra, everyone, route, split = _strategy_loads(table, strategy, shards, batch, topo, comm)
-                trial = state.trial(extra, everyone)
-                if (trial[:, 0] > topo.memory).any():
+            p = placed[table.name]
+            current = _score(state, state.table, state.comm)
+            state.apply(state.trial(table, p.strategy, p.shards, sign=-1))
+            best = (current, None)
+            for strategy, shards in _candidates(table, state.topo, allowed_of[table.name], state):
+                trial = state.trial(table, strategy, shards)
+                if (trial.table[:, 0] > state.topo.memory).any():
                     continue
-                times = state.times(trial)
-                score = (float(times.max()), float(times.sum()))
-                if score[0] < best[0][0] * (1 - 1e-9) or (
-                    score[0] <= best[0][0] and score[1] < best[0][1] * (1 - 1e-9)
+                score = _score(state, trial.table, trial.comm)
+                if score[0] < best[0][0] * (1 - _EPS) or (
+                    score[0] <= best[0][0] and score[1] < best[0][1] * (1 - _EPS)
                 ):
-                    best = (score, (strategy, shards, route, split, trial))
+                    best = (score, (strategy, shards, trial))
             if best[1] is None:
-                state.table = state.table + mine
+                state.apply(state.trial(table, p.strategy, p.shards))
                 continue
-            strategy, shards, route, split, trial = best[1]
-            state.table = trial
-            placed[table.name] = (strategy, shards, route, split)
+            strategy, shards, trial = best[1]
+            state.apply(trial)
+            placed[table.name] = _Placed(strategy, shards, trial.key)
             changed = True
         if not changed:
             return
 
 
-def _refine(state: _State, placed, tables, batch, topo, comm, deadline: float, max_moves: int | None) -> None:
-    """Moves movable shards off the slowest device while each move takes it below the
-    slowest time without making the destination that slow."""
-    moves = 0
+def _refine(state: _State, placed, tables, deadline: float, max_moves: int | None) -> None:
+    """Moves table-wise and column-wise shards, one at a time, off the device with the
+    most lookups or off a group's busiest owner, while a move lowers the step time or
+    leaves one device fewer with the most lookups (without raising the step)."""
+    topo, moves = state.topo, 0
     while time.perf_counter() < deadline and (max_moves is None or moves < max_moves):
         moves += 1
-        times = state.times()
-        slowest = int(np.argmax(times))
-        current = float(times[slowest])
+        lookups = state.table[:, 1]
+        busiest = int(np.argmax(lookups))
+        step = float(state.step(state.table, state.comm))
         best = None
-        for name, (_, shards, route, split) in placed.items():
-            for s in shards:
-                if not s.movable or s.device != slowest:
+        for name, p in placed.items():
+            if p.strategy not in _MOVABLE:
+                continue
+            table, group = tables[name], state.groups[p.key]
+            tops = {
+                int(np.argmax(group.columns)),
+                int(np.argmax(group.outputs)),
+                busiest,
+            }
+            busy = {s.device for s in p.shards}
+            for s in p.shards:
+                if s.device not in tops:
                     continue
-                owner, other = shard_loads(
-                    tables[name], s.device, s.rows[1] - s.rows[0], s.cols[1] - s.cols[0], batch, topo, comm,
-                    route, split,
-                )  # fmt: skip
-                delta = _row(owner) - _row(DeviceLoad(sent=other.sent, received=other.received))
-                trial = state.table.copy()
-                trial[slowest] -= delta
-                busy = {x.device for x in shards}
-                moved = state.times(trial + delta)  # every device as the destination
-                rest = state.times(trial)
-                fits = trial[:, 0] + delta[0] <= topo.memory
+                r, c = s.rows[1] - s.rows[0], s.cols[1] - s.cols[0]
+                delta = np.array([table.memory(r, c), table.lookup_bytes(state.batch, r, c)])
+                without = state.table.copy()
+                without[s.device] -= delta
+                g = group.copy()
+                g.add_owners(table, [s.owner], sign=-1)
+                columns = np.maximum(g.columns.max(), g.columns + table.bag_width)
+                outputs = np.maximum(g.outputs.max(), g.outputs + table.outputs)
+                expected = np.maximum(g.expected.max(), g.expected + GroupTraffic.share(table, s.rows))
+                sent, _ = g.bytes_if(state.batch, state.comm_settings, columns, outputs, expected)
+                comm = state.comm - state.sent[p.key] + sent
+                moved = without[:, 1] + delta[1]  # each destination's lookups after the move
+                new_step = step_seconds(np.maximum(without[:, 1].max(), moved), comm, comm, topo)
+                fits = without[:, 0] + delta[0] <= topo.memory
                 for d in np.flatnonzero(fits):
                     d = int(d)
                     if d in busy:
                         continue
-                    # Both ends of the move end below the slowest time: the step drops, or
-                    # at least one device fewer is as slow (ties are common).
-                    worst = max(float(moved[d]), float(rest[slowest]))
-                    if worst < current * (1 - 1e-9) and (best is None or worst < best[0]):
-                        best = (worst, s, d, delta)
+                    lower = new_step[d] < step * (1 - _EPS)
+                    fewer = (
+                        new_step[d] <= step * (1 + _EPS)
+                        and s.device == busiest
+                        and max(moved[d], without[s.device, 1]) < lookups[busiest] * (1 - _EPS)
+                    )
+                    if (lower or fewer) and (best is None or new_step[d] < best[0]):
+                        best = (float(new_step[d]), name, s, d)
         if best is None:
             return
-        _, s, d, delta = best
-        state.table[s.device] -= delta
-        state.table[d] += delta
+        _, name, s, d = best
+        p = placed[name]
+        state.apply(state.trial(tables[name], p.strategy, p.shards, sign=-1))
         s.device = d
+        state.apply(state.trial(tables[name], p.strategy, p.shards))
 
 
 def mesh_for_topology(topo: Topology) -> MeshSpec:

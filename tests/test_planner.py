@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mesh import validate_plan
-from mesh.cost import CommSettings, DeviceLoad, TableLoad, data_parallel_load, device_time, shard_loads
+from mesh.cost import CommSettings, DeviceLoad, GroupTraffic, TableLoad, device_time
 from mesh.planner import PlanningError, evaluate_plan, plan_tables
 from mesh.planner_cli import calibrate, main, read_tables
 from mesh.topology import Topology, parse_bytes
@@ -43,38 +43,58 @@ def test_memory_and_lookup_formulas():
     assert TABLE.lookup_bytes(8, 100, 8) == 24 * 32 * 3
 
 
+def traffic(*placements, k=4, width=8, row_sharded=False, rowwise=True, comm=None):
+    """Bytes each device sends per step in a group of `width` columns on k = 4 devices at
+    batch 8 (b = 2), and the route, for (table, [(device, rows, cols), ...]) placements."""
+    g = GroupTraffic(k, width, row_sharded=row_sharded, data_parallel=False, rowwise_adagrad=rowwise)
+    for table, shards in placements:
+        g.add(table, shards)
+    return g.bytes(8, comm or CommSettings())
+
+
 def test_broadcast_route_formulas():
-    owner, other = shard_loads(TABLE, 0, 100, 8, 8, TOPO, CommSettings())
-    # owner sends each of the 3 other devices b * c * 4 = 2 * 8 * 4 bytes of results and
-    # receives from each b * (L * 4 + c * 4) = 2 * (12 + 32) bytes of ids and gradients.
-    assert (owner.sent, owner.received) == (3 * 64, 3 * 88)
-    assert (other.sent, other.received) == (88, 64)
-    # A column shard of 4 with row-wise Adagrad adds the statistic's exchange: a float per
-    # id received goes back to its sender and the row's sum returns, b * L * 4 = 24 bytes
-    # each way per peer.
-    split, other = shard_loads(TABLE, 0, 100, 4, 8, TOPO, CommSettings(), column_split=True)
-    assert (split.sent, split.received) == (3 * (2 * 4 * 4 + 24), 3 * (2 * (12 + 16) + 24))
-    assert (other.sent, other.received) == (2 * (12 + 16) + 24, 2 * 16 + 24)
+    # Table-wise on device 0: C = 3 ids and O = 1 vector per sample at the busiest owner;
+    # every device sends each peer b * (C * 4 + O * w * (4 + 4)) = 2 * (12 + 64) bytes.
+    assert traffic((TABLE, [(0, (0, 100), (0, 8))])) == (3 * 2 * (12 + 64), "broadcast")
+    # Two column shards of 4 with row-wise Adagrad add the statistic's two exchanges,
+    # 2 * b * C * 4 = 48 bytes per peer.
+    split = [(0, (0, 100), (0, 4)), (1, (0, 100), (4, 8))]
+    assert traffic((TABLE, split), width=4) == (3 * (2 * (12 + 32) + 48), "broadcast")
+    assert traffic((TABLE, split), width=4, rowwise=False) == (3 * 2 * (12 + 32), "broadcast")
+    # The busiest owner pads everyone: a second table on device 0 doubles C and O.
+    other = TableLoad("u", rows=10, dim=8, ids_per_sample=3, bag_width=3)
+    two = traffic((TABLE, [(0, (0, 100), (0, 8))]), (other, [(0, (0, 10), (0, 8))]))
+    assert two == (3 * 2 * (24 + 128), "broadcast")
+    apart = traffic((TABLE, [(0, (0, 100), (0, 8))]), (other, [(1, (0, 10), (0, 8))]))
+    assert apart == traffic((TABLE, [(0, (0, 100), (0, 8))]))
+
+
+ROW_BLOCKS = [(d, (25 * d, 25 * (d + 1)), (0, 8)) for d in range(4)]
 
 
 def test_bucketized_route_and_data_parallel_formulas():
-    # A row shard of 25 rows: q = f * b * L * r / R = 2 * 2 * 3 * 0.25 = 3 slots per peer.
-    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="rows")
-    assert (owner.sent, owner.received) == (3 * 3 * 32, 3 * 3 * (4 + 32))
-    assert (other.sent, other.received) == (3 * 36, 3 * 32)
-    # Pooled at the owner: q slots of 8 bytes (row, position) in, pooled b * c * 4 = 64
-    # bytes out per peer; with column blocks the statistic adds q * 4 each way.
-    owner, other = shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="pooled")
-    assert (owner.sent, owner.received) == (3 * 64, 3 * (3 * 8 + 64))
-    assert (other.sent, other.received) == (3 * 8 + 64, 64)
-    owner, other = shard_loads(TABLE, 0, 25, 4, 8, TOPO, CommSettings(), route="pooled", column_split=True)
-    assert (owner.sent, owner.received) == (3 * (32 + 12), 3 * (3 * 8 + 32 + 12))
-    assert (other.sent, other.received) == (3 * 8 + 32 + 12, 32 + 12)
-    with pytest.raises(ValueError, match="route 'ring'"):
-        shard_loads(TABLE, 0, 25, 8, 8, TOPO, CommSettings(), route="ring")
-    dp = data_parallel_load(TABLE, 8, TOPO)
-    assert dp.sent == dp.received == 3 * 2 * (3 * 4 + 8 * 4)
-    assert dp.memory == TABLE.memory(100, 8)
+    # One id per sample over 4 row shards: each owner expects 1/4 id per sample, so
+    # q = ceil(f * b / 4) = 1 slot per peer. Rows back: q * (4 + w * 8) = 68 bytes per peer,
+    # against broadcast's 2 * (4 + 64) and pooled's 1 * 8 + 2 * 64.
+    one = TableLoad("one", rows=100, dim=8, ids_per_sample=1, bag_width=1)
+    assert traffic((one, ROW_BLOCKS), row_sharded=True) == (3 * 68, "rows")
+    # Twelve ids per sample, capacity factor 1: q = ceil(1 * 2 * 3) = 6 slots of a row and
+    # a position (8 bytes) per peer, and pooled results as on the broadcast route:
+    # 6 * 8 + 2 * 64 = 176 bytes per peer, against broadcast's 2 * (48 + 64) and rows' 6 * 68.
+    long = TableLoad("long", rows=100, dim=8, ids_per_sample=12, bag_width=12)
+    tight = CommSettings(capacity_factor=1.0)
+    assert traffic((long, ROW_BLOCKS), row_sharded=True, comm=tight) == (3 * 176, "pooled")
+    # A grid (two column blocks of two row shards): an id goes to one shard per block, and
+    # row-wise Adagrad's statistic takes 2 * q * 4 more per peer. Each owner expects 6 ids
+    # per sample; at capacity factor 0.5, q = 6 and the exchanges are 6 * 8 + 2 * 32 = 112
+    # per peer, against broadcast's 2 * (48 + 32).
+    grid = [(d, (50 * (d % 2), 50 * (d % 2 + 1)), (4 * (d // 2), 4 * (d // 2 + 1))) for d in range(4)]
+    half = CommSettings(capacity_factor=0.5)
+    assert traffic((long, grid), width=4, row_sharded=True, comm=half) == (3 * (112 + 2 * 6 * 4), "pooled")
+    # Data-parallel: every device gathers its peers' ids and gradients, (k - 1) * b * (L * 4 + D * 4).
+    g = GroupTraffic(4, 8, row_sharded=False, data_parallel=True, rowwise_adagrad=True)
+    g.add(TABLE, [])
+    assert g.bytes(8, CommSettings()) == (3 * 2 * (12 + 32), "broadcast")
 
 
 def test_device_time_takes_the_slower_link():
@@ -171,7 +191,8 @@ def test_a_planned_dlrm_sends_the_estimated_bytes():
     hlo = trainer.train_step.lower(state, trainer.shard_batch(next(batches()))).compile().as_text()
     dense = 2 * 7 / 8 * 4 * sum(x.size for x in jax.tree.leaves(state.params))
     measured = sum(collective_bytes(hlo, 8).values()) - dense
-    assert measured == pytest.approx(result.collective_bytes, rel=0.1), (measured, result.collective_bytes)
+    # Measured here: 5,736 bytes against 5,712 estimated (the rest: the overflow flag's psum).
+    assert measured == pytest.approx(result.collective_bytes, rel=0.02), (measured, result.collective_bytes)
 
 
 def test_calibration_measures_the_local_devices():
