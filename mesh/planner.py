@@ -7,7 +7,7 @@ receives in full, padded to the group's busiest owner. So a device's time is its
 plus the step's exchanges, the same for every device, and a placement matters twice: for
 the lookups each device does and for the busiest owner of each group.
 
-Search (enumerate -> estimate -> place -> re-place -> refine):
+Search (enumerate -> estimate -> place -> regroup -> re-place -> refine):
 1. Tables go largest first (by their share of a device's memory plus their lookup time).
 2. For each table every allowed strategy is tried: table-wise, column-wise with each
    shard count that divides the dim, row-wise, data-parallel, and the two-level hybrids
@@ -19,9 +19,12 @@ Search (enumerate -> estimate -> place -> re-place -> refine):
    that the first, largest tables do not spread over every device and leave no room),
    ties broken by total time. The pass runs for a few shares (`LOOKAHEADS`) and the
    fastest plan wins.
-3. Each table is placed again, knowing where all the others are, when that lowers the
+3. The tables of each group are placed again all under one other strategy (table-wise,
+   or column-wise in c shards) when that lowers the step time: a move no single table
+   makes, since the first table of a group pays its whole exchange.
+4. Each table is placed again, knowing where all the others are, when that lowers the
    step time (or keeps it and lowers the total).
-4. Refinement: table-wise and column-wise shards move, one at a time, from the device
+5. Refinement: table-wise and column-wise shards move, one at a time, from the device
    with the most lookups or from a group's busiest owner, where the move lowers the step
    time, or leaves one device fewer with the most lookups (ties are common).
 Each group is costed on the route the runtime picks for it (`mesh.cost.ROUTES`:
@@ -56,6 +59,7 @@ PRESET_NAMES = sorted(PRESETS)
 # How much of the least work still to place the greedy pass reserves room for (`_place_all`);
 # each is one start, and the best plan wins.
 LOOKAHEADS = (0.5, 0.8, 1.0, 1.2)
+HOSTS_TRIED = 4  # one-host hybrids are tried on this many of the least loaded hosts
 _ROW_SHARDED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
 _MOVABLE = (Strategy.TABLE_WISE, Strategy.COLUMN_WISE)
 _EPS = 1e-9
@@ -307,8 +311,11 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
             [_Shard(table.name, Strategy.DATA_PARALLEL, d, full_r, full_c) for d in range(k)],
         )
     if hosts > 1 or per_host > 1:
-        for h in range(hosts):
-            base = h * per_host
+        # Hosts differ only in their devices' lookups (exchanges involve every device):
+        # try the least loaded few.
+        load = state.table[:, 1].reshape(hosts, per_host)
+        for h in np.lexsort((load.sum(axis=1), load.max(axis=1)))[:HOSTS_TRIED]:
+            base = int(h) * per_host
             if Strategy.TABLE_ROW_WISE in allowed and per_host > 1:
                 yield (
                     Strategy.TABLE_ROW_WISE,
@@ -405,6 +412,7 @@ def plan_tables(
         if best is None or score < best[0]:
             best = (score, state, placed)
     _, state, placed = best
+    _regroup(state, placed, order, allowed_of)
     _replace_each(state, placed, order, allowed_of)
     deadline = start + refine_seconds if max_moves is None else float("inf")
     _refine(state, placed, {t.name: t for t in tables}, deadline, max_moves)
@@ -527,6 +535,55 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
         state.apply(trial)
         placed[table.name] = _Placed(strategy, shards, trial.key)
     return state, placed
+
+
+def _regroup(state: _State, placed, order, allowed_of) -> None:
+    """Places the tables of each group again, all under one other strategy (table-wise, or
+    column-wise in c shards). One table at a time never makes that move: the first table
+    of a new group pays the group's whole exchange, which the next ones share."""
+    options = [(Strategy.TABLE_WISE, None)] + [(Strategy.COLUMN_WISE, c) for c in (2, 4, 8, 16, 32)]
+    for key in list(state.groups):
+        members = [t for t in order if placed[t.name].key == key]
+        if len(members) < 2:
+            continue
+        current = _score(state, state.table, state.comm)
+        saved = (state.table.copy(), dict(state.groups), dict(state.sent), dict(placed))
+        best = (current, None)
+        for strategy, count in options:
+            for t in members:
+                p = placed[t.name]
+                state.apply(state.trial(t, p.strategy, p.shards, sign=-1))
+            trial_placed, ok = {}, True
+            for t in members:
+                choices = [
+                    (st, shards)
+                    for st, shards in _candidates(t, state.topo, allowed_of[t.name] & {strategy}, state)
+                    if count is None or len(shards) == count
+                ]
+                scored = []
+                for st, shards in choices:
+                    trial = state.trial(t, st, shards)
+                    if not (trial.table[:, 0] > state.topo.memory).any():
+                        scored.append((_score(state, trial.table, trial.comm), st, shards, trial))
+                if not scored:
+                    ok = False
+                    break
+                _, st, shards, trial = min(scored, key=lambda x: x[0])
+                state.apply(trial)
+                trial_placed[t.name] = _Placed(st, shards, trial.key)
+            score = _score(state, state.table, state.comm) if ok else None
+            if ok and (score[0] < best[0][0] * (1 - _EPS)):
+                best = (
+                    score,
+                    (state.table.copy(), dict(state.groups), dict(state.sent), {**placed, **trial_placed}),
+                )
+            state.table, state.groups, state.sent = saved[0].copy(), dict(saved[1]), dict(saved[2])
+            placed.clear()
+            placed.update(saved[3])
+        if best[1] is not None:
+            state.table, state.groups, state.sent = best[1][0], best[1][1], best[1][2]
+            placed.clear()
+            placed.update(best[1][3])
 
 
 def _replace_each(state: _State, placed, order, allowed_of, passes: int = 2) -> None:
