@@ -128,7 +128,11 @@ class PlanResult:
         return out
 
     def __str__(self) -> str:
-        lines = [str(self.plan), "", f"{'device':>6} {'memory / capacity':>24} {'time (ms)':>10}"]
+        lines = [str(self.plan), "", f"{'group':<28} {'route':<10} {'MB/device':>10}  tables"]
+        for g in self.groups:
+            name = f"{g['strategy']} w{g['width']}"
+            lines.append(f"{name:<28} {g['route']:<10} {g['bytes'] / 1e6:>10.2f}  {' '.join(g['tables'])}")
+        lines += ["", f"{'device':>6} {'memory / capacity':>24} {'time (ms)':>10}"]
         shown = (
             range(len(self.loads))
             if len(self.loads) <= 64
