@@ -47,7 +47,8 @@ def read_tables(data: dict) -> list[TableLoad]:
 
 
 def save_png(result: PlanResult, path: str) -> None:
-    """Per-device memory and estimated time as bars (needs matplotlib: the `plot` extra)."""
+    """Per-device memory and estimated time (exchanges, then lookups) as bars (needs
+    matplotlib: the `plot` extra)."""
     try:
         import matplotlib
 
@@ -61,7 +62,10 @@ def save_png(result: PlanResult, path: str) -> None:
     mem.axhline(result.topology.memory / 1e9, color="red", linewidth=1, label="capacity")
     mem.set_ylabel("memory (GB)")
     mem.legend(loc="upper right")
-    cost.bar(devices, [1e3 * t for t in result.times], width=1.0, color="tab:orange")
+    lookups = [1e3 * load.lookup_bytes / result.topology.hbm_bandwidth for load in result.loads]
+    exchanges = [1e3 * t - x for t, x in zip(result.times, lookups)]
+    cost.bar(devices, exchanges, width=1.0, color="tab:orange", label="exchanges")
+    cost.bar(devices, lookups, bottom=exchanges, width=1.0, color="tab:green", label="lookups")
     cost.axhline(1e3 * result.lower_bound, color="black", linewidth=1, label="lower bound (mean)")
     cost.set_ylabel("estimated time (ms)")
     cost.set_xlabel("device")
