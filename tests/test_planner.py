@@ -237,3 +237,11 @@ def test_a_run_plans_with_measured_or_given_figures_on_its_own_mesh():
     topo = topology_for_mesh(spec, "cpu", 3e9, measured)
     assert (topo.hosts, topo.devices_per_host) == (2, 4)  # the mesh's shape
     assert (topo.memory, topo.hbm_bandwidth, topo.intra_bandwidth) == (5e9, 7e9, 3e9)  # the figures given
+
+
+def test_command_line_draws_the_plan(tmp_path):
+    pytest.importorskip("matplotlib", reason="--png needs the `plot` extra (matplotlib)")
+    out = tmp_path / "plan.png"
+    argv = ["--tables", "examples/configs/mlperf_dcnv2_tables.json", "--topology", "a100,hosts=2"]
+    assert main([*argv, "--batch-size", "4096", "--png", str(out), "--refine-seconds", "0"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
