@@ -30,7 +30,7 @@ from flax import nnx
 from recsys.lookup import init_tables, lookup
 from recsys.models import DLRM
 from recsys.sparse import RaggedIds, pack_batch
-from recsys.sparse_update import init_slots, sparse_update
+from recsys.sparse_update import KERNELS, init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from recsys.synthetic import ZipfSampler
 from recsys.trainer import Batch, Trainer
@@ -101,6 +101,7 @@ def emit(name: str, pooling: int, times: list[float], args, extra: dict) -> dict
         "dim": args.dim,
         "batch": args.batch,
         "backend": jax.default_backend(),
+        "kernels": args.kernels,
         **extra,
     }
     print(json.dumps(record), flush=True)
@@ -131,7 +132,9 @@ def run_ours(args) -> list[dict]:
                     # in-place update after the lookup; fixed gradients would not, and XLA
                     # then copies the tables to keep the lookup's input alive.
                     grads = jax.tree.map(lambda g, a: g + 0.0 * a, act_grads, acts)
-                    tables, slots = sparse_update(config, tables, slots, sparse, grads, jnp.int32(0))
+                    tables, slots = sparse_update(
+                        config, tables, slots, sparse, grads, jnp.int32(0), kernels=args.kernels
+                    )
                     return tables, slots, acts
 
                 step = jax.jit(fwd_bwd, donate_argnums=(0, 1))
@@ -150,7 +153,7 @@ def run_ours(args) -> list[dict]:
         if "dlrm_train_step" in args.only:
             bottom = (*BOTTOM[:-1], args.dim)  # the bottom MLP ends in the embedding dim
             model = DLRM(config, dense_features=DENSE_IN, bottom=bottom, top=TOP, rngs=nnx.Rngs(args.seed))
-            trainer = Trainer(model, optax.adagrad(0.01))
+            trainer = Trainer(model, optax.adagrad(0.01), kernels=args.kernels)
             del model
             holder = {"state": trainer.init_state()}
 
@@ -223,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=1.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", default=list(PEER_NAMES), choices=list(PEER_NAMES))
+    p.add_argument(
+        "--kernels", default="auto", choices=list(KERNELS), help="the sparse update's path (sparse_update)"
+    )
     p.add_argument("--peer", default=None, help="python of a TorchRec venv: also run the peer benchmark")
     p.add_argument("--peer-script", default=str(here.parent / "shared" / "bench" / "torchrec_peer.py"))
     args = p.parse_args(argv)

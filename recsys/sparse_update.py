@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
 from recsys.lookup import Activations, group_inputs
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.specs import EmbeddingConfig
+from recsys.specs import EmbeddingConfig, OptimizerKind
 
 # Marker dedup when rows <= this x occurrences; above it the [rows] marker costs more
 # to clear than sorting the occurrences.
@@ -185,6 +186,23 @@ def _update_tables_scan(
     return table, slots
 
 
+KERNELS = ("auto", "xla", "cpu")
+
+
+def use_cpu_kernel(group: TableGroup, kernels: str) -> bool:
+    """Whether `group` is updated by the fused CPU kernel (see `sparse_update`)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    fits = group.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD and jnp.dtype(group.dtype) == jnp.float32
+    if kernels == "xla" or not fits:
+        return False
+    if kernels == "cpu":
+        if not cpu_kernels.available():
+            raise RuntimeError(f"kernels='cpu': {cpu_kernels.unavailable_reason()}")
+        return True
+    return jax.default_backend() == "cpu" and cpu_kernels.available()
+
+
 def sparse_update(
     config: EmbeddingConfig,
     tables: dict[str, jax.Array],
@@ -196,6 +214,7 @@ def sparse_update(
     dedup: str = "auto",
     optimizer_chunk: int = _OPTIMIZER_CHUNK,
     accumulator: str = "auto",
+    kernels: str = "auto",
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies each table's optimizer to the rows `batch` touched.
 
@@ -209,6 +228,10 @@ def sparse_update(
       optimizer_chunk: unique rows the optimizer updates at a time (tuning and testing).
       accumulator: "auto", "fresh" or "reused": whether each table allocates its gradient
         accumulator or reuses one zeroed buffer ("auto" decides by size; same result).
+      kernels: "auto" runs row-wise Adagrad on float32 tables through the fused CPU kernel
+        (`recsys.cpu_kernels`) when JAX runs on CPU and the kernel library was built, the
+        XLA path otherwise; "xla" always takes the XLA path; "cpu" requires the kernel.
+        Both give the same result up to float rounding (`tests/test_cpu_kernels.py`).
     Returns:
       new (tables, slots); only the touched rows differ.
     """
@@ -222,6 +245,21 @@ def sparse_update(
     tables, slots = dict(tables), dict(slots)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
+        if use_cpu_kernel(group, kernels):
+            spec = group.optimizer
+            tables[group.name], acc = cpu_kernels.rowwise_adagrad(
+                tables[group.name],
+                slots[group.name]["acc"],
+                ids,
+                coef,
+                src,
+                grad_rows,
+                learning_rate=spec.learning_rate,
+                eps=spec.eps,
+                weight_decay=spec.weight_decay,
+            )
+            slots[group.name] = {"acc": acc}
+            continue
         # Tables with the same occurrence count share one scan (no padding needed).
         buckets: dict[int, list] = {}
         for spec, offset in zip(group.tables, group.row_offsets):

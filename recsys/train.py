@@ -52,6 +52,7 @@ from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
 from recsys.sharded_trainer import ShardedTrainer, to_host
 from recsys.sparse import InputPolicy, PackReport, pack_batch
+from recsys.sparse_update import KERNELS
 from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
 from recsys.trainer import Batch, Trainer
@@ -163,6 +164,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--train-samples", type=_positive_int, default=200_000)
     g.add_argument("--eval-samples", type=_positive_int, default=20_000)
     g.add_argument("--num-tables", type=_positive_int, default=8)
+    p.add_argument(
+        "--kernels",
+        choices=list(KERNELS),
+        default="auto",
+        help="one device: row-wise Adagrad through the fused CPU kernel (auto: on CPU when built; "
+        "cpu: required) or the XLA path (xla)",
+    )
     g = p.add_argument_group("sharding")
     g.add_argument("--devices", type=_positive_int, default=1, help="devices (on CPU: simulated ones)")
     g.add_argument("--mesh", default=None, help="named mesh axes, e.g. host=2,device=4")
@@ -536,7 +544,7 @@ def run(args: argparse.Namespace) -> dict:
             lambda: build_model(args, config, data.num_dense), dense_opt, plan, mesh, routing=routing
         )
     else:
-        trainer = Trainer(build_model(args, config, data.num_dense), dense_opt)
+        trainer = Trainer(build_model(args, config, data.num_dense), dense_opt, kernels=args.kernels)
     place = _batch_placer(trainer)
     state = trainer.init_state()
     start_step, position = 0, Position()

@@ -59,13 +59,16 @@ class Trainer:
         *,
         loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
         dedup: str = "auto",
+        kernels: str = "auto",
     ):
+        """`dedup` and `kernels` choose how the sparse update runs (`sparse_update`)."""
         self.config: EmbeddingConfig = find_collection(model).config
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
         self._initial = (tables, params, rest)
         self.dense_optimizer = dense_optimizer
         self.loss_fn = loss_fn
         self.dedup = dedup
+        self.kernels = kernels
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -100,7 +103,14 @@ class Trainer:
 
         loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
         new_tables, slots = sparse_update(
-            self.config, tables, state.slots, batch.sparse, act_grads, state.step, dedup=self.dedup
+            self.config,
+            tables,
+            state.slots,
+            batch.sparse,
+            act_grads,
+            state.step,
+            dedup=self.dedup,
+            kernels=self.kernels,
         )
         collection.set_stacked_tables(new_tables)
         updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)

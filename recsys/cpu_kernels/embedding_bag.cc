@@ -1,0 +1,177 @@
+// CPU kernels for the embedding lookup and its fused sparse update, called from JAX
+// through the XLA FFI (`recsys.cpu_kernels`). XLA:CPU runs a gather-and-sum as one
+// scalar loop and a scatter-add single-threaded; these split the batch over the cores,
+// keep each output row in registers while its bag is summed, and apply row-wise Adagrad
+// once per unique row, in the same pass that sums that row's gradient.
+//
+// Semantics (the tests compare them with the XLA path):
+//   pooled_lookup:   out[n] = sum_l coef[n, l] * table[ids[n, l]]; positions with
+//                    coef == 0 (padding) are skipped and never read.
+//   rowwise_adagrad: for every row r among the valid ids (id >= 0):
+//                      g = sum over occurrences i of r: coef[i] * grads[src[i]]
+//                          (+ weight_decay * table[r]),
+//                      acc[r] += mean(g * g);  table[r] -= lr * g / (sqrt(acc[r]) + eps)
+//                    Occurrences are summed in their order in the batch.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Runs fn(begin, end) over [0, n) split into contiguous ranges, one per worker.
+template <typename Fn>
+void ParallelFor(int64_t n, int64_t min_per_worker, Fn fn) {
+  int64_t workers = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  workers = std::min<int64_t>(workers, std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_worker)));
+  if (workers <= 1) {
+    fn(int64_t{0}, n);
+    return;
+  }
+  std::vector<std::thread> threads;
+  threads.reserve(workers - 1);
+  int64_t step = (n + workers - 1) / workers;
+  for (int64_t w = 1; w < workers; ++w) {
+    int64_t begin = std::min(n, w * step), end = std::min(n, (w + 1) * step);
+    threads.emplace_back([=] { fn(begin, end); });
+  }
+  fn(int64_t{0}, std::min(n, step));
+  for (auto& t : threads) t.join();
+}
+
+// out += c * row, over dim elements; written so the compiler vectorizes it.
+inline void Axpy(float* __restrict out, const float* __restrict row, float c, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) out[d] += c * row[d];
+}
+
+ffi::Error PooledLookup(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> coef,
+                        ffi::ResultBuffer<ffi::F32> out) {
+  auto tdims = table.dimensions();
+  auto idims = ids.dimensions();
+  if (tdims.size() != 2 || idims.size() != 2 || coef.dimensions().size() != 2) {
+    return ffi::Error::InvalidArgument("pooled_lookup: table [rows, dim], ids and coef [n, bag]");
+  }
+  const int64_t rows = tdims[0], dim = tdims[1], n = idims[0], bag = idims[1];
+  const float* t = table.typed_data();
+  const int32_t* id = ids.typed_data();
+  const float* c = coef.typed_data();
+  float* o = out->typed_data();
+  std::atomic<int64_t> bad{-1};  // some out-of-range position, reported after the loop
+  ParallelFor(n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* dst = o + i * dim;
+      std::memset(dst, 0, sizeof(float) * dim);
+      for (int64_t l = 0; l < bag; ++l) {
+        const float w = c[i * bag + l];
+        if (w == 0.0f) continue;
+        const int64_t r = id[i * bag + l];
+        if (r < 0 || r >= rows) {
+          bad.store(i * bag + l, std::memory_order_relaxed);
+          continue;
+        }
+        Axpy(dst, t + r * dim, w, dim);
+      }
+    }
+  });
+  const int64_t where = bad.load();
+  if (where >= 0) {
+    return ffi::Error::InvalidArgument("pooled_lookup: id " + std::to_string(id[where]) + " at flat position " +
+                                       std::to_string(where) + " is outside the table's " +
+                                       std::to_string(rows) + " rows");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> acc_in, ffi::Buffer<ffi::S32> ids,
+                          ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> grads,
+                          ffi::ResultBuffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> acc, float lr, float eps,
+                          float weight_decay) {
+  auto tdims = table_in.dimensions();
+  const int64_t rows = tdims[0], dim = tdims[1];
+  const int64_t n = ids.element_count(), m = grads.dimensions()[0];
+  if (grads.dimensions()[1] != dim || acc_in.element_count() != rows) {
+    return ffi::Error::InvalidArgument("rowwise_adagrad: grads [m, dim] and acc [rows] must match the table");
+  }
+  float* w = table->typed_data();
+  float* a = acc->typed_data();
+  // The results alias the inputs (input_output_aliases); copy only if XLA did not.
+  if (w != table_in.typed_data()) std::memcpy(w, table_in.typed_data(), sizeof(float) * rows * dim);
+  if (a != acc_in.typed_data()) std::memcpy(a, acc_in.typed_data(), sizeof(float) * rows);
+  const int32_t* id = ids.typed_data();
+  const float* c = coef.typed_data();
+  const int32_t* s = src.typed_data();
+  const float* g = grads.typed_data();
+
+  // Occurrences sorted by row (then position: a stable order, so sums are deterministic).
+  std::vector<uint64_t> keys;
+  keys.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t r = id[i];
+    if (r < 0) continue;
+    if (r >= rows || s[i] < 0 || s[i] >= m) {
+      return ffi::Error::InvalidArgument("rowwise_adagrad: occurrence " + std::to_string(i) + " has id " +
+                                         std::to_string(r) + " / gradient row " + std::to_string(s[i]) +
+                                         " outside the table's " + std::to_string(rows) + " rows / " +
+                                         std::to_string(m) + " gradient rows");
+    }
+    keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(i));
+  }
+  std::sort(keys.begin(), keys.end());
+  std::vector<int64_t> starts;  // first key of each unique row
+  for (size_t k = 0; k < keys.size(); ++k) {
+    if (k == 0 || (keys[k] >> 32) != (keys[k - 1] >> 32)) starts.push_back(static_cast<int64_t>(k));
+  }
+  const int64_t unique = static_cast<int64_t>(starts.size());
+  starts.push_back(static_cast<int64_t>(keys.size()));
+  ParallelFor(unique, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> sum(dim);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = static_cast<int64_t>(keys[starts[u]] >> 32);
+      std::fill(sum.begin(), sum.end(), 0.0f);
+      for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
+        const int64_t i = static_cast<int64_t>(keys[k] & 0xffffffffu);
+        Axpy(sum.data(), g + static_cast<int64_t>(s[i]) * dim, c[i], dim);
+      }
+      float* row = w + r * dim;
+      if (weight_decay != 0.0f) Axpy(sum.data(), row, weight_decay, dim);
+      float square = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) square += sum[d] * sum[d];
+      a[r] += square / static_cast<float>(dim);
+      const float scale = lr / (std::sqrt(a[r]) + eps);
+      Axpy(row, sum.data(), -scale, dim);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysPooledLookup, PooledLookup,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysRowwiseAdagrad, RowwiseAdagrad,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("lr")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("weight_decay"));
