@@ -27,10 +27,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recsys.lookup import init_tables, lookup
+from recsys.lookup import KERNELS, init_tables, lookup
 from recsys.models import DLRM
 from recsys.sparse import RaggedIds, pack_batch
-from recsys.sparse_update import KERNELS, init_slots, sparse_update
+from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from recsys.synthetic import ZipfSampler
 from recsys.trainer import Batch, Trainer
@@ -119,7 +119,7 @@ def run_ours(args) -> list[dict]:
         if "lookup_fwd" in args.only or "lookup_fwd_bwd_adagrad" in args.only:
             tables = init_tables(config, key)
             if "lookup_fwd" in args.only:
-                forward = jax.jit(lambda tables, sparse: lookup(config, tables, sparse))
+                forward = jax.jit(lambda tables, sparse: lookup(config, tables, sparse, args.kernels))
                 times = time_steps(lambda b: forward(tables, b.sparse), batches, args)
                 records.append(emit("lookup_fwd", pooling, times, args, extra))
             if "lookup_fwd_bwd_adagrad" in args.only:
@@ -127,7 +127,7 @@ def run_ours(args) -> list[dict]:
                 act_grads = jax.tree.map(lambda a: jax.random.normal(key, a.shape, a.dtype), template)
 
                 def fwd_bwd(tables, slots, sparse):
-                    acts = lookup(config, tables, sparse)
+                    acts = lookup(config, tables, sparse, args.kernels)
                     # A real backward's gradients depend on the forward, which orders the
                     # in-place update after the lookup; fixed gradients would not, and XLA
                     # then copies the tables to keep the lookup's input alive.
@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", nargs="+", default=list(PEER_NAMES), choices=list(PEER_NAMES))
     p.add_argument(
-        "--kernels", default="auto", choices=list(KERNELS), help="the sparse update's path (sparse_update)"
+        "--kernels", default="auto", choices=list(KERNELS), help="lookup and sparse update path (lookup)"
     )
     p.add_argument("--peer", default=None, help="python of a TorchRec venv: also run the peer benchmark")
     p.add_argument("--peer-script", default=str(here.parent / "shared" / "bench" / "torchrec_peer.py"))

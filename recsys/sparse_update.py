@@ -20,6 +20,7 @@ import numpy as np
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
 from recsys.lookup import Activations, group_inputs
+from recsys.lookup import use_cpu_kernel as use_table_kernel
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
 from recsys.specs import EmbeddingConfig, OptimizerKind
@@ -186,21 +187,10 @@ def _update_tables_scan(
     return table, slots
 
 
-KERNELS = ("auto", "xla", "cpu")
-
-
 def use_cpu_kernel(group: TableGroup, kernels: str) -> bool:
     """Whether `group` is updated by the fused CPU kernel (see `sparse_update`)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    fits = group.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD and jnp.dtype(group.dtype) == jnp.float32
-    if kernels == "xla" or not fits:
-        return False
-    if kernels == "cpu":
-        if not cpu_kernels.available():
-            raise RuntimeError(f"kernels='cpu': {cpu_kernels.unavailable_reason()}")
-        return True
-    return jax.default_backend() == "cpu" and cpu_kernels.available()
+    rowwise = group.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD
+    return use_table_kernel(group.dtype, kernels) and rowwise
 
 
 def sparse_update(

@@ -48,11 +48,11 @@ from recsys.data import (
     steps_per_epoch,
     train_batches,
 )
+from recsys.lookup import KERNELS
 from recsys.models import DLRM, DCNv2
 from recsys.progress import Progress
 from recsys.sharded_trainer import ShardedTrainer, to_host
 from recsys.sparse import InputPolicy, PackReport, pack_batch
-from recsys.sparse_update import KERNELS
 from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
 from recsys.trainer import Batch, Trainer

@@ -95,7 +95,7 @@ class Trainer:
         model = self.model(state)
         collection = find_collection(model)
         tables = collection.stacked_tables()
-        acts = lookup(self.config, tables, batch.sparse)
+        acts = lookup(self.config, tables, batch.sparse, self.kernels)
 
         def loss_of(params, acts):
             logits = nnx.merge(self.graphdef, state.tables, params, state.rest)(batch.dense, acts)

@@ -98,3 +98,29 @@ def test_only_float32_row_wise_adagrad_groups_take_the_kernel():
     assert not any(use_cpu_kernel(g, "xla") for g in build_layout(rowwise).table_groups)
     with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu"):
         use_cpu_kernel(build_layout(rowwise).table_groups[0], "fast")
+
+
+def test_pooled_lookup_differentiates_like_jnp():
+    rng = np.random.default_rng(2)
+    table = jnp.asarray(rng.normal(size=(20, 6)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 20, (9, 4)), jnp.int32)
+    coef = jnp.asarray(rng.normal(size=(9, 4)) * (rng.random((9, 4)) > 0.25), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+
+    def via(fn):
+        return jax.grad(lambda t, c: jnp.sum(fn(t, ids, c) * weights), argnums=(0, 1))(table, coef)
+
+    got = via(cpu_kernels.pooled_lookup)
+    want = via(lambda t, i, c: jnp.einsum("nl,nld->nd", c, t[i]))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], np.where(coef != 0, want[1], 0.0), rtol=1e-5, atol=1e-6)
+
+
+def test_lookup_is_the_same_through_the_kernel_and_through_xla():
+    config = make_config()
+    tables = init_tables(config, jax.random.key(3))
+    batch = random_batch(config, 16, seed=4)
+    via_kernel = lookup(config, tables, batch, kernels="cpu")
+    via_xla = lookup(config, tables, batch, kernels="xla")
+    for name in via_xla.features():
+        np.testing.assert_array_equal(via_kernel[name], via_xla[name], err_msg=name)

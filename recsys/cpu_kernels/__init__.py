@@ -66,11 +66,33 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Arra
       table: [rows, dim] float32.
       ids: [n, bag] int32 rows of `table`; positions with coef 0 are not read.
       coef: [n, bag] float32 (0 on padding).
+    Differentiable in `table` and `coef` (the backward is the XLA scatter-add: the train
+    step never takes it, it updates rows with `rowwise_adagrad` instead).
     """
     _require()
-    n, dim = ids.shape[0], table.shape[1]
-    call = jax.ffi.ffi_call(_LOOKUP, jax.ShapeDtypeStruct((n, dim), jnp.float32))
-    return call(table, ids.astype(jnp.int32), coef.astype(jnp.float32))
+    return _pooled(table, ids.astype(jnp.int32), coef.astype(jnp.float32))
+
+
+@jax.custom_vjp
+def _pooled(table, ids, coef):
+    call = jax.ffi.ffi_call(_LOOKUP, jax.ShapeDtypeStruct((ids.shape[0], table.shape[1]), jnp.float32))
+    return call(table, ids, coef)
+
+
+def _pooled_fwd(table, ids, coef):
+    return _pooled(table, ids, coef), (table, ids, coef)
+
+
+def _pooled_bwd(residuals, grad):
+    table, ids, coef = residuals
+    used = coef != 0  # positions the forward did not read get no gradient
+    safe = jnp.where(used, ids, 0)
+    d_table = jnp.zeros_like(table).at[safe].add(coef[..., None] * grad[:, None, :])
+    d_coef = jnp.where(used, jnp.einsum("nd,nld->nl", grad, table[safe]), 0.0)
+    return d_table, np.zeros(ids.shape, jax.dtypes.float0), d_coef
+
+
+_pooled.defvjp(_pooled_fwd, _pooled_bwd)
 
 
 def rowwise_adagrad(
