@@ -229,10 +229,10 @@ def activation_index(layout: EmbeddingLayout) -> tuple[tuple[str, str, int], ...
 KERNELS = ("auto", "xla", "cpu")
 
 
-def use_cpu_kernel(dtype, kernels: str, *, auto: bool = True) -> bool:
+def use_cpu_kernel(dtype, kernels: str) -> bool:
     """Whether a float32 table is served by the CPU kernels under `kernels`: "cpu" always
-    (an error if the library was not built), "xla" never, "auto" when JAX runs on CPU,
-    the library was built and the caller's `auto` says the kernel is the faster path."""
+    (an error if the library was not built), "xla" never, "auto" when JAX runs on CPU and
+    the library was built."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "xla" or jnp.dtype(dtype) != jnp.float32:
@@ -241,7 +241,7 @@ def use_cpu_kernel(dtype, kernels: str, *, auto: bool = True) -> bool:
         if not cpu_kernels.available():
             raise RuntimeError(f"kernels='cpu': {cpu_kernels.unavailable_reason()}")
         return True
-    return auto and jax.default_backend() == "cpu" and cpu_kernels.available()
+    return jax.default_backend() == "cpu" and cpu_kernels.available()
 
 
 def lookup(
@@ -252,16 +252,17 @@ def lookup(
     Args:
       tables: {group: [total_rows, dim]} as made by `init_tables` / `stack_tables`.
       batch: packed ids; they must be in range (the packer guarantees it).
-      kernels: "cpu" looks pooled features of float32 tables up with the CPU kernel
-        (`recsys.cpu_kernels`); "auto" and "xla" take the XLA path, which was as fast or
-        faster for the forward lookup on the 2-core development CPU (the fused update is
-        where the kernel wins, see `sparse_update`).
+      kernels: "auto" looks pooled features of float32 tables up with the CPU kernel
+        (`recsys.cpu_kernels`) when JAX runs on CPU and the kernel library was built, the
+        XLA path otherwise; "xla" always takes the XLA path; "cpu" requires the kernel.
+        Alone the two forward paths run about as fast; in a train step whose update
+        writes the tables in place, XLA copied every gathered row first (3x slower).
     """
     layout = build_layout(config)
     groups = {}
     for group in layout.lookup_groups:
         table = tables[group.table_group]
-        if not group.sequence and use_cpu_kernel(table.dtype, kernels, auto=False):
+        if not group.sequence and use_cpu_kernel(table.dtype, kernels):
             # Batch-major ids, so the kernel writes [batch, features, dim] with no transpose.
             ids = jnp.stack([batch[f.name].ids + layout.row_offset(f) for f in group.features], axis=1)
             coef = jnp.stack([coefficients(f, batch[f.name]) for f in group.features], axis=1)

@@ -43,9 +43,11 @@ def test_pooled_lookup_refuses_ids_out_of_range():
         ).block_until_ready()
 
 
-def test_rowwise_adagrad_matches_plain_jnp():
+# 40 rows: grouped by a counting sort; 1,000 rows (more than 8x the occurrences): by a sort.
+@pytest.mark.parametrize("rows", [40, 1000])
+def test_rowwise_adagrad_matches_plain_jnp(rows):
     rng = np.random.default_rng(1)
-    rows, dim, n, m = 40, 8, 60, 15
+    dim, n, m = 8, 60, 15
     table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
     acc = jnp.asarray(rng.random(rows), jnp.float32)
     ids = rng.integers(0, 10, n).astype(np.int32)  # many repeats

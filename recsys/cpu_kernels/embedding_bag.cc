@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -28,10 +29,20 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// Worker threads per kernel call: RECSYS_CPU_KERNEL_THREADS, else one per core.
+int64_t Workers() {
+  static const int64_t workers = [] {
+    const char* env = std::getenv("RECSYS_CPU_KERNEL_THREADS");
+    const int64_t given = env ? std::atoll(env) : 0;
+    return given > 0 ? given : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  }();
+  return workers;
+}
+
 // Runs fn(begin, end) over [0, n) split into contiguous ranges, one per worker.
 template <typename Fn>
 void ParallelFor(int64_t n, int64_t min_per_worker, Fn fn) {
-  int64_t workers = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  int64_t workers = Workers();
   workers = std::min<int64_t>(workers, std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_worker)));
   if (workers <= 1) {
     fn(int64_t{0}, n);
@@ -111,34 +122,62 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
   const int32_t* s = src.typed_data();
   const float* g = grads.typed_data();
 
-  // Occurrences sorted by row (then position: a stable order, so sums are deterministic).
-  std::vector<uint64_t> keys;
-  keys.reserve(n);
+  // Occurrences grouped by row, in batch order within a row (so sums are deterministic):
+  // a counting sort when the table is not much larger than the batch, a sort otherwise.
   for (int64_t i = 0; i < n; ++i) {
     const int32_t r = id[i];
-    if (r < 0) continue;
-    if (r >= rows || s[i] < 0 || s[i] >= m) {
+    if (r >= rows || (r >= 0 && (s[i] < 0 || s[i] >= m))) {
       return ffi::Error::InvalidArgument("rowwise_adagrad: occurrence " + std::to_string(i) + " has id " +
                                          std::to_string(r) + " / gradient row " + std::to_string(s[i]) +
                                          " outside the table's " + std::to_string(rows) + " rows / " +
                                          std::to_string(m) + " gradient rows");
     }
-    keys.push_back((static_cast<uint64_t>(r) << 32) | static_cast<uint64_t>(i));
   }
-  std::sort(keys.begin(), keys.end());
-  std::vector<int64_t> starts;  // first key of each unique row
-  for (size_t k = 0; k < keys.size(); ++k) {
-    if (k == 0 || (keys[k] >> 32) != (keys[k - 1] >> 32)) starts.push_back(static_cast<int64_t>(k));
+  std::vector<int64_t> order;    // occurrence indices, grouped by row
+  std::vector<int64_t> starts;   // where each unique row's occurrences begin in `order`
+  std::vector<int64_t> touched;  // the unique rows, ascending
+  if (rows <= 8 * n) {
+    std::vector<int64_t> first(rows + 1, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (id[i] >= 0) ++first[id[i] + 1];
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (first[r + 1] > 0) touched.push_back(r);
+      first[r + 1] += first[r];
+    }
+    order.resize(first[rows]);
+    std::vector<int64_t> next(first.begin(), first.end() - 1);
+    for (int64_t i = 0; i < n; ++i) {
+      if (id[i] >= 0) order[next[id[i]]++] = i;
+    }
+    for (int64_t r : touched) starts.push_back(first[r]);
+    starts.push_back(first[rows]);
+  } else {
+    std::vector<uint64_t> keys;
+    keys.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      if (id[i] >= 0) keys.push_back((static_cast<uint64_t>(id[i]) << 32) | static_cast<uint64_t>(i));
+    }
+    std::sort(keys.begin(), keys.end());
+    order.resize(keys.size());
+    for (size_t k = 0; k < keys.size(); ++k) {
+      order[k] = static_cast<int64_t>(keys[k] & 0xffffffffu);
+      const int64_t r = static_cast<int64_t>(keys[k] >> 32);
+      if (k == 0 || r != static_cast<int64_t>(keys[k - 1] >> 32)) {
+        touched.push_back(r);
+        starts.push_back(static_cast<int64_t>(k));
+      }
+    }
+    starts.push_back(static_cast<int64_t>(keys.size()));
   }
-  const int64_t unique = static_cast<int64_t>(starts.size());
-  starts.push_back(static_cast<int64_t>(keys.size()));
+  const int64_t unique = static_cast<int64_t>(touched.size());
   ParallelFor(unique, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = static_cast<int64_t>(keys[starts[u]] >> 32);
+      const int64_t r = touched[u];
       std::fill(sum.begin(), sum.end(), 0.0f);
       for (int64_t k = starts[u]; k < starts[u + 1]; ++k) {
-        const int64_t i = static_cast<int64_t>(keys[k] & 0xffffffffu);
+        const int64_t i = order[k];
         Axpy(sum.data(), g + static_cast<int64_t>(s[i]) * dim, c[i], dim);
       }
       float* row = w + r * dim;
