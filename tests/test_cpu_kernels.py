@@ -21,26 +21,25 @@ pytestmark = pytest.mark.skipif(
 def test_pooled_lookup_matches_jnp(rows, dim, bag):
     rng = np.random.default_rng(rows)
     table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
-    n = 33
-    ids = rng.integers(0, rows, (n, bag)).astype(np.int32)
-    ids[:, -1] = ids[:, 0]  # repeated ids in a bag
-    coef = rng.normal(size=(n, bag)).astype(np.float32)
-    coef[rng.random((n, bag)) < 0.3] = 0.0  # padding
-    coef[3] = 0.0  # an empty bag
+    features, batch = 3, 11
+    ids = rng.integers(0, rows, (features, batch, bag)).astype(np.int32)
+    ids[..., -1] = ids[..., 0]  # repeated ids in a bag
+    coef = rng.normal(size=ids.shape).astype(np.float32)
+    coef[rng.random(ids.shape) < 0.3] = 0.0  # padding
+    coef[1, 3] = 0.0  # an empty bag
     ids[coef == 0.0] = 10**6  # padding ids are never read, even out of range
     got = jax.jit(cpu_kernels.pooled_lookup)(table, jnp.asarray(ids), jnp.asarray(coef))
     safe = np.where(coef == 0.0, 0, ids)
-    want = np.einsum("nl,nld->nd", coef, np.asarray(table)[safe])
+    want = np.einsum("fbl,fbld->bfd", coef, np.asarray(table)[safe])  # batch-major out
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-    assert not np.asarray(got[3]).any()
+    assert not np.asarray(got[3, 1]).any()
 
 
 def test_pooled_lookup_refuses_ids_out_of_range():
     table = jnp.ones((5, 4), jnp.float32)
     with pytest.raises(Exception, match="id 9 at flat position 1 is outside the table's 5 rows"):
-        cpu_kernels.pooled_lookup(
-            table, jnp.asarray([[0, 9]], jnp.int32), jnp.ones((1, 2))
-        ).block_until_ready()
+        ids = jnp.asarray([[[0, 9]]], jnp.int32)
+        cpu_kernels.pooled_lookup(table, ids, jnp.ones((1, 1, 2))).block_until_ready()
 
 
 # 40 rows: grouped by a counting sort; 1,000 rows (more than 8x the occurrences): by a sort.
@@ -105,15 +104,15 @@ def test_only_float32_row_wise_adagrad_groups_take_the_kernel():
 def test_pooled_lookup_differentiates_like_jnp():
     rng = np.random.default_rng(2)
     table = jnp.asarray(rng.normal(size=(20, 6)), jnp.float32)
-    ids = jnp.asarray(rng.integers(0, 20, (9, 4)), jnp.int32)
-    coef = jnp.asarray(rng.normal(size=(9, 4)) * (rng.random((9, 4)) > 0.25), jnp.float32)
-    weights = jnp.asarray(rng.normal(size=(9, 6)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 20, (2, 9, 4)), jnp.int32)
+    coef = jnp.asarray(rng.normal(size=(2, 9, 4)) * (rng.random((2, 9, 4)) > 0.25), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(9, 2, 6)), jnp.float32)
 
     def via(fn):
         return jax.grad(lambda t, c: jnp.sum(fn(t, ids, c) * weights), argnums=(0, 1))(table, coef)
 
     got = via(cpu_kernels.pooled_lookup)
-    want = via(lambda t, i, c: jnp.einsum("nl,nld->nd", c, t[i]))
+    want = via(lambda t, i, c: jnp.einsum("fbl,fbld->bfd", c, t[i]))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], np.where(coef != 0, want[1], 0.0), rtol=1e-5, atol=1e-6)
 

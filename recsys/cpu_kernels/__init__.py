@@ -2,12 +2,13 @@
 
 `embedding_bag.cc` is compiled by `pip install` (see `setup.py`) into a shared library in
 this package, loaded here with ctypes and registered with `jax.ffi`. Why C++ and not XLA:
-on CPU, XLA runs a gather-and-sum as one scalar loop on one thread and a scatter-add
-single-threaded, so the plain jnp path reached 0.44x (lookup, pooling 20) and 0.31x
-(lookup + update) of FBGEMM's samples/s on the 2-core development machine. These kernels
-split the batch over the cores, sum each bag in registers, and apply row-wise Adagrad to
-each unique row in the same pass that sums its gradient. The semantics are in the C++
-file's header; `tests/test_cpu_kernels.py` checks them against the XLA path.
+on CPU, XLA runs the backward's scatter-add on one thread, and in a train step that
+updates the tables in place it copied every gathered row before summing; the plain jnp
+path reached 0.31-0.62x of FBGEMM's lookup + row-wise Adagrad samples/s on the 2-core
+development machine. These kernels split the work over the cores, prefetch the next
+bag's rows, and apply row-wise Adagrad to each unique row in the same pass that sums its
+gradient. The semantics are in the C++ file's header; `tests/test_cpu_kernels.py` checks
+them against the XLA path.
 
 If the library is missing (no compiler at install time, another OS), `available()` is
 False and callers keep the XLA path; `unavailable_reason()` says why.
@@ -60,12 +61,13 @@ def _require() -> None:
 
 
 def pooled_lookup(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Array:
-    """`[n, dim]` float32: row n is sum_l coef[n, l] * table[ids[n, l]].
+    """`[batch, features, dim]` float32: out[b, f] = sum_l coef[f, b, l] * table[ids[f, b, l]].
 
     Args:
       table: [rows, dim] float32.
-      ids: [n, bag] int32 rows of `table`; positions with coef 0 are not read.
-      coef: [n, bag] float32 (0 on padding).
+      ids: [features, batch, bag] int32 rows of `table` (feature-major, so consecutive
+        bags read the same table); positions with coef 0 are not read.
+      coef: [features, batch, bag] float32 (0 on padding).
     Differentiable in `table` and `coef` (the backward is the XLA scatter-add: the train
     step never takes it, it updates rows with `rowwise_adagrad` instead).
     """
@@ -75,8 +77,9 @@ def pooled_lookup(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Arra
 
 @jax.custom_vjp
 def _pooled(table, ids, coef):
-    call = jax.ffi.ffi_call(_LOOKUP, jax.ShapeDtypeStruct((ids.shape[0], table.shape[1]), jnp.float32))
-    return call(table, ids, coef)
+    nf, nb, nl = ids.shape
+    call = jax.ffi.ffi_call(_LOOKUP, jax.ShapeDtypeStruct((nb, nf, table.shape[1]), jnp.float32))
+    return call(table, ids.reshape(nf * nb, nl), coef.reshape(nf * nb, nl), features=np.int64(nf))
 
 
 def _pooled_fwd(table, ids, coef):
@@ -87,8 +90,9 @@ def _pooled_bwd(residuals, grad):
     table, ids, coef = residuals
     used = coef != 0  # positions the forward did not read get no gradient
     safe = jnp.where(used, ids, 0)
-    d_table = jnp.zeros_like(table).at[safe].add(coef[..., None] * grad[:, None, :])
-    d_coef = jnp.where(used, jnp.einsum("nd,nld->nl", grad, table[safe]), 0.0)
+    grad = jnp.moveaxis(grad, 1, 0)  # [features, batch, dim]
+    d_table = jnp.zeros_like(table).at[safe].add(coef[..., None] * grad[:, :, None, :])
+    d_coef = jnp.where(used, jnp.einsum("fbd,fbld->fbl", grad, table[safe]), 0.0)
     return d_table, np.zeros(ids.shape, jax.dtypes.float0), d_coef
 
 

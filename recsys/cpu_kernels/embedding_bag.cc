@@ -1,12 +1,13 @@
 // CPU kernels for the embedding lookup and its fused sparse update, called from JAX
-// through the XLA FFI (`recsys.cpu_kernels`). XLA:CPU runs a gather-and-sum as one
-// scalar loop and a scatter-add single-threaded; these split the batch over the cores,
-// keep each output row in registers while its bag is summed, and apply row-wise Adagrad
-// once per unique row, in the same pass that sums that row's gradient.
+// through the XLA FFI (`recsys.cpu_kernels`). XLA:CPU runs the backward's scatter-add on
+// one thread and, in a step that also updates the tables in place, copies every gathered
+// row before summing it; these split the work over the cores, sum each bag into its
+// output row while the next bag's rows are prefetched, and apply row-wise Adagrad to each
+// unique row in the same pass that sums that row's gradient.
 //
 // Semantics (the tests compare them with the XLA path):
-//   pooled_lookup:   out[n] = sum_l coef[n, l] * table[ids[n, l]]; positions with
-//                    coef == 0 (padding) are skipped and never read.
+//   pooled_lookup:   out[b, f] = sum_l coef[f, b, l] * table[ids[f, b, l]]; positions
+//                    with coef == 0 (padding) are skipped and never read.
 //   rowwise_adagrad: for every row r among the valid ids (id >= 0):
 //                      g = sum over occurrences i of r: coef[i] * grads[src[i]]
 //                          (+ weight_decay * table[r]),
@@ -64,14 +65,21 @@ inline void Axpy(float* __restrict out, const float* __restrict row, float c, in
   for (int64_t d = 0; d < dim; ++d) out[d] += c * row[d];
 }
 
+// ids and coef are bag-major by feature ([features * batch, bag]: all of feature 0's bags,
+// then feature 1's), so consecutive bags read the same table and its hot rows stay in
+// cache; the output is [batch, features, dim], ready for the model.
 ffi::Error PooledLookup(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::F32> coef,
-                        ffi::ResultBuffer<ffi::F32> out) {
+                        ffi::ResultBuffer<ffi::F32> out, int64_t features) {
   auto tdims = table.dimensions();
   auto idims = ids.dimensions();
   if (tdims.size() != 2 || idims.size() != 2 || coef.dimensions().size() != 2) {
     return ffi::Error::InvalidArgument("pooled_lookup: table [rows, dim], ids and coef [n, bag]");
   }
   const int64_t rows = tdims[0], dim = tdims[1], n = idims[0], bag = idims[1];
+  if (features < 1 || n % features != 0) {
+    return ffi::Error::InvalidArgument("pooled_lookup: bags must split evenly over the features");
+  }
+  const int64_t batch = n / features;
   const float* t = table.typed_data();
   const int32_t* id = ids.typed_data();
   const float* c = coef.typed_data();
@@ -79,8 +87,17 @@ ffi::Error PooledLookup(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids, 
   std::atomic<int64_t> bad{-1};  // some out-of-range position, reported after the loop
   ParallelFor(n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      float* dst = o + i * dim;
+      float* dst = o + ((i % batch) * features + i / batch) * dim;
       std::memset(dst, 0, sizeof(float) * dim);
+      if (i + 1 < end) {  // the next bag's rows, while this one is summed
+        for (int64_t l = 0; l < bag; ++l) {
+          const int64_t ahead = id[(i + 1) * bag + l];
+          if (ahead >= 0 && ahead < rows) {
+            const char* row = reinterpret_cast<const char*>(t + ahead * dim);
+            for (int64_t b = 0; b < dim * 4; b += 64) __builtin_prefetch(row + b);
+          }
+        }
+      }
       for (int64_t l = 0; l < bag; ++l) {
         const float w = c[i * bag + l];
         if (w == 0.0f) continue;
@@ -199,7 +216,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysPooledLookup, PooledLookup,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("features"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysRowwiseAdagrad, RowwiseAdagrad,
                               ffi::Ffi::Bind()
