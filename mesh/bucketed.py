@@ -46,11 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh import collectives
-from mesh.plan import Strategy
 from mesh.routing import GroupRoute
 from mesh.sharded import GroupLayout, ShardedLayout
-
-_ROW_SHARDED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +85,13 @@ class BucketRoute:
 def bucketizable(layout: ShardedLayout, g: GroupLayout) -> bool:
     """Row-sharded groups whose rows are whole on their owners (a grid of one column
     shard, e.g. on one host): the "rows" route."""
-    return g.strategy in _ROW_SHARDED and all(layout.table_shapes[t][1] == g.width for t in g.tables)
+    return g.strategy.row_sharded and all(layout.table_shapes[t][1] == g.width for t in g.tables)
 
 
 def poolable(g: GroupLayout, features) -> bool:
     """Row-sharded groups (column blocks allowed) read only by pooled features: the
     "pooled" route."""
-    return g.strategy in _ROW_SHARDED and all(r.pooled for r in features.values())
+    return g.strategy.row_sharded and all(r.pooled for r in features.values())
 
 
 def build_bucket_routes(

@@ -101,18 +101,12 @@ class TableLoad:
 
 @dataclasses.dataclass
 class DeviceLoad:
-    """What one device holds and does per step: accumulated over the shards placed."""
+    """What one device holds and does per step."""
 
     memory: float = 0.0
     lookup_bytes: float = 0.0
     sent: float = 0.0  # bytes per step, all links
     received: float = 0.0
-
-    def add(self, other: DeviceLoad) -> None:
-        self.memory += other.memory
-        self.lookup_bytes += other.lookup_bytes
-        self.sent += other.sent
-        self.received += other.received
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +142,7 @@ def data_parallel_lookup_bytes(table: TableLoad, batch: int) -> float:
 class GroupTraffic:
     """What the exchanges of one group depend on, accumulated as its tables are placed.
 
-    Counts rather than flags, so a table can be taken out again (`remove`)."""
+    Counts rather than flags, so a table can be taken out again (`add` with sign -1)."""
 
     devices: int
     width: int  # columns per shard (data-parallel: the dim)
@@ -212,6 +206,14 @@ class GroupTraffic:
         """(bytes each device sends per step, and receives as many; the route taken)."""
         total, route = self.bytes_if(batch, comm, self.columns.max(), self.outputs.max(), self.expected.max())
         return float(total), ROUTES[int(route)]
+
+    def bytes_with_shard_on_each(self, table: TableLoad, rows, batch: int, comm: CommSettings) -> np.ndarray:
+        """[devices] `bytes` if one more shard of `table` (these rows; its other shards
+        already counted by `add_table`) went to each device in turn."""
+        columns = np.maximum(self.columns.max(), self.columns + table.bag_width)
+        outputs = np.maximum(self.outputs.max(), self.outputs + table.outputs)
+        expected = np.maximum(self.expected.max(), self.expected + self.share(table, rows))
+        return self.bytes_if(batch, comm, columns, outputs, expected)[0]
 
     def bytes_if(self, batch: int, comm: CommSettings, columns, outputs, expected):
         """`bytes` given the busiest owner's figures, as NumPy arrays of trials (one per

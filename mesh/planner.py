@@ -60,7 +60,6 @@ PRESET_NAMES = sorted(PRESETS)
 # each is one start, and the best plan wins.
 LOOKAHEADS = (0.5, 0.8, 1.0, 1.2)
 HOSTS_TRIED = 4  # one-host hybrids are tried on this many of the least loaded hosts
-_ROW_SHARDED = (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
 _MOVABLE = (Strategy.TABLE_WISE, Strategy.COLUMN_WISE)
 _EPS = 1e-9
 
@@ -164,7 +163,7 @@ def _new_group(key: tuple, devices: int) -> GroupTraffic:
     return GroupTraffic(
         devices,
         width,
-        row_sharded=strategy in _ROW_SHARDED,
+        row_sharded=strategy.row_sharded,
         data_parallel=strategy is Strategy.DATA_PARALLEL,
         rowwise_adagrad=optimizer == "rowwise_adagrad",
     )
@@ -226,6 +225,10 @@ class _State:
         sent, _ = group.bytes(self.batch, self.comm_settings)
         return _Trial(out, key, group, sent, self.comm - self.sent.get(key, 0.0) + sent)
 
+    def fits(self, trial: _Trial) -> bool:
+        """No device holds more than its memory."""
+        return not (trial.table[:, 0] > self.topo.memory).any()
+
     def apply(self, trial: _Trial) -> None:
         self.table = trial.table
         self.groups[trial.key] = trial.group
@@ -280,10 +283,7 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
         memory, lookup = table.memory(table.rows, width), table.lookup_bytes(state.batch, table.rows, width)
         table_now = state.table.copy()
         for s in shards:
-            columns = np.maximum(group.columns.max(), group.columns + table.bag_width)
-            outputs = np.maximum(group.outputs.max(), group.outputs + table.outputs)
-            expected = np.maximum(group.expected.max(), group.expected + GroupTraffic.share(table, s.rows))
-            sent, _ = group.bytes_if(state.batch, state.comm_settings, columns, outputs, expected)
+            sent = group.bytes_with_shard_on_each(table, s.rows, state.batch, state.comm_settings)
             slowest = np.maximum(table_now[:, 1].max(), table_now[:, 1] + lookup)
             step = step_seconds(slowest, others + sent, others + sent, topo)
             step[table_now[:, 0] + memory > topo.memory] = np.inf  # would not fit
@@ -493,7 +493,7 @@ def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSett
     best, least = float("inf"), float("inf")
     for strategy, shards in _candidates(table, topo, allowed, empty):
         trial = empty.trial(table, strategy, shards)
-        if not (trial.table[:, 0] > topo.memory).any():
+        if empty.fits(trial):
             step, total = _score(empty, trial.table, trial.comm)
             best, least = min(best, step), min(least, total)
     return (0.0, 0.0) if best == float("inf") else (best, least)
@@ -514,7 +514,7 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
         best, shortfall = None, None
         for strategy, shards in _candidates(table, topo, allowed, state):
             trial = state.trial(table, strategy, shards)
-            if (trial.table[:, 0] > topo.memory).any():
+            if not state.fits(trial):
                 worst = int(np.argmax(trial.table[:, 0]))
                 missing = trial.table[worst, 0] - topo.memory
                 if shortfall is None or missing < shortfall[0]:
@@ -567,7 +567,7 @@ def _regroup(state: _State, placed, order, allowed_of) -> None:
                 scored = []
                 for st, shards in choices:
                     trial = state.trial(t, st, shards)
-                    if not (trial.table[:, 0] > state.topo.memory).any():
+                    if state.fits(trial):
                         scored.append((_score(state, trial.table, trial.comm), st, shards, trial))
                 if not scored:
                     ok = False
@@ -603,7 +603,7 @@ def _replace_each(state: _State, placed, order, allowed_of, passes: int = 2) -> 
             best = (current, None)
             for strategy, shards in _candidates(table, state.topo, allowed_of[table.name], state):
                 trial = state.trial(table, strategy, shards)
-                if (trial.table[:, 0] > state.topo.memory).any():
+                if not state.fits(trial):
                     continue
                 score = _score(state, trial.table, trial.comm)
                 if score[0] < best[0][0] * (1 - _EPS) or (
@@ -651,10 +651,7 @@ def _refine(state: _State, placed, tables, deadline: float, max_moves: int | Non
                 without[s.device] -= delta
                 g = group.copy()
                 g.add_owners(table, [s.owner], sign=-1)
-                columns = np.maximum(g.columns.max(), g.columns + table.bag_width)
-                outputs = np.maximum(g.outputs.max(), g.outputs + table.outputs)
-                expected = np.maximum(g.expected.max(), g.expected + GroupTraffic.share(table, s.rows))
-                sent, _ = g.bytes_if(state.batch, state.comm_settings, columns, outputs, expected)
+                sent = g.bytes_with_shard_on_each(table, s.rows, state.batch, state.comm_settings)
                 comm = state.comm - state.sent[p.key] + sent
                 moved = without[:, 1] + delta[1]  # each destination's lookups after the move
                 new_step = step_seconds(np.maximum(without[:, 1].max(), moved), comm, comm, topo)

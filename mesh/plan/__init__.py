@@ -47,6 +47,11 @@ class Strategy(str, enum.Enum):
     TABLE_COLUMN_WISE = "table_column_wise"  # one host owns it, column shards across its devices
     GRID = "grid"  # column shards across hosts, row blocks within each host
 
+    @property
+    def row_sharded(self) -> bool:
+        """A table's rows are split into blocks on several devices (bucketized routes apply)."""
+        return self in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Shard:
