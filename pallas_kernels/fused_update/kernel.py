@@ -1,0 +1,145 @@
+"""The fused backward + optimizer entry point: checks, segments, flavour dispatch."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import platform
+from pallas_kernels.fused_update import kernel_gpu, kernel_tpu
+from pallas_kernels.fused_update.optimizers import RowOptimizer
+from pallas_kernels.fused_update.segments import build_segments
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpdateBlockSizes:
+    """Tiling of the fused update kernels."""
+
+    # TPU: unique rows updated by one grid step (the optimizer runs on [rows, dim]
+    # blocks); a multiple of 8, the sublane count.
+    rows_per_step: int = 8
+    # TPU: occurrences whose gradient rows are in flight together.
+    window: int = 16
+    # GPU: warps per program (one program per unique row).
+    num_warps: int = 1
+
+    def __post_init__(self):
+        for name in ("rows_per_step", "window", "num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"UpdateBlockSizes.{name} must be a positive int, got {value!r}")
+        if self.rows_per_step % 8:
+            raise ValueError(
+                f"UpdateBlockSizes.rows_per_step must be a multiple of 8, got {self.rows_per_step}"
+            )
+        if not platform.is_power_of_two(self.num_warps):
+            raise ValueError(f"UpdateBlockSizes.num_warps must be a power of two, got {self.num_warps}")
+
+
+def _check(table, state, ids, coef, src, grads, optimizer, flavour):
+    if table.ndim != 2:
+        raise ValueError(f"table must be [rows, dim], got shape {table.shape}")
+    rows, dim = table.shape
+    if jnp.dtype(table.dtype) not in (
+        jnp.dtype(jnp.float32),
+        jnp.dtype(jnp.bfloat16),
+        jnp.dtype(jnp.float16),
+    ):
+        raise ValueError(f"table dtype must be float32, bfloat16 or float16, got {table.dtype}")
+    names = optimizer.state_names()
+    if set(state) != set(names):
+        raise ValueError(f"{optimizer.kind} needs state {list(names)}, got {sorted(state)}")
+    for name in names:
+        expected = (rows,) if optimizer.kind == "rowwise_adagrad" else (rows, dim)
+        if state[name].shape != expected:
+            raise ValueError(f"state {name!r} must have shape {expected}, got {state[name].shape}")
+    if ids.ndim != 1 or coef.shape != ids.shape or src.shape != ids.shape:
+        raise ValueError(f"ids, coef, src must be [n] alike, got {ids.shape}, {coef.shape}, {src.shape}")
+    if grads.ndim != 2 or grads.shape[1] != dim:
+        raise ValueError(f"grads must be [m, {dim}], got shape {grads.shape}")
+    if flavour == "gpu" and not platform.is_power_of_two(dim):
+        raise ValueError(f"the GPU flavour needs a power-of-two dim (Triton loads), got {dim}")
+
+
+def fused_update(
+    table: jax.Array,
+    state: dict[str, jax.Array],
+    ids: jax.Array,
+    coef: jax.Array,
+    src: jax.Array,
+    grads: jax.Array,
+    *,
+    optimizer: RowOptimizer,
+    step: jax.Array | int = 0,
+    seed: jax.Array | int = 0,
+    stochastic_rounding: bool = True,
+    flavour: str = "auto",
+    interpret: bool | None = None,
+    block_sizes: UpdateBlockSizes | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Sums each touched row's gradient once and applies the optimizer to it, in place.
+
+    No `[rows, dim]` gradient is formed: the kernel reads each occurrence's gradient row,
+    sums a row's occurrences in batch order (so the result is deterministic), and rewrites
+    only the touched rows of the table and its state (`input_output_aliases`; donate them
+    to update without a copy).
+
+    Args:
+      table: [rows, dim] float32, bfloat16 or float16.
+      state: the optimizer's arrays (`optimizer.state_names()`): [rows] for row-wise
+        Adagrad, else [rows, dim]; any float dtype (computed in float32, stored back
+        rounded to nearest).
+      ids: [n] int32 row of each occurrence; -1 (or any id outside [0, rows)) skips it.
+      coef: [n] float32 factor of its gradient row (pooling coefficient).
+      src: [n] int32 row of `grads` it came from.
+      grads: [m, dim] activation gradients (one row per pooled bag or sequence position).
+      optimizer: the hyperparameters; `step` (updates applied before this one) feeds
+        Adam's bias correction.
+      seed: int32; with `stochastic_rounding`, narrow tables are rounded stochastically
+        from bits hashed from (seed, row, column): deterministic given the seed.
+      flavour, interpret: see `pallas_kernels.platform.resolve`.
+    Returns:
+      (table, state) after the update.
+    """
+    flavour, interpret = platform.resolve(flavour, interpret)
+    _check(table, state, ids, coef, src, grads, optimizer, flavour)
+    sizes = block_sizes or UpdateBlockSizes()
+    rows, dim = table.shape
+    names = optimizer.state_names()
+    # Row-wise Adagrad's [rows] accumulator is a [rows, 1] column inside the kernels.
+    columns = tuple(state[k].reshape(rows, optimizer.state_width(dim)) for k in names)
+    rounding = stochastic_rounding and jnp.dtype(table.dtype) != jnp.float32
+    pad = sizes.window if flavour == "tpu" else 0
+    segments = build_segments(ids.astype(jnp.int32), coef, src, rows, pad=pad)
+    seed = jnp.asarray(seed, jnp.int32).reshape(1)
+    corrections = optimizer.bias_corrections(step)
+    if flavour == "tpu":
+        table, columns = kernel_tpu.update_call(
+            table,
+            columns,
+            segments,
+            grads,
+            seed,
+            corrections,
+            optimizer=optimizer,
+            rounding=rounding,
+            rows_per_step=sizes.rows_per_step,
+            window=sizes.window,
+            interpret=interpret,
+        )
+    else:
+        table, columns = kernel_gpu.update_call(
+            table,
+            columns,
+            segments,
+            grads,
+            seed,
+            corrections,
+            optimizer=optimizer,
+            rounding=rounding,
+            num_warps=sizes.num_warps,
+            interpret=interpret,
+        )
+    return table, {k: v.reshape(state[k].shape) for k, v in zip(names, columns)}

@@ -1,0 +1,78 @@
+"""Row optimizers applied inside the fused update kernels, on float32 `[rows, dim]` blocks.
+
+Formulas (g includes weight_decay * w when set; t = step + 1):
+  sgd:              w -= lr * g
+  adagrad:          a += g^2;          w -= lr * g * rsqrt(a + eps)  (0 where a == 0)
+  rowwise_adagrad:  a += mean_d(g^2);  w -= lr * g / (sqrt(a) + eps)  (a is [rows, 1])
+  adam:             m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+                    w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+The same formulas as `recsys.sparse_optim`, restated here because kernels know nothing
+of `recsys` (the dependency points the other way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+KINDS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RowOptimizer:
+    """A sparse optimizer's hyperparameters, baked into the kernel as constants."""
+
+    kind: str  # one of KINDS
+    learning_rate: float
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    beta1: float = 0.9  # adam only
+    beta2: float = 0.999  # adam only
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"optimizer kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.eps < 0 or self.weight_decay < 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {self.eps}, {self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+    def state_names(self) -> tuple[str, ...]:
+        return {"sgd": (), "adagrad": ("acc",), "rowwise_adagrad": ("acc",), "adam": ("m", "v")}[self.kind]
+
+    def state_width(self, dim: int) -> int:
+        """Columns of each state array: one per row for row-wise Adagrad, else `dim`."""
+        return 1 if self.kind == "rowwise_adagrad" else dim
+
+    def bias_corrections(self, step: jax.Array) -> jax.Array:
+        """[2] float32 (1 - b1^t, 1 - b2^t) for Adam's step t = step + 1; ones otherwise."""
+        if self.kind != "adam":
+            return jnp.ones((2,), jnp.float32)
+        t = jnp.asarray(step, jnp.float32) + 1
+        return jnp.stack([1 - self.beta1**t, 1 - self.beta2**t]).astype(jnp.float32)
+
+    def apply(self, values, grads, state: tuple, corrections) -> tuple[jax.Array, tuple]:
+        """(new values, new state) of float32 blocks; `corrections` is a pair of scalars."""
+        lr, eps = self.learning_rate, self.eps
+        if self.weight_decay:
+            grads = grads + self.weight_decay * values
+        if self.kind == "sgd":
+            return values - lr * grads, ()
+        if self.kind == "adagrad":
+            (acc,) = state
+            acc = acc + grads * grads
+            scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + eps), 0.0)
+            return values - lr * (grads * scale), (acc,)
+        if self.kind == "rowwise_adagrad":
+            (acc,) = state
+            acc = acc + jnp.mean(grads * grads, axis=1, keepdims=True)
+            return values - lr * grads / (jnp.sqrt(acc) + eps), (acc,)
+        m, v = state
+        c1, c2 = corrections
+        m = self.beta1 * m + (1 - self.beta1) * grads
+        v = self.beta2 * v + (1 - self.beta2) * grads * grads
+        return values - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps)), (m, v)
