@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.embedding_bag import embedding_bag
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, LookupGroup, build_layout
 from recsys.sparse import JaggedBatch, JaggedFeature
@@ -226,22 +227,36 @@ def activation_index(layout: EmbeddingLayout) -> tuple[tuple[str, str, int], ...
     )
 
 
-KERNELS = ("auto", "xla", "cpu")
+KERNELS = ("auto", "xla", "cpu", "pallas")
 
 
-def use_cpu_kernel(dtype, kernels: str) -> bool:
-    """Whether a float32 table is served by the CPU kernels under `kernels`: "cpu" always
-    (an error if the library was not built), "xla" never, "auto" when JAX runs on CPU and
-    the library was built."""
+def table_path(dtype, dim: int, kernels: str) -> str:
+    """Which implementation serves a table group: "xla", "cpu" or "pallas".
+
+    "auto" takes the Pallas kernels on GPU and TPU (on GPU only for power-of-two dims,
+    which Triton needs), the CPU kernels on CPU for float32 tables when the library was
+    built, and XLA otherwise. "cpu" requires the CPU kernel library (float32 tables; others
+    stay on XLA); "pallas" always takes Pallas, interpreted on CPU (slow: for tests).
+    """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    backend = jax.default_backend()
+    if kernels == "pallas":
+        return "pallas"
+    if kernels == "auto" and backend in ("gpu", "tpu"):
+        return "pallas" if backend == "tpu" or (dim > 0 and dim & (dim - 1) == 0) else "xla"
     if kernels == "xla" or jnp.dtype(dtype) != jnp.float32:
-        return False
+        return "xla"
     if kernels == "cpu":
         if not cpu_kernels.available():
             raise RuntimeError(f"kernels='cpu': {cpu_kernels.unavailable_reason()}")
-        return True
-    return jax.default_backend() == "cpu" and cpu_kernels.available()
+        return "cpu"
+    return "cpu" if backend == "cpu" and cpu_kernels.available() else "xla"
+
+
+def use_cpu_kernel(dtype, kernels: str) -> bool:
+    """Whether a table of `dtype` is served by the CPU kernels under `kernels`."""
+    return table_path(dtype, 0, kernels) == "cpu"
 
 
 def lookup(
@@ -252,18 +267,24 @@ def lookup(
     Args:
       tables: {group: [total_rows, dim]} as made by `init_tables` / `stack_tables`.
       batch: packed ids; they must be in range (the packer guarantees it).
-      kernels: "auto" looks pooled features of float32 tables up with the CPU kernel
-        (`recsys.cpu_kernels`) when JAX runs on CPU and the kernel library was built, the
-        XLA path otherwise; "xla" always takes the XLA path; "cpu" requires the kernel.
-        Alone the two forward paths run about as fast; in a train step whose update
-        writes the tables in place, XLA copied every gathered row first (3x slower).
+      kernels: "auto", "xla", "cpu" or "pallas" (see `table_path`). "auto" takes the
+        Pallas table-batched embedding bag on GPU and TPU and, on CPU, the CPU kernel
+        (`recsys.cpu_kernels`) for pooled features of float32 tables when the library was
+        built. On CPU the kernel and XLA forward alone run about as fast; in a train step
+        whose update writes the tables in place, XLA copied every gathered row first (3x
+        slower).
     """
     layout = build_layout(config)
     groups = {}
     for group in layout.lookup_groups:
         table = tables[group.table_group]
         ids, coef = group_inputs(layout, group, batch)
-        if not group.sequence and use_cpu_kernel(table.dtype, kernels):
+        path = table_path(table.dtype, table.shape[1], kernels)
+        if path == "pallas":
+            lengths = jnp.stack([batch[f.name].lengths for f in group.features])
+            groups[group.name] = embedding_bag(table, ids, coef, lengths, pooled=not group.sequence)
+            continue
+        if path == "cpu" and not group.sequence:
             groups[group.name] = cpu_kernels.pooled_lookup(table, ids, coef)  # [batch, features, dim]
             continue
         # Materialize the stacked ids once: fused into each per-position gather, the

@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.fused_update import RowOptimizer, fused_update
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
-from recsys.lookup import Activations, group_inputs
-from recsys.lookup import use_cpu_kernel as use_table_kernel
+from recsys.lookup import Activations, group_inputs, table_path
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.specs import EmbeddingConfig, OptimizerKind
+from recsys.specs import EmbeddingConfig, OptimizerKind, SparseOptimizerSpec
 
 # Marker dedup when rows <= this x occurrences; above it the [rows] marker costs more
 # to clear than sorting the occurrences.
@@ -187,10 +187,29 @@ def _update_tables_scan(
     return table, slots
 
 
+def update_path(group: TableGroup, kernels: str) -> str:
+    """ "pallas", "cpu" or "xla": how `group` is updated (see `sparse_update`). The CPU
+    kernel implements row-wise Adagrad on float32 tables only."""
+    path = table_path(group.dtype, group.dim, kernels)
+    if path == "cpu" and group.optimizer.kind is not OptimizerKind.ROWWISE_ADAGRAD:
+        return "xla"
+    return path
+
+
 def use_cpu_kernel(group: TableGroup, kernels: str) -> bool:
     """Whether `group` is updated by the fused CPU kernel (see `sparse_update`)."""
-    rowwise = group.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD
-    return use_table_kernel(group.dtype, kernels) and rowwise
+    return update_path(group, kernels) == "cpu"
+
+
+def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
+    return RowOptimizer(
+        kind=spec.kind.value,
+        learning_rate=spec.learning_rate,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+        beta1=spec.beta1,
+        beta2=spec.beta2,
+    )
 
 
 def sparse_update(
@@ -218,10 +237,12 @@ def sparse_update(
       optimizer_chunk: unique rows the optimizer updates at a time (tuning and testing).
       accumulator: "auto", "fresh" or "reused": whether each table allocates its gradient
         accumulator or reuses one zeroed buffer ("auto" decides by size; same result).
-      kernels: "auto" runs row-wise Adagrad on float32 tables through the fused CPU kernel
-        (`recsys.cpu_kernels`) when JAX runs on CPU and the kernel library was built, the
-        XLA path otherwise; "xla" always takes the XLA path; "cpu" requires the kernel.
-        Both give the same result up to float rounding (`tests/test_cpu_kernels.py`).
+      kernels: "auto", "xla", "cpu" or "pallas" (`recsys.lookup.table_path`). "auto"
+        takes the Pallas fused update (`pallas_kernels.fused_update`, every optimizer;
+        bfloat16/float16 tables rounded stochastically) on GPU and TPU, and on CPU runs
+        row-wise Adagrad on float32 tables through the fused CPU kernel when it was built.
+        All paths give the same result up to float rounding (`tests/test_cpu_kernels.py`,
+        `tests/test_kernel_dispatch.py`).
     Returns:
       new (tables, slots); only the touched rows differ.
     """
@@ -233,9 +254,25 @@ def sparse_update(
         raise ValueError(f"optimizer_chunk must be >= 1, got {optimizer_chunk}")
     layout = build_layout(config)
     tables, slots = dict(tables), dict(slots)
-    for group in layout.table_groups:
+    for index, group in enumerate(layout.table_groups):
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
-        if use_cpu_kernel(group, kernels):
+        path = update_path(group, kernels)
+        if path == "pallas":
+            # Narrow tables round stochastically, from bits seeded by the step and the group.
+            seed = jnp.asarray(step, jnp.int32) * len(layout.table_groups) + index
+            tables[group.name], slots[group.name] = fused_update(
+                tables[group.name],
+                slots[group.name],
+                ids,
+                coef,
+                src,
+                grad_rows,
+                optimizer=_row_optimizer(group.optimizer),
+                step=step,
+                seed=seed,
+            )
+            continue
+        if path == "cpu":
             spec = group.optimizer
             tables[group.name], acc = cpu_kernels.rowwise_adagrad(
                 tables[group.name],

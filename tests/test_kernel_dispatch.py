@@ -1,0 +1,84 @@
+"""The train step's kernel choice: Pallas, the CPU kernels and XLA give the same result.
+
+On CPU "pallas" runs the kernels interpreted, so this checks the dispatch and the data
+plumbing (stacked ids, coefficients, occurrences) exactly as a GPU or TPU run uses them.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recsys.layout import build_layout
+from recsys.lookup import init_tables, lookup, table_path
+from recsys.sparse_update import init_slots, sparse_update, update_path
+from recsys.specs import SparseOptimizerSpec
+from tests.conftest import make_config, random_batch
+
+
+def test_lookup_is_the_same_through_pallas_and_xla():
+    config = make_config()
+    tables = init_tables(config, jax.random.key(3))
+    batch = random_batch(config, 16, seed=4)
+    via_pallas = lookup(config, tables, batch, kernels="pallas")
+    via_xla = lookup(config, tables, batch, kernels="xla")
+    for name in via_xla.features():  # sum, mean, weighted and sequence features
+        np.testing.assert_allclose(via_pallas[name], via_xla[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def _two_steps(config, kernels, steps=2):
+    update = jax.jit(sparse_update, static_argnums=0, static_argnames=("kernels",))
+    tables, slots = init_tables(config, jax.random.key(0)), init_slots(config)
+    for step in range(steps):
+        batch = random_batch(config, 16, seed=step)
+        acts = lookup(config, tables, batch, kernels="xla")
+        grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
+        tables, slots = update(config, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
+    return tables, slots
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+def test_sparse_update_is_the_same_through_pallas_and_xla(kind):
+    """Two steps with weight decay; mean, weighted and sequence features; a shared table."""
+    config = make_config(SparseOptimizerSpec(kind=kind, learning_rate=0.2, weight_decay=0.01))
+    assert all(update_path(g, "pallas") == "pallas" for g in build_layout(config).table_groups)
+    got_tables, got_slots = _two_steps(config, "pallas")
+    want_tables, want_slots = _two_steps(config, "xla")
+    for name in want_tables:
+        np.testing.assert_allclose(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6)
+        for slot in want_slots[name]:
+            np.testing.assert_allclose(got_slots[name][slot], want_slots[name][slot], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_tables_round_stochastically_through_pallas():
+    """bfloat16 tables: Pallas rounds stochastically, XLA to nearest, so after one step they
+    differ by at most one bfloat16 step per element, and not everywhere."""
+    base = make_config(SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.05))
+    config = dataclasses.replace(
+        base, tables=tuple(dataclasses.replace(t, dtype="bfloat16") for t in base.tables)
+    )
+    got, _ = _two_steps(config, "pallas", steps=1)
+    want, _ = _two_steps(config, "xla", steps=1)
+    for name in want:
+        assert got[name].dtype == jnp.bfloat16
+        a, b = np.asarray(got[name], np.float32), np.asarray(want[name], np.float32)
+        np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-30)  # bfloat16 keeps 8 bits
+    assert any((np.asarray(got[n]) != np.asarray(want[n])).any() for n in want)
+
+
+def test_auto_picks_pallas_on_gpu_and_tpu(monkeypatch):
+    assert table_path(jnp.float32, 16, "auto") in ("cpu", "xla")  # this CPU
+    assert table_path(jnp.bfloat16, 16, "auto") == "xla"
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        assert table_path(jnp.float32, 16, "auto") == "pallas"
+        assert table_path(jnp.float32, 16, "xla") == "xla"
+    # Triton needs power-of-two dims: other dims stay on XLA on GPU.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert table_path(jnp.float32, 24, "auto") == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert table_path(jnp.float32, 24, "auto") == "pallas"
+    with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu, pallas"):
+        table_path(jnp.float32, 16, "triton")
