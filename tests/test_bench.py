@@ -72,3 +72,21 @@ def test_planner_benchmark_compares_with_naive_plans(capsys):
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert record["devices"] == 8 and record["step_ms"] > 0
     assert not record["table_wise_round_robin"]["fits"] and record["row_wise"]["step_ms"] > record["step_ms"]
+
+
+def test_gpu_check_reports_bandwidth_and_ratios(capsys):
+    """`--smoke` runs the GPU check's code on tiny shapes (interpreted on CPU)."""
+    from recsys import bench_gpu
+
+    bench_gpu.main(["--smoke"])
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    names = [r["name"] for r in records]
+    assert names == ["lookup_fwd_xla", "lookup_fwd_pallas", "sparse_update_xla", "sparse_update_pallas"]
+    fwd = records[1]
+    assert fwd["useful_gbps"] >= 0 and fwd["vs_xla"] > 0 and fwd["fraction_of_copy"] > 0
+    assert fwd["bags_per_step"] == 16 and records[3]["vs_xla"] > 0
+    assert (
+        bench_gpu.peak_bandwidth(type("D", (), {"device_kind": "NVIDIA H100 80GB HBM3"})(), None) == 3.35e12
+    )
+    assert bench_gpu.peak_bandwidth(type("D", (), {"device_kind": "NVIDIA H200"})(), None) == 4.8e12
+    assert bench_gpu.peak_bandwidth(object(), 1000.0) == 1e12
