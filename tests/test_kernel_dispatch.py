@@ -39,7 +39,10 @@ def _two_steps(config, kernels, steps=2):
     return tables, slots
 
 
-@pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
+# Row-wise Adagrad ([rows] state) and Adam ([rows, dim] state, the step count): the
+# plumbing differs by state shape only; every kind is checked against the reference in
+# tests/test_pallas_kernels.py.
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "adam"])
 def test_sparse_update_is_the_same_through_pallas_and_xla(kind):
     """Two steps with weight decay; mean, weighted and sequence features; a shared table."""
     config = make_config(SparseOptimizerSpec(kind=kind, learning_rate=0.2, weight_decay=0.01))

@@ -85,8 +85,9 @@ def embedding_bag(
 
     Args:
       table: [rows, dim] float32, bfloat16 or float16 (accumulation is float32).
-      ids: [features, batch, bag] int32 rows of `table`, which must be in range (the
-        batch packer checks them; a kernel cannot raise, and on TPU a stray DMA faults).
+      ids: [features, batch, bag] int32 rows of `table`, which must be in range: the
+        batch packer checks them with an error naming the feature and sample. A kernel
+        cannot raise, so it clamps a stray id to the table rather than read outside it.
       coef: [features, batch, bag] float32 (see `bag_coefficients`; 0 on padding).
       lengths: [features, batch] valid leading positions of each bag; positions at or past
         it are never read. Default: derived from `coef`.

@@ -31,7 +31,9 @@ def _bag_kernel(ids_ref, coef_ref, lengths_ref, table_ref, out_ref, *, pooled):
     def gather(l):
         c = coef_ref[l, :]
         used = c != 0
-        rows = table_ref[jnp.where(used, ids_ref[l, :], 0)].astype(jnp.float32)  # [block, dim]
+        # Clamped like the TPU flavour: a stray id must not read outside the table.
+        safe = jnp.clip(jnp.where(used, ids_ref[l, :], 0), 0, table_ref.shape[0] - 1)
+        rows = table_ref[safe].astype(jnp.float32)  # [block, dim]
         return jnp.where(used[:, None], rows * c[:, None], 0.0)
 
     longest = jnp.max(lengths_ref[...])

@@ -35,7 +35,9 @@ def _bag_kernel(ids_smem, lengths_smem, coef_ref, table_hbm, out_ref, rows_vmem,
             bag_index = block_index * block + b
 
             def per_position(l, carry):
-                row = ids_smem[bag_index * width + l]
+                # Clamped: a stray id must not become a DMA outside the table (the batch
+                # packer rejects out-of-range ids; this only keeps a bypass from faulting).
+                row = jnp.clip(ids_smem[bag_index * width + l], 0, table_hbm.shape[0] - 1)
                 copy = pltpu.make_async_copy(
                     table_hbm.at[pl.ds(row, 1)], rows_vmem.at[slot, b, pl.ds(l, 1)], sems.at[slot]
                 )
