@@ -75,6 +75,8 @@ class BucketRoute:
     pool_at_owner: bool = False  # the "pooled" route; False: "rows"
     outputs: int = 1  # "pooled": output slots per sample at an owner (the broadcast route's)
     scaled: bool = False  # "pooled": coefficients travel with the ids
+    forward: str = "fp32"  # codec of the rows found ("rows" route; `CommConfig.fwd`)
+    backward: str = "fp32"  # codec of their gradients ("rows" route; `CommConfig.bwd`)
 
     @property
     def column_split(self) -> bool:
@@ -215,9 +217,9 @@ def exchange_rows(route: BucketRoute, block: jax.Array, a: Assignment, axes) -> 
     """
     n, empty = route.group.devices, route.group.block_rows
     out = jnp.full((n + 1, route.capacity), empty, jnp.int32).at[a.owner, a.slot].set(a.row, mode="drop")
-    served = collectives.all_to_all(out[:n], axes)
+    served = collectives.all_to_all(out[:n], axes, purpose="ids")
     found = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32)
-    return served, collectives.all_to_all(found, axes)
+    return served, collectives.all_to_all(found, axes, route.forward, "fwd")
 
 
 def pool_lanes(
@@ -252,7 +254,7 @@ def send_gradients(route: BucketRoute, act_grads: Mapping[str, jax.Array], owner
     n = route.group.devices
     out = jnp.zeros((n + 1, route.capacity, route.group.width), jnp.float32)
     out = out.at[owner, slot].set(grads, mode="drop")
-    return collectives.all_to_all(out[:n], axes)
+    return collectives.all_to_all(out[:n], axes, route.backward, "bwd")
 
 
 def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array], ids, axes):
@@ -268,7 +270,7 @@ def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array],
     fill = jnp.asarray([empty, 0, 0][: len(fields)], jnp.int32)
     out = jnp.broadcast_to(fill, (n + 1, route.capacity, len(fields)))
     out = out.at[a.owner, a.slot].set(jnp.stack(fields, axis=-1), mode="drop")
-    got = collectives.all_to_all(out[:n], axes)
+    got = collectives.all_to_all(out[:n], axes, purpose="ids")
     served, at = got[..., 0], got[..., 1]
     if route.scaled:
         return served, at, jax.lax.bitcast_convert_type(got[..., 2], jnp.float32)
@@ -306,7 +308,11 @@ def exchange_statistic(route: BucketRoute, partial: jax.Array, owner, slot, axes
     Returns `[sources, capacity]`.
     """
     n = route.group.devices
-    reported = collectives.all_to_all(partial, axes).at[owner, slot].get(mode="fill", fill_value=0.0)
+    reported = (
+        collectives.all_to_all(partial, axes, purpose="stats")
+        .at[owner, slot]
+        .get(mode="fill", fill_value=0.0)
+    )
     local_batch = owner.shape[0] // sum(lane.ids for lane in route.lanes)
     segments, start = [], 0
     for lane in route.lanes:
@@ -318,7 +324,7 @@ def exchange_statistic(route: BucketRoute, partial: jax.Array, owner, slot, axes
         whole[lane.feature] = whole[lane.feature] + part if lane.feature in whole else part
     mean = jnp.concatenate([whole[lane.feature] / lane.dim for lane in route.lanes])
     out = jnp.zeros((n + 1, route.capacity), jnp.float32).at[owner, slot].set(mean, mode="drop")
-    return collectives.all_to_all(out[:n], axes)
+    return collectives.all_to_all(out[:n], axes, purpose="stats")
 
 
 def _weight(lane: Lane, coef: Mapping[str, jax.Array], ids: jax.Array) -> jax.Array:

@@ -82,6 +82,8 @@ class GroupRoute:
     offset: np.ndarray
     output_of: np.ndarray
     table_dim: np.ndarray  # per owner and column: the table's dim (row-wise statistics)
+    forward: str = "fp32"  # codec of the pooled results on their way back (`CommConfig.fwd`)
+    backward: str = "fp32"  # codec of their gradients on the way out (`CommConfig.bwd`)
 
     @property
     def column_split(self) -> bool:
@@ -159,7 +161,7 @@ def send_ids(
             if used < route.columns:
                 parts.append(jnp.full((batch, route.columns - used), pad_value, dtype))
             per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-        return collectives.all_to_all(jnp.stack(per_owner), axes)
+        return collectives.all_to_all(jnp.stack(per_owner), axes, purpose="ids")
 
     received_ids = buffer(lambda f: ids[f].astype(jnp.int32), -1, jnp.int32)
     if not route.scaled:
@@ -202,7 +204,9 @@ def pool(route: GroupRoute, block: jax.Array, rows: jax.Array, weight: jax.Array
 
 def return_outputs(route: GroupRoute, pooled: jax.Array, axes: tuple[str, ...]) -> dict[str, jax.Array]:
     """Step 3: the pooled work items back to the batch owners -> {feature: activations}."""
-    received = collectives.all_to_all(pooled, axes)  # [owners, local_batch, outputs, width]
+    received = collectives.all_to_all(
+        pooled, axes, route.forward, "fwd"
+    )  # [owners, local_batch, outputs, width]
     blocks: dict[str, dict[int, jax.Array]] = {f: {} for f in route.features}
     for owner, items in enumerate(route.items):
         for it in items:
@@ -235,7 +239,7 @@ def send_gradients(route: GroupRoute, act_grads: Mapping[str, jax.Array], axes) 
         if used < route.outputs:
             parts.append(jnp.zeros((batch, route.outputs - used, width), jnp.float32))
         per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-    return collectives.all_to_all(jnp.stack(per_owner), axes)
+    return collectives.all_to_all(jnp.stack(per_owner), axes, route.backward, "bwd")
 
 
 def position_gradients(route: GroupRoute, grads: jax.Array, weight: jax.Array, device) -> jax.Array:
@@ -255,7 +259,9 @@ def exchange_statistic(route: GroupRoute, partial: jax.Array, axes: tuple[str, .
     the ids', only among the owners that served the position. Returns `[sources,
     local_batch, columns]` at the owner.
     """
-    reported = collectives.all_to_all(partial, axes)  # [owners, local_batch, columns] at the sender
+    reported = collectives.all_to_all(
+        partial, axes, purpose="stats"
+    )  # [owners, local_batch, columns] at the sender
     whole: dict[str, jax.Array] = {}
     for owner, items in enumerate(route.items):
         for it in items:
@@ -268,4 +274,4 @@ def exchange_statistic(route: GroupRoute, partial: jax.Array, axes: tuple[str, .
         if used < route.columns:
             parts.append(jnp.zeros((partial.shape[1], route.columns - used), jnp.float32))
         per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-    return collectives.all_to_all(jnp.stack(per_owner), axes)
+    return collectives.all_to_all(jnp.stack(per_owner), axes, purpose="stats")

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from mesh import bucketed, collectives, routing
 from mesh.bucketed import BucketRoute
+from mesh.collectives import CommConfig
 from mesh.routing import FeatureRoute, GroupRoute
 from mesh.sharded import ShardedLayout
 
@@ -40,10 +41,13 @@ class RoutingOptions:
     capacity_factor: slots per peer on the bucketized routes, as a multiple of the ids a
       peer expects when ids spread like rows. A step that needs more falls back to the
       broadcast route.
+    comm: the codecs of the pooled results (fwd) and their gradients (bwd); the pooled
+      route's results travel like the broadcast route's.
     """
 
     route: str = "auto"
     capacity_factor: float = 2.0
+    comm: CommConfig = CommConfig()
 
     def __post_init__(self):
         if self.route not in ROUTES:
@@ -59,11 +63,13 @@ def plan_routes(
     options: RoutingOptions,
 ) -> tuple[dict[str, GroupRoute], dict[str, BucketRoute]]:
     """Broadcast routes of every sharded group, and the bucketized routes chosen."""
-    routes = routing.build_routes(layout, features)
+    codecs = {"forward": options.comm.fwd, "backward": options.comm.bwd}
+    routes = {k: dataclasses.replace(r, **codecs) for k, r in routing.build_routes(layout, features).items()}
     if options.route == "broadcast":
         return routes, {}
     f = options.capacity_factor
     rows = bucketed.build_bucket_routes(layout, features, local_batch, f)
+    rows = {k: dataclasses.replace(b, **codecs) for k, b in rows.items()}
     pooled = bucketed.build_bucket_routes(layout, features, local_batch, f, broadcast=routes)
     if options.route != "auto":
         return routes, rows if options.route == "rows" else pooled

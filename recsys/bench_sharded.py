@@ -9,8 +9,15 @@ step by collective kind (`mesh.collectives.collective_bytes`; also on the overfl
 fallback path of bucketized row-wise routing), and times `--steps` steps
 after `--warmup`. One JSON line per strategy. On simulated CPU devices all "devices"
 share the host's cores, so samples/s compares strategies with each other, not with real
-hardware; the byte counts are what a real mesh would move. This is the baseline later
-work on compression and kernels is measured against.
+hardware; the byte counts are what a real mesh would move.
+
+`--comm` takes one or more compression settings (`recsys-train --comm`; "" is fp32): each
+strategy runs under each, and the JSON line adds the bytes by what they carry
+(`bytes_by_purpose`: fwd, bwd, allreduce, ids, ...) and, for a compressed setting, the
+ratio of the compressed directions' bytes to the fp32 run's:
+
+    python -m recsys.bench_sharded --dim 128 --strategies table_wise row_wise \
+        --comm "" fwd=fp16,bwd=bf16,allreduce=bf16 fwd=fp8_e4m3,bwd=fp8_e4m3,allreduce=int8
 """
 
 from __future__ import annotations
@@ -34,7 +41,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--comm", nargs="+", default=[""], help="compression settings to compare")
     args = p.parse_args(argv)
+    from mesh.collectives import CommConfig
+
+    try:
+        args.comm = [CommConfig.parse(c) for c in args.comm]
+    except ValueError as e:
+        p.error(str(e))
 
     from mesh import MeshSpec
 
@@ -52,7 +66,8 @@ def _run(args, spec) -> None:
     from flax import nnx
 
     from mesh import Strategy, make_mesh, plan_for_strategy
-    from mesh.collectives import collective_bytes
+    from mesh.collectives import DIRECTIONS, CommConfig, bytes_by_purpose, collective_bytes
+    from mesh.sharded_lookup import RoutingOptions
     from recsys.models import DLRM
     from recsys.sharded_trainer import ShardedTrainer
     from recsys.sparse import RaggedIds, pack_batch
@@ -89,11 +104,15 @@ def _run(args, spec) -> None:
     )
     model = lambda: DLRM(config, dense_features=13, bottom=(64, args.dim), top=(64, 32, 1), rngs=nnx.Rngs(0))  # noqa: E731
 
-    def measure(trainer, placed, name, plan=None):
+    fp32_purposes = {}
+
+    def measure(trainer, placed, name, plan=None, comm=None):
+        comm = comm or CommConfig()
         state = trainer.init_state()
         compiled = trainer.train_step.lower(state, placed).compile()
         hlo = compiled.as_text()
         sent = collective_bytes(hlo, spec.size) if plan is not None else {}
+        purposes = bytes_by_purpose(hlo, spec.size) if plan is not None else {}
         fallback = collective_bytes(hlo, spec.size, branch=1) if plan is not None else {}
         times = []
         for step in range(args.warmup + args.steps):
@@ -109,6 +128,9 @@ def _run(args, spec) -> None:
             "samples_per_s": round(args.batch / statistics.median(times), 1),
             "bytes_sent_per_device": sum(sent.values()),
             "bytes_by_collective": {k: v for k, v in sent.items() if v},
+            "comm": str(comm),
+            "comm_bytes_per_step": sum(purposes.values()),
+            "bytes_by_purpose": {k: v for k, v in purposes.items() if v},
             # A step whose bucketized routing overflowed sends this instead (`mesh.bucketed`).
             "fallback_bytes_per_device": sum(fallback.values()),
             "fallback_steps": int(getattr(state, "routing_fallbacks", 0)),
@@ -119,6 +141,15 @@ def _run(args, spec) -> None:
             "batch": args.batch,
             "backend": jax.default_backend(),
         }
+        if plan is not None and comm == CommConfig():
+            fp32_purposes[name] = purposes
+        compressed = [d for d in DIRECTIONS if getattr(comm, d) != "fp32"]
+        if compressed and name in fp32_purposes:
+            base = sum(fp32_purposes[name][d] for d in compressed)
+            record["compressed_directions"] = compressed
+            record["compressed_ratio"] = (
+                round(sum(purposes[d] for d in compressed) / base, 4) if base else None
+            )
         print(json.dumps(record), flush=True)
 
     single = Trainer(model(), optax.adam(1e-3))
@@ -126,8 +157,10 @@ def _run(args, spec) -> None:
     mesh = make_mesh(spec, jax.devices()[: spec.size])
     for strategy in args.strategies or [s.value for s in Strategy]:
         plan = plan_for_strategy(config.tables, spec, strategy)
-        trainer = ShardedTrainer(model(), optax.adam(1e-3), plan, mesh)
-        measure(trainer, trainer.shard_batch(batch), strategy, plan)
+        for comm in sorted(args.comm, key=lambda c: c != CommConfig()):  # the fp32 baseline first
+            routing = RoutingOptions(comm=comm)
+            trainer = ShardedTrainer(model(), optax.adam(1e-3), plan, mesh, routing=routing)
+            measure(trainer, trainer.shard_batch(batch), strategy, plan, comm)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ over the whole batch, so they are averaged exactly as on one device).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -20,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mesh import collectives
 from mesh.plan import ShardingPlan
 from mesh.relayout import from_logical
 from mesh.sharded import gather_logical, logical_sharding, sharded_layout
@@ -176,7 +178,11 @@ class ShardedTrainer:
             logits = model(batch.dense, Activations.from_features(self.config, acts))
             return self.loss_fn(logits, batch.labels)
 
-        loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
+        if self.routing.comm.allreduce == "fp32":
+            # XLA all-reduces the dense gradients of the global mean loss.
+            loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
+        else:
+            loss, param_grads, act_grads = self._compressed_dense_grads(state, batch, acts)
         tables, slots = sharded_sparse_update(
             self.config,
             self.layout,
@@ -204,6 +210,49 @@ class ShardedTrainer:
             routing_fallbacks=state.routing_fallbacks + fell_back.astype(jnp.int32),
         )
         return new_state, loss
+
+    def _compressed_dense_grads(self, state: ShardedState, batch: Batch, acts):
+        """The dense backward per device, its gradients summed by `compressed_sum`.
+
+        Each device differentiates the mean loss of its own samples; the mean of the
+        devices' means is the global mean loss (equal shares), so the dense gradients are
+        the compressed sum / devices and the activation gradients are scaled by 1/devices.
+        All dense gradients travel as one flat vector: one reduce-scatter and one
+        all-gather of the narrow payload per step, accumulated in float32.
+        """
+        axes, codec = self.axes, self.routing.comm.allreduce
+
+        def body(params, rest, dense, labels, acts):
+            devices = jax.lax.axis_size(axes)
+            # Varying: differentiating a replicated input would make autodiff psum its
+            # gradient in float32 by itself, the very all-reduce this path compresses.
+            params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
+
+            def local_loss(params, acts):
+                model = nnx.merge(self.graphdef, self._no_tables, params, rest)
+                return self.loss_fn(model(dense, Activations.from_features(self.config, acts)), labels)
+
+            loss, (param_grads, act_grads) = jax.value_and_grad(local_loss, argnums=(0, 1))(params, acts)
+            leaves, treedef = jax.tree.flatten(param_grads)
+            flat = jnp.concatenate([leaf.reshape(-1).astype(jnp.float32) for leaf in leaves])
+            summed = collectives.compressed_sum(flat, axes, codec) / devices
+            sizes = [leaf.size for leaf in leaves]
+            pieces = jnp.split(summed, list(itertools.accumulate(sizes))[:-1])
+            param_grads = treedef.unflatten(
+                [p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(pieces, leaves)]
+            )
+            act_grads = jax.tree.map(lambda g: g / devices, act_grads)
+            return jax.lax.psum(loss, axes) / devices, param_grads, act_grads
+
+        batch_spec, replicated = P(self.axes), P()
+        acts_spec = {f: batch_spec for f in acts}
+        mapped = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(replicated, replicated, batch_spec, batch_spec, acts_spec),
+            out_specs=(replicated, replicated, acts_spec),
+        )
+        return mapped(state.params, state.rest, batch.dense, batch.labels, acts)
 
 
 def to_host(tree):

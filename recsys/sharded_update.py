@@ -35,6 +35,7 @@ from mesh.sharded_lookup import Routed, RoutingOptions, local_rows, plan_routes
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
+from recsys.sparse_update import round_rows, rounding_seed
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
 
@@ -95,12 +96,14 @@ def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
     return unique, summed, segment
 
 
-def _apply(opt, step, block, slot_block, unique, summed, row_mean_sq=None):
-    """The optimizer on the unique rows of one block, written back in place."""
+def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None):
+    """The optimizer on the unique rows of one block, written back in place (bfloat16 /
+    float16 blocks round stochastically; the bits are keyed by the block's rows, so they
+    differ from a single-device run's: both are unbiased)."""
     values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
     slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
     values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
-    block = block.at[unique].set(values.astype(block.dtype), mode="drop")
+    block = block.at[unique].set(round_rows(values, unique, block.dtype, seed), mode="drop")
     return block, {k: slot_block[k].at[unique].set(v, mode="drop") for k, v in slot_rows.items()}
 
 
@@ -209,7 +212,9 @@ def sharded_sparse_update(
         new_storage, new_slots = dict(storage), dict(slots)
         for g in layout.groups:
             spec = config.table(g.tables[0]).optimizer
-            apply = functools.partial(_apply, row_optimizer(spec), step)
+            # Seeded by device too: each owner's block rows are numbered from 0.
+            seed = rounding_seed(step, g.name) + d * 7919
+            apply = functools.partial(_apply, row_optimizer(spec), step, seed)
             if g.data_parallel:
                 names = [f for f in local if features[f].table in g.tables]
                 if names:

@@ -13,11 +13,13 @@ position of each id represents it), and a sort otherwise; both give the same slo
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.fused_update import RowOptimizer, fused_update
+from pallas_kernels.fused_update import RowOptimizer, fused_update, random_bits, stochastic_round
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
 from recsys.lookup import Activations, group_inputs, table_path
@@ -130,6 +132,7 @@ def _update_tables_scan(
 ):
     """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
     optimizer = row_optimizer(group.optimizer)
+    seed = rounding_seed(step, group.name)
     n = ids.shape[1]
     # Unique rows are at most min(occurrences, rows); the optimizer walks them in chunks
     # and stops after the last used chunk, so its cost follows the unique count rather
@@ -148,7 +151,7 @@ def _update_tables_scan(
         values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
         slot_rows = {k: v.at[rows_i].get(mode="fill", fill_value=0) for k, v in slots.items()}
         new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
-        table = table.at[rows_i].set(new_values.astype(table.dtype), mode="drop")
+        table = table.at[rows_i].set(round_rows(new_values, rows_i, table.dtype, seed), mode="drop")
         slots = {k: slots[k].at[rows_i].set(new_slot_rows[k], mode="drop") for k in slots}
         return table, slots, unique, grad_sum
 
@@ -185,6 +188,22 @@ def _update_tables_scan(
     grad_sum = jnp.zeros((capacity, group.dim), jnp.float32) if reuse_accumulator else None
     (table, slots, _), _ = jax.lax.scan(one_table, (table, slots, grad_sum), (ids, coef, src, offsets))
     return table, slots
+
+
+def rounding_seed(step: jax.Array, group: str) -> jax.Array:
+    """The stochastic-rounding seed of a table group's update at `step`: fixed by the step
+    and the group's name, so a run is deterministic and resumes exactly."""
+    return jnp.asarray(step, jnp.int32) * 1_000_003 + np.int32(zlib.crc32(group.encode()) & 0x7FFFFFFF)
+
+
+def round_rows(values: jax.Array, rows: jax.Array, dtype, seed: jax.Array) -> jax.Array:
+    """Updated float32 rows [n, dim] in the table's dtype: bfloat16 / float16 tables round
+    stochastically (unbiased, so small updates survive on average), from bits hashed from
+    (seed, row, column) as the Pallas kernels do."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return values
+    bits = random_bits(seed, rows[:, None], jnp.arange(values.shape[1])[None, :])
+    return stochastic_round(values, bits, dtype)
 
 
 def update_path(group: TableGroup, kernels: str) -> str:
@@ -254,12 +273,12 @@ def sparse_update(
         raise ValueError(f"optimizer_chunk must be >= 1, got {optimizer_chunk}")
     layout = build_layout(config)
     tables, slots = dict(tables), dict(slots)
-    for index, group in enumerate(layout.table_groups):
+    for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
         path = update_path(group, kernels)
         if path == "pallas":
             # Narrow tables round stochastically, from bits seeded by the step and the group.
-            seed = jnp.asarray(step, jnp.int32) * len(layout.table_groups) + index
+            seed = rounding_seed(step, group.name)
             tables[group.name], slots[group.name] = fused_update(
                 tables[group.name],
                 slots[group.name],

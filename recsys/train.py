@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.collectives import CODECS, CommConfig, bytes_by_purpose
 from mesh.cost import TableLoad
 from mesh.planner import plan_tables, topology_for_mesh
 from mesh.planner_cli import calibrate
@@ -168,8 +169,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kernels",
         choices=list(KERNELS),
         default="auto",
-        help="one device: row-wise Adagrad through the fused CPU kernel (auto: on CPU when built; "
-        "cpu: required) or the XLA path (xla)",
+        help="one device: the lookup and sparse update through the Pallas kernels (auto: on GPU and "
+        "TPU; pallas: anywhere, interpreted on CPU), the CPU kernels (auto: on CPU when built; cpu: "
+        "required) or the XLA path (xla)",
+    )
+    p.add_argument(
+        "--table-dtype",
+        choices=list(TABLE_DTYPES),
+        default="fp32",
+        help="embedding table storage; bf16/fp16 tables are updated with stochastic rounding "
+        "(deterministic given --seed), their optimizer state stays fp32",
     )
     g = p.add_argument_group("sharding")
     g.add_argument("--devices", type=_positive_int, default=1, help="devices (on CPU: simulated ones)")
@@ -197,6 +206,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="row-sharded tables: ids to every row shard (broadcast), or each id only to its "
         "row's owners, the row coming back (rows) or pooled there (pooled); auto: per group, "
         "the route that sends the fewest bytes",
+    )
+    g.add_argument(
+        "--comm",
+        type=_comm_config,
+        default=CommConfig(),
+        metavar="fwd=C,bwd=C,allreduce=C",
+        help="compressed collectives, a codec per direction (fwd: pooled embeddings, bwd: their "
+        f"gradients, allreduce: dense gradients, summed in fp32); C one of {', '.join(CODECS)}; "
+        "directions left out stay fp32",
     )
     g.add_argument(
         "--route-capacity",
@@ -240,6 +258,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--coordinator needs --num-processes and --process-id")
     if args.route_capacity <= 0:
         p.error(f"--route-capacity must be > 0, got {args.route_capacity}")
+    if args.comm != CommConfig() and not _sharded(args):
+        p.error("--comm compresses the collectives of a sharded run: add --devices, --mesh or --sharding")
     return args
 
 
@@ -386,7 +406,8 @@ def _examples(data: SyntheticData) -> Examples:
 _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
     "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
-    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables"
+    "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables "
+    "table_dtype"
 ).split()
 
 
@@ -427,6 +448,16 @@ def dense_optimizer(args: argparse.Namespace, steps: int) -> optax.GradientTrans
         else args.dense_lr
     )
     return _DENSE_OPTIMIZERS[args.dense_optimizer](lr, args.dense_weight_decay)
+
+
+def _comm_config(text: str) -> CommConfig:
+    try:
+        return CommConfig.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+TABLE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _sharded(args: argparse.Namespace) -> bool:
@@ -512,9 +543,10 @@ def run(args: argparse.Namespace) -> dict:
     data = load_data(args, sparse_optimizer(args), saved_schema)
     # Normal init at 1/sqrt(dim) starts the dot-product interactions off zero; TorchRec's
     # small uniform init left DLRM on Frappe stalled for epochs before they took off.
-    init = InitializerSpec(kind=args.init)
+    init, dtype = InitializerSpec(kind=args.init), TABLE_DTYPES[args.table_dtype]
     config = dataclasses.replace(
-        data.config, tables=tuple(dataclasses.replace(t, initializer=init) for t in data.config.tables)
+        data.config,
+        tables=tuple(dataclasses.replace(t, initializer=init, dtype=dtype) for t in data.config.tables),
     )
     per_epoch = steps_per_epoch(data.train, args.batch_size)
     steps = args.steps or args.epochs * per_epoch
@@ -538,7 +570,7 @@ def run(args: argparse.Namespace) -> dict:
             raise SystemExit(
                 f"--batch-size {args.batch_size} must be a multiple of the {mesh.devices.size} devices"
             )
-        routing = RoutingOptions(args.route, args.route_capacity)
+        routing = RoutingOptions(args.route, args.route_capacity, comm=args.comm)
         # A builder, not a module: the trainer creates the tables already sharded.
         trainer = ShardedTrainer(
             lambda: build_model(args, config, data.num_dense), dense_opt, plan, mesh, routing=routing
@@ -586,7 +618,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = itertools.islice(
         train_batches(data.train, args.batch_size, seed=args.seed, start=position), steps - start_step
     )
-    compile_s, timed_from = None, time.perf_counter()
+    compile_s, timed_from, comm_bytes = None, time.perf_counter(), None
     start = time.perf_counter()
     with Prefetcher(
         batches, lambda item: (_device_batch(config, item[0], train_pack, place), item[1])
@@ -599,6 +631,9 @@ def run(args: argparse.Namespace) -> dict:
                 jax.block_until_ready(loss)
                 timed_from = time.perf_counter()  # the first step includes compilation
                 compile_s = timed_from - start
+                if plan is not None:  # read from the compiled step (cached: no second compile)
+                    hlo = trainer.train_step.lower(state, batch).compile().as_text()
+                    comm_bytes = bytes_by_purpose(hlo, int(trainer.mesh.devices.size))
             done = step + 1
             if ckpt is not None and done % args.checkpoint_every == 0 and done < steps:
                 flush()
@@ -647,6 +682,11 @@ def run(args: argparse.Namespace) -> dict:
         "plan": None if plan is None else plan.to_json(),
         "processes": jax.process_count(),
         "routing_fallbacks": None if plan is None else int(state.routing_fallbacks.addressable_data(0)),
+        "table_dtype": args.table_dtype,
+        "comm": None if plan is None else str(args.comm),
+        # Bytes one device sends per step, by what they carry, read from the compiled step.
+        "comm_bytes": comm_bytes,
+        "comm_bytes_per_step": None if comm_bytes is None else sum(comm_bytes.values()),
         "notes": data.notes
         + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }

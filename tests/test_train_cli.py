@@ -108,8 +108,31 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
         assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps(got["plan"]))
-    again = _metrics(tmp_path, "plan", "--mesh", "host=2,device=4", "--plan", str(plan_file))
-    assert again["train_loss"] == got["train_loss"]
+    # The same plan from its file, with compressed collectives and bf16 tables.
+    again = _metrics(
+        tmp_path, "plan", "--mesh", "host=2,device=4", "--plan", str(plan_file),
+        "--comm", "fwd=fp16,bwd=bf16", "--table-dtype", "bf16",
+    )  # fmt: skip
+    assert again["plan"] == got["plan"] and again["comm"] == "fwd=fp16,bwd=bf16,allreduce=fp32"
+    assert again["train_loss"] == pytest.approx(got["train_loss"], rel=2e-2)
+    for purpose in ("fwd", "bwd"):  # half the bytes; ids and the dense all-reduce unchanged
+        assert again["comm_bytes"][purpose] == got["comm_bytes"][purpose] // 2
+    assert again["comm_bytes"]["ids"] == got["comm_bytes"]["ids"] > 0
+    assert again["comm_bytes"]["allreduce"] == got["comm_bytes"]["allreduce"] > 0
+    assert got["comm_bytes_per_step"] == sum(got["comm_bytes"].values())
+
+
+def test_cli_compression_errors(capsys):
+    cases = {
+        ("--devices", "8", "--comm", "fwd=fp4"): "the codec must be one of fp32, fp16, bf16, fp8_e4m3",
+        ("--devices", "8", "--comm", "up=fp16"): "DIRECTION one of fwd, bwd, allreduce",
+        ("--comm", "fwd=fp16"): "--comm compresses the collectives of a sharded run",
+        ("--table-dtype", "fp64"): "invalid choice: 'fp64' (choose from 'fp32', 'bf16', 'fp16')",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit):
+            train.parse_args(list(argv))
+        assert message in capsys.readouterr().err
 
 
 def test_cli_sharding_errors(tmp_path):
