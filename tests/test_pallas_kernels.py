@@ -165,7 +165,8 @@ def test_fused_update_matches_reference(flavour, kind):
     rng = np.random.default_rng(3)
     # A 4-occurrence window, fewer than the hottest rows have: several windows per row.
     sizes = UpdateBlockSizes(rows_per_step=8, window=4)
-    for dtype in DTYPES:
+    # float32, and one narrow type per flavour (both share the rounding code): CI time.
+    for dtype in (jnp.float32, jnp.float16 if flavour == "gpu" else jnp.bfloat16):
         optimizer, table, state, args = update_inputs(rng, kind, dtype)
         touched = np.unique([i for i in np.asarray(args[0]) if 0 <= i < table.shape[0]])
         options = dict(optimizer=optimizer, step=4, seed=11)
