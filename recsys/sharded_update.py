@@ -212,8 +212,9 @@ def sharded_sparse_update(
         new_storage, new_slots = dict(storage), dict(slots)
         for g in layout.groups:
             spec = config.table(g.tables[0]).optimizer
-            # Seeded by device too: each owner's block rows are numbered from 0.
-            seed = rounding_seed(step, g.name) + d * 7919
+            # Owners' blocks number their rows from 0: seeded by device too. A data-parallel
+            # group's copies must stay identical: the same seed everywhere.
+            seed = rounding_seed(step, g.name) + (0 if g.data_parallel else d * 7919)
             apply = functools.partial(_apply, row_optimizer(spec), step, seed)
             if g.data_parallel:
                 names = [f for f in local if features[f].table in g.tables]

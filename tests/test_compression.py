@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -191,3 +192,34 @@ def test_bfloat16_tables_keep_small_updates_on_average():
     assert (np.asarray(values.astype(jnp.bfloat16), np.float32) == 1.0).all()  # nearest drops it
     again = np.asarray(round_rows(values, rows, jnp.bfloat16, jnp.int32(5)), np.float32)
     np.testing.assert_array_equal(again, rounded)
+
+
+def test_bfloat16_tables_train_sharded_with_replicas_in_step():
+    """Data-parallel bf16 tables round with the same bits on every device, so the replicas
+    stay identical (shard_map would refuse a replicated output that differs)."""
+    import dataclasses
+
+    import optax
+
+    from mesh import make_mesh, mesh_spec, plan_for_strategy
+    from recsys.models import DLRM
+    from recsys.sharded_trainer import ShardedTrainer
+    from tests.test_sharded_training import CONFIG, batches
+
+    config = dataclasses.replace(
+        CONFIG, tables=tuple(dataclasses.replace(t, dtype="bfloat16") for t in CONFIG.tables)
+    )
+    mesh = make_mesh("device=8")
+    plan = plan_for_strategy(config.tables, mesh_spec(mesh), "data_parallel")
+    model = DLRM(config, dense_features=5, bottom=(16, 8), top=(16, 1), rngs=nnx.Rngs(0))
+    trainer = ShardedTrainer(model, optax.sgd(0.05), plan, mesh)
+    state = trainer.init_state()
+    before = {k: np.asarray(v, np.float32) for k, v in trainer.logical_tables(state).items()}
+    for batch in list(batches())[:2]:
+        state, loss = trainer.train_step(state, trainer.shard_batch(batch))
+    assert np.isfinite(float(loss))
+    for name, table in trainer.logical_tables(state).items():
+        assert table.dtype == jnp.bfloat16 and (np.asarray(table, np.float32) != before[name]).any()
+    for storage in state.tables.values():  # every device holds the same replica
+        shards = [np.asarray(s.data, np.float32) for s in storage.addressable_shards]
+        assert all((s == shards[0]).all() for s in shards)
