@@ -254,11 +254,6 @@ def table_path(dtype, dim: int, kernels: str) -> str:
     return "cpu" if backend == "cpu" and cpu_kernels.available() else "xla"
 
 
-def use_cpu_kernel(dtype, kernels: str) -> bool:
-    """Whether a table of `dtype` is served by the CPU kernels under `kernels`."""
-    return table_path(dtype, 0, kernels) == "cpu"
-
-
 def lookup(
     config: EmbeddingConfig, tables: dict[str, jax.Array], batch: JaggedBatch, kernels: str = "auto"
 ) -> Activations:

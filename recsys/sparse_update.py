@@ -215,11 +215,6 @@ def update_path(group: TableGroup, kernels: str) -> str:
     return path
 
 
-def use_cpu_kernel(group: TableGroup, kernels: str) -> bool:
-    """Whether `group` is updated by the fused CPU kernel (see `sparse_update`)."""
-    return update_path(group, kernels) == "cpu"
-
-
 def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     return RowOptimizer(
         kind=spec.kind.value,

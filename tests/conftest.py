@@ -8,10 +8,13 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from recsys.lookup import init_tables, lookup  # noqa: E402
 from recsys.sparse import RaggedIds, pack_batch  # noqa: E402
+from recsys.sparse_update import init_slots, sparse_update  # noqa: E402
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec  # noqa: E402
 
 
@@ -53,3 +56,16 @@ def random_batch(config: EmbeddingConfig, batch: int, seed: int = 0):
 @pytest.fixture
 def config():
     return make_config()
+
+
+def update_steps(config: EmbeddingConfig, kernels: str, steps: int = 2):
+    """(tables, slots) after `steps` sparse updates through `kernels`, from the same start,
+    batches and random activation gradients every time (kernel paths against XLA)."""
+    update = jax.jit(sparse_update, static_argnums=0, static_argnames=("kernels",))
+    tables, slots = init_tables(config, jax.random.key(0)), init_slots(config)
+    for step in range(steps):
+        batch = random_batch(config, 16, seed=step)
+        acts = lookup(config, tables, batch, kernels="xla")
+        grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
+        tables, slots = update(config, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
+    return tables, slots

@@ -8,9 +8,9 @@ import pytest
 from recsys import cpu_kernels
 from recsys.layout import build_layout
 from recsys.lookup import init_tables, lookup
-from recsys.sparse_update import init_slots, sparse_update, use_cpu_kernel
+from recsys.sparse_update import update_path
 from recsys.specs import SparseOptimizerSpec
-from tests.conftest import make_config, random_batch
+from tests.conftest import make_config, random_batch, update_steps
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"CPU kernels not built: {cpu_kernels.unavailable_reason()}"
@@ -73,18 +73,8 @@ def test_sparse_update_is_the_same_through_the_kernel_and_through_xla():
     """Two steps of row-wise Adagrad (weight decay, mean, weighted and sequence features,
     padding, a shared table) either way."""
     config = make_config(SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.2, weight_decay=0.01))
-    assert all(use_cpu_kernel(g, "cpu") for g in build_layout(config).table_groups)
-    update = jax.jit(sparse_update, static_argnums=0, static_argnames=("kernels",))
-    key = jax.random.key(0)
-    results = {}
-    for kernels in ("xla", "cpu"):
-        tables, slots = init_tables(config, key), init_slots(config)
-        for step in range(2):
-            batch = random_batch(config, 16, seed=step)
-            acts = lookup(config, tables, batch)
-            grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
-            tables, slots = update(config, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
-        results[kernels] = (tables, slots)
+    assert all(update_path(g, "cpu") == "cpu" for g in build_layout(config).table_groups)
+    results = {kernels: update_steps(config, kernels) for kernels in ("xla", "cpu")}
     for name in results["xla"][0]:
         np.testing.assert_allclose(results["cpu"][0][name], results["xla"][0][name], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
@@ -94,11 +84,11 @@ def test_sparse_update_is_the_same_through_the_kernel_and_through_xla():
 
 def test_only_float32_row_wise_adagrad_groups_take_the_kernel():
     adam = make_config(SparseOptimizerSpec(kind="adam"))
-    assert not any(use_cpu_kernel(g, "cpu") for g in build_layout(adam).table_groups)
+    assert not any(update_path(g, "cpu") == "cpu" for g in build_layout(adam).table_groups)
     rowwise = make_config(SparseOptimizerSpec(kind="rowwise_adagrad"))
-    assert not any(use_cpu_kernel(g, "xla") for g in build_layout(rowwise).table_groups)
+    assert not any(update_path(g, "xla") == "cpu" for g in build_layout(rowwise).table_groups)
     with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu"):
-        use_cpu_kernel(build_layout(rowwise).table_groups[0], "fast")
+        update_path(build_layout(rowwise).table_groups[0], "fast")
 
 
 def test_pooled_lookup_differentiates_like_jnp():

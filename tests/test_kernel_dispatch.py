@@ -13,9 +13,9 @@ import pytest
 
 from recsys.layout import build_layout
 from recsys.lookup import init_tables, lookup, table_path
-from recsys.sparse_update import init_slots, sparse_update, update_path
+from recsys.sparse_update import update_path
 from recsys.specs import SparseOptimizerSpec
-from tests.conftest import make_config, random_batch
+from tests.conftest import make_config, random_batch, update_steps
 
 
 def test_lookup_is_the_same_through_pallas_and_xla():
@@ -28,17 +28,6 @@ def test_lookup_is_the_same_through_pallas_and_xla():
         np.testing.assert_allclose(via_pallas[name], via_xla[name], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
-def _two_steps(config, kernels, steps=2):
-    update = jax.jit(sparse_update, static_argnums=0, static_argnames=("kernels",))
-    tables, slots = init_tables(config, jax.random.key(0)), init_slots(config)
-    for step in range(steps):
-        batch = random_batch(config, 16, seed=step)
-        acts = lookup(config, tables, batch, kernels="xla")
-        grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
-        tables, slots = update(config, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
-    return tables, slots
-
-
 # Row-wise Adagrad ([rows] state) and Adam ([rows, dim] state, the step count): the
 # plumbing differs by state shape only; every kind is checked against the reference in
 # tests/test_pallas_kernels.py.
@@ -47,8 +36,8 @@ def test_sparse_update_is_the_same_through_pallas_and_xla(kind):
     """Two steps with weight decay; mean, weighted and sequence features; a shared table."""
     config = make_config(SparseOptimizerSpec(kind=kind, learning_rate=0.2, weight_decay=0.01))
     assert all(update_path(g, "pallas") == "pallas" for g in build_layout(config).table_groups)
-    got_tables, got_slots = _two_steps(config, "pallas")
-    want_tables, want_slots = _two_steps(config, "xla")
+    got_tables, got_slots = update_steps(config, "pallas")
+    want_tables, want_slots = update_steps(config, "xla")
     for name in want_tables:
         np.testing.assert_allclose(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6)
         for slot in want_slots[name]:
@@ -62,8 +51,8 @@ def test_bfloat16_tables_round_the_same_bits_through_pallas_and_xla():
     config = dataclasses.replace(
         base, tables=tuple(dataclasses.replace(t, dtype="bfloat16") for t in base.tables)
     )
-    got, _ = _two_steps(config, "pallas", steps=1)
-    want, _ = _two_steps(config, "xla", steps=1)
+    got, _ = update_steps(config, "pallas", steps=1)
+    want, _ = update_steps(config, "xla", steps=1)
     initial = init_tables(config, jax.random.key(0))
     for name in want:
         assert got[name].dtype == jnp.bfloat16

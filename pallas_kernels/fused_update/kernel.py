@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,31 +116,12 @@ def fused_update(
     segments = build_segments(ids.astype(jnp.int32), coef, src, rows, pad=pad)
     seed = jnp.asarray(seed, jnp.int32).reshape(1)
     corrections = optimizer.bias_corrections(step)
+    common = dict(optimizer=optimizer, rounding=rounding, interpret=interpret)
     if flavour == "tpu":
-        table, columns = kernel_tpu.update_call(
-            table,
-            columns,
-            segments,
-            grads,
-            seed,
-            corrections,
-            optimizer=optimizer,
-            rounding=rounding,
-            rows_per_step=sizes.rows_per_step,
-            window=sizes.window,
-            interpret=interpret,
+        call = functools.partial(
+            kernel_tpu.update_call, rows_per_step=sizes.rows_per_step, window=sizes.window, **common
         )
     else:
-        table, columns = kernel_gpu.update_call(
-            table,
-            columns,
-            segments,
-            grads,
-            seed,
-            corrections,
-            optimizer=optimizer,
-            rounding=rounding,
-            num_warps=sizes.num_warps,
-            interpret=interpret,
-        )
+        call = functools.partial(kernel_gpu.update_call, num_warps=sizes.num_warps, **common)
+    table, columns = call(table, columns, segments, grads, seed, corrections)
     return table, {k: v.reshape(state[k].shape) for k, v in zip(names, columns)}
