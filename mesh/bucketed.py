@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh import collectives
+from mesh.collectives import packing
 from mesh.routing import GroupRoute
 from mesh.sharded import GroupLayout, ShardedLayout
 
@@ -77,11 +78,24 @@ class BucketRoute:
     scaled: bool = False  # "pooled": coefficients travel with the ids
     forward: str = "fp32"  # codec of the rows found ("rows" route; `CommConfig.fwd`)
     backward: str = "fp32"  # codec of their gradients ("rows" route; `CommConfig.bwd`)
+    ids: str = "int32"  # how rows and positions travel (`CommConfig.ids`)
 
     @property
     def column_split(self) -> bool:
         """Some table's rows lie in several column blocks (one lane per feature and block)."""
         return len(self.lanes) > len(self.features)
+
+    @property
+    def local_batch(self) -> int:
+        return self.positions // sum(lane.ids for lane in self.lanes)
+
+    def row_bytes(self) -> int:
+        """Wire bytes of a served row (`block_rows` marks an empty slot)."""
+        return packing.packed_bytes(self.ids, self.group.block_rows + 1)
+
+    def at_bytes(self) -> int:
+        """Wire bytes of an output position at the owner ("pooled" route)."""
+        return packing.packed_bytes(self.ids, self.local_batch * self.outputs)
 
 
 def bucketizable(layout: ShardedLayout, g: GroupLayout) -> bool:
@@ -170,11 +184,14 @@ def bucket_bytes(route: BucketRoute, devices: int, local_batch: int = 0) -> int:
     route choice leaves them out, as the lookup does not know the optimizer."""
     share = (devices - 1) / devices
     slots = devices * route.capacity
+    width = route.group.width
+    row = collectives.Codec(route.forward).wire_width(width) + collectives.Codec(route.backward).wire_width(
+        width
+    )
     if not route.pool_at_owner:
-        return int(share * (slots * 4 + 2 * slots * route.group.width * 4))
-    per_slot = 12 if route.scaled else 8
-    results = 2 * devices * local_batch * route.outputs * route.group.width * 4
-    return int(share * (slots * per_slot + results))
+        return int(share * slots * (route.row_bytes() + row))
+    per_slot = route.row_bytes() + route.at_bytes() + (4 if route.scaled else 0)
+    return int(share * (slots * per_slot + devices * local_batch * route.outputs * row))
 
 
 class Assignment(NamedTuple):
@@ -217,7 +234,13 @@ def exchange_rows(route: BucketRoute, block: jax.Array, a: Assignment, axes) -> 
     """
     n, empty = route.group.devices, route.group.block_rows
     out = jnp.full((n + 1, route.capacity), empty, jnp.int32).at[a.owner, a.slot].set(a.row, mode="drop")
-    served = collectives.all_to_all(out[:n], axes, purpose="ids")
+    if route.ids == "packed":
+        bound = empty + 1
+        served = packing.unpack(
+            collectives.all_to_all(packing.pack(out[:n], bound), axes, purpose="ids"), bound
+        )
+    else:
+        served = collectives.all_to_all(out[:n], axes, purpose="ids")
     found = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32)
     return served, collectives.all_to_all(found, axes, route.forward, "fwd")
 
@@ -259,7 +282,8 @@ def send_gradients(route: BucketRoute, act_grads: Mapping[str, jax.Array], owner
 
 def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array], ids, axes):
     """Pooled route, step 2 out: each id's row, output position and weight to its owner, in one
-    `all_to_all` of int32 (a coefficient travels as its bits).
+    `all_to_all` of int32 (a coefficient travels as its bits), or of bytes with packed ids
+    (rows and positions in their fewest bytes, a coefficient's 4 bytes after them).
 
     Returns, at the owner, `[sources, capacity]` each: served rows (`block_rows` on empty
     slots), output positions `at` and float32 weights (0 on empty slots).
@@ -269,8 +293,18 @@ def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array],
     fields = [a.row, a.at] + ([jax.lax.bitcast_convert_type(weight, jnp.int32)] if route.scaled else [])
     fill = jnp.asarray([empty, 0, 0][: len(fields)], jnp.int32)
     out = jnp.broadcast_to(fill, (n + 1, route.capacity, len(fields)))
-    out = out.at[a.owner, a.slot].set(jnp.stack(fields, axis=-1), mode="drop")
-    got = collectives.all_to_all(out[:n], axes, purpose="ids")
+    out = out.at[a.owner, a.slot].set(jnp.stack(fields, axis=-1), mode="drop")[:n]
+    if route.ids == "packed":  # rows and positions in their fewest bytes, a weight's 4 after them
+        widths = [packing.id_bytes(empty + 1), packing.id_bytes(route.local_batch * route.outputs), 4]
+        widths = widths[: len(fields)]
+        payload = [packing.to_bytes(out[..., i : i + 1], w) for i, w in enumerate(widths)]
+        got = collectives.all_to_all(jnp.concatenate(payload, axis=-1), axes, purpose="ids")
+        edges = np.cumsum([0, *widths])
+        got = jnp.concatenate(
+            [packing.from_bytes(got[..., a:b], b - a) for a, b in zip(edges[:-1], edges[1:])], axis=-1
+        )
+    else:
+        got = collectives.all_to_all(out, axes, purpose="ids")
     served, at = got[..., 0], got[..., 1]
     if route.scaled:
         return served, at, jax.lax.bitcast_convert_type(got[..., 2], jnp.float32)

@@ -6,17 +6,20 @@ the byte estimates are checked against it (`tests/test_planner.py`). Notation: B
 batch, k devices, b = B / k samples per device, a table of R rows x D columns, a shard of
 r rows x c columns, L the feature's bag width (static shapes are padded to it), p its
 average ids per sample, e the table's bytes per element, s the optimizer state elements
-per table element, v (4) and u (4) the bytes of a communicated result and gradient
-element (2 each when compressed to fp16/bf16), i the bytes per id (4, or 8 with a
-per-id coefficient for weighted or mean features), f the bucketized capacity factor.
+per table element and t the bytes of a state value (4, or 2 stored as bf16/fp16), W(w)
+the bytes on the wire of a w-wide result row plus its gradient row (`CommSettings`:
+`2 * 4w` uncompressed; each direction's codec, `Codec.wire_width`: 2w for fp16/bf16,
+w + 4 for fp8 and w + 8 for int8 with their per-row scale), i the bytes per id (4, or 8
+with a per-id coefficient for weighted or mean features), f the bucketized capacity
+factor.
 
-Memory of a shard: `r * c * e` for the weights plus the optimizer state: `r * c * s * 4`
-(Adagrad s = 1, Adam s = 2) or `r * 4` (row-wise Adagrad: one float per row).
+Memory of a shard: `r * c * e` for the weights plus the optimizer state: `r * c * s * t`
+(Adagrad s = 1, Adam s = 2) or `r * t` (row-wise Adagrad: one value per row).
 
 Lookup time of a shard: the rows it reads, `n = B * p * (r / R)` (a column shard sees
 every id of its rows), each `c * e` bytes but at least 32 (one memory transaction), read
 once forward and read and written once backward, its state likewise:
-`n * max(c e, 32) * (3 + 8 s / e) / hbm_bandwidth`. A data-parallel table reads the
+`n * max(c e, 32) * (3 + 2 s t / e) / hbm_bandwidth`. A data-parallel table reads the
 batch's rows on every device: `B * p * D * 3 * e`.
 
 Communication. Tables with the same strategy, shard width, dtype and optimizer form one
@@ -27,11 +30,11 @@ the same bytes (`GroupTraffic`), and a group costs what its busiest owner needs.
 lanes, ceil(f * b * E))` the bucketized slots per peer (`E` the most ids per sample an
 owner expects when ids spread like rows, `lanes` the ids per sample a device sends: bag
 widths times column blocks), and `share = (k - 1) / k`, each device sends per step:
-- broadcast route: `share * k * b * (C * i + O * w * (v + u))`: ids out, results back,
+- broadcast route: `share * k * b * (C * i + O * W(w))`: ids out, results back,
   gradients out;
-- bucketized rows (whole-row, row-sharded groups): `share * k * q * (4 + w * (v + u))`;
+- bucketized rows (whole-row, row-sharded groups): `share * k * q * (4 + W(w))`;
 - pooled at the owner (row-sharded groups of pooled features): `share * k * (q * (i + 4)
-  + b * O * w * (v + u))`;
+  + b * O * W(w))`;
   the runtime takes the cheapest route that applies, as the cost model does;
 - row-wise Adagrad over column shards adds the statistic's two exchanges, `2 * share * k
   * 4 * (b * C)` (broadcast) or `2 * share * k * 4 * q` (pooled);
@@ -50,6 +53,7 @@ import dataclasses
 
 import numpy as np
 
+from mesh.collectives.codecs import Codec
 from mesh.topology import Topology
 
 ROUTES = ("broadcast", "rows", "pooled")  # see the module docstring
@@ -67,6 +71,7 @@ class TableLoad:
     ids_per_sample: float  # average over the batch (p)
     bag_width: int  # static ids per sample per feature, summed over its features (L)
     element_bytes: int = 4  # e
+    state_bytes: int = 4  # bytes per optimizer state value
     optimizer: str = "rowwise_adagrad"
     scaled: bool = False  # weighted or mean pooling: coefficients travel with the ids
     outputs: int = 1  # vectors per sample looked up from it: one per pooled feature reading it
@@ -87,8 +92,8 @@ class TableLoad:
     def memory(self, rows: int, cols: int) -> float:
         """Bytes of a `rows x cols` shard: weights and optimizer state."""
         if self.optimizer == "rowwise_adagrad":
-            return rows * cols * self.element_bytes + rows * 4
-        return rows * cols * (self.element_bytes + 4 * STATE_ELEMENTS[self.optimizer])
+            return rows * cols * self.element_bytes + rows * self.state_bytes
+        return rows * cols * (self.element_bytes + self.state_bytes * STATE_ELEMENTS[self.optimizer])
 
     def lookup_bytes(self, batch: int, rows: int, cols: int) -> float:
         """Bytes of memory traffic for a shard's lookups and updates in one step."""
@@ -96,7 +101,7 @@ class TableLoad:
         state = 0.0 if self.optimizer == "rowwise_adagrad" else STATE_ELEMENTS[self.optimizer]
         # A row read moves at least one memory transaction, however narrow the shard.
         row_bytes = max(cols * self.element_bytes, MIN_ROW_BYTES)
-        return looked_up * row_bytes * (3 + 8 * state / self.element_bytes)
+        return looked_up * row_bytes * (3 + 2 * self.state_bytes * state / self.element_bytes)
 
 
 @dataclasses.dataclass
@@ -111,11 +116,19 @@ class DeviceLoad:
 
 @dataclasses.dataclass(frozen=True)
 class CommSettings:
-    """Bytes per communicated value, forward and backward (compressed collectives)."""
+    """The codecs of results (forward) and their gradients (backward), as `--comm fwd=..,
+    bwd=..` sets them (`mesh.collectives.CommConfig`), and the bucketized capacity factor."""
 
-    forward_bytes: int = 4
-    backward_bytes: int = 4
+    forward: str = "fp32"
+    backward: str = "fp32"
     capacity_factor: float = 2.0
+
+    def __post_init__(self):
+        Codec(self.forward), Codec(self.backward)  # a clear error for an unknown codec
+
+    def row_bytes(self, width: int) -> int:
+        """W(w): wire bytes of one w-wide result row and its gradient row."""
+        return Codec(self.forward).wire_width(width) + Codec(self.backward).wire_width(width)
 
 
 def device_time(load: DeviceLoad, topo: Topology) -> float:
@@ -226,7 +239,7 @@ class GroupTraffic:
         if self.data_parallel:
             return np.full(columns.shape, (k - 1) * b * self.gathered), np.zeros(columns.shape, int)
         ids = 8 if self.scaled else 4
-        results = self.width * (comm.forward_bytes + comm.backward_bytes)
+        results = comm.row_bytes(self.width)
         q = np.maximum(1, np.minimum(b * self.lanes, np.ceil(comm.capacity_factor * b * expected)))
         never = np.full(columns.shape, np.inf)
         sent = np.stack(

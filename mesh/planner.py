@@ -153,13 +153,14 @@ class PlanResult:
 
 
 def _group_key(table: TableLoad, strategy: Strategy, shards: Sequence[_Shard]) -> tuple:
-    """The runtime's stacking (`mesh.sharded`): strategy, shard width, dtype, optimizer."""
+    """The runtime's stacking (`mesh.sharded`): strategy, shard width, dtype, optimizer (its
+    state dtype included)."""
     width = table.dim if strategy is Strategy.DATA_PARALLEL else shards[0].cols[1] - shards[0].cols[0]
-    return (strategy, width, table.element_bytes, table.optimizer)
+    return (strategy, width, table.element_bytes, table.optimizer, table.state_bytes)
 
 
 def _new_group(key: tuple, devices: int) -> GroupTraffic:
-    strategy, width, _, optimizer = key
+    strategy, width, _, optimizer, _ = key
     return GroupTraffic(
         devices,
         width,
@@ -242,7 +243,7 @@ class _State:
         out = []
         for key, g in self.groups.items():
             if g.tables:
-                strategy, width, element_bytes, optimizer = key
+                strategy, width = key[:2]
                 members = sorted(n for n, p in placed.items() if p.key == key)
                 route = g.bytes(self.batch, self.comm_settings)[1]
                 out.append(

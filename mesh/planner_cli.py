@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mesh.cost import TableLoad
+from mesh.collectives import CommConfig
+from mesh.cost import CommSettings, TableLoad
 from mesh.plan import ShardingPlan, validate_plan
 from mesh.planner import PRESET_NAMES, PlanResult, evaluate_plan, mesh_for_topology, plan_tables
 from mesh.topology import Topology
@@ -18,8 +19,8 @@ from mesh.topology import Topology
 def read_tables(data: dict) -> list[TableLoad]:
     """TABLES.json: {"tables": [{"name", "rows", "dim", "ids_per_sample"}, ...]}, with
     optional "bag_width" (static ids per sample; default ceil(ids_per_sample)),
-    "element_bytes" (4), "optimizer" ("rowwise_adagrad"), "scaled" (false) and
-    "outputs" (pooled features reading the table, 1)."""
+    "element_bytes" (4), "state_bytes" (4), "optimizer" ("rowwise_adagrad"), "scaled"
+    (false) and "outputs" (pooled features reading the table, 1)."""
     if not isinstance(data, dict) or not isinstance(data.get("tables"), list):
         raise ValueError('a tables file is a JSON object with a "tables" list')
     out = []
@@ -34,6 +35,7 @@ def read_tables(data: dict) -> list[TableLoad]:
                     ids_per_sample=p,
                     bag_width=int(entry.get("bag_width", max(1, math.ceil(p)))),
                     element_bytes=int(entry.get("element_bytes", 4)),
+                    state_bytes=int(entry.get("state_bytes", 4)),
                     optimizer=str(entry.get("optimizer", "rowwise_adagrad")),
                     scaled=bool(entry.get("scaled", False)),
                     outputs=int(entry.get("outputs", 1)),
@@ -169,6 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--png", default=None, help="write per-device memory and time bars here (matplotlib)")
     p.add_argument("--refine-seconds", type=float, default=5.0)
     p.add_argument(
+        "--comm",
+        default="",
+        help="codecs of the results and their gradients, as recsys-train's --comm (fwd=fp16,bwd=bf16): "
+        "the planner counts their bytes",
+    )
+    p.add_argument(
         "--evaluate",
         default=None,
         metavar="PLAN.json",
@@ -187,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--tables, --topology and --batch-size are required (or --calibrate)")
     try:
         topo = Topology.parse(args.topology)
+        codecs = CommConfig.parse(args.comm)
+        comm = CommSettings(forward=codecs.fwd, backward=codecs.bwd)
         with open(args.tables) as f:
             tables = read_tables(json.load(f))
         if args.evaluate:
@@ -198,9 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"the plan's mesh {mesh} has {mesh.size} devices; the topology has {topo.devices}"
                 )
             validate_plan(given, tables, mesh)
-            result = evaluate_plan(given, tables, topo, args.batch_size)
+            result = evaluate_plan(given, tables, topo, args.batch_size, comm=comm)
         else:
-            result = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
+            result = plan_tables(tables, topo, args.batch_size, comm=comm, refine_seconds=args.refine_seconds)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(topo)

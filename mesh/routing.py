@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh import collectives
+from mesh.collectives import packing
 from mesh.plan import Strategy
 from mesh.sharded import GroupLayout, Placement, ShardedLayout
 
@@ -84,11 +85,22 @@ class GroupRoute:
     table_dim: np.ndarray  # per owner and column: the table's dim (row-wise statistics)
     forward: str = "fp32"  # codec of the pooled results on their way back (`CommConfig.fwd`)
     backward: str = "fp32"  # codec of their gradients on the way out (`CommConfig.bwd`)
+    ids: str = "int32"  # how the ids travel (`CommConfig.ids`)
 
     @property
     def column_split(self) -> bool:
         """Rows of this group's tables are split into column shards on several devices."""
         return self.group.strategy in _COLUMN_SPLIT
+
+    @property
+    def id_bound(self) -> int:
+        """Codes of packed ids: 0 for padding or outside the owner's rows, else the row
+        within the shard + 1."""
+        return int(self.row_count.max()) + 1
+
+    @property
+    def id_bytes(self) -> int:
+        return packing.packed_bytes(self.ids, self.id_bound)
 
 
 def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) -> dict[str, GroupRoute]:
@@ -140,19 +152,30 @@ def broadcast_bytes(route: GroupRoute, local_batch: int, devices: int) -> int:
     """Bytes one device sends per step on this route: ids (and coefficients) out, pooled
     results back, their gradients out."""
     share = (devices - 1) / devices
-    ids = devices * local_batch * route.columns * (8 if route.scaled else 4)
-    outputs = devices * local_batch * route.outputs * route.group.width * 4
-    return int(share * (ids + 2 * outputs))
+    ids = devices * local_batch * route.columns * (route.id_bytes + (4 if route.scaled else 0))
+    width = route.group.width
+    row = collectives.Codec(route.forward).wire_width(width) + collectives.Codec(route.backward).wire_width(
+        width
+    )
+    return int(share * (ids + devices * local_batch * route.outputs * row))
 
 
 def send_ids(
-    route: GroupRoute, ids: Mapping[str, jax.Array], coef: Mapping[str, jax.Array], axes: tuple[str, ...]
+    route: GroupRoute,
+    ids: Mapping[str, jax.Array],
+    coef: Mapping[str, jax.Array],
+    axes: tuple[str, ...],
+    device: jax.Array,
 ) -> tuple[jax.Array, jax.Array | None]:
     """Step 1. ids: {feature: [local_batch, L] int32, -1 on padding}; coef: {feature:
     [local_batch, L] float32} for scaled features. Returns what this device received as an
-    owner: ids `[sources, local_batch, columns]` and coefficients (None if unscaled)."""
+    owner: ids `[sources, local_batch, columns]` and coefficients (None if unscaled).
 
-    def buffer(values, pad_value, dtype):
+    Packed ids (`route.ids`) travel as codes of the owner's shard and come back as table
+    ids, with -1 where an id was padding or outside this owner's rows (which `owner_rows`
+    treats alike)."""
+
+    def stacked(values, pad_value, dtype):
         per_owner = []
         for items in route.items:
             parts = [values(it.feature) for it in items]
@@ -161,14 +184,24 @@ def send_ids(
             if used < route.columns:
                 parts.append(jnp.full((batch, route.columns - used), pad_value, dtype))
             per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-        return collectives.all_to_all(jnp.stack(per_owner), axes, purpose="ids")
+        return jnp.stack(per_owner)
 
-    received_ids = buffer(lambda f: ids[f].astype(jnp.int32), -1, jnp.int32)
+    out = stacked(lambda f: ids[f].astype(jnp.int32), -1, jnp.int32)  # [owners, local_batch, columns]
+    if route.ids == "packed":
+        start, count = route.row_start[:, None, :], route.row_count[:, None, :]
+        local = out - start
+        codes = jnp.where((out >= 0) & (local >= 0) & (local < count), local + 1, 0)
+        got = collectives.all_to_all(packing.pack(codes, route.id_bound), axes, purpose="ids")
+        got = packing.unpack(got, route.id_bound)
+        mine = jnp.asarray(route.row_start)[device][None, None, :]
+        received_ids = jnp.where(got > 0, mine + got - 1, -1)
+    else:
+        received_ids = collectives.all_to_all(out, axes, purpose="ids")
     if not route.scaled:
         return received_ids, None
     ones = lambda f: jnp.ones(ids[f].shape, jnp.float32)  # noqa: E731
-    received_coef = buffer(lambda f: coef[f] if f in coef else ones(f), 0.0, jnp.float32)
-    return received_ids, received_coef
+    coefficients = stacked(lambda f: coef[f] if f in coef else ones(f), 0.0, jnp.float32)
+    return received_ids, collectives.all_to_all(coefficients, axes, purpose="ids")
 
 
 def owner_rows(

@@ -41,8 +41,9 @@ class RoutingOptions:
     capacity_factor: slots per peer on the bucketized routes, as a multiple of the ids a
       peer expects when ids spread like rows. A step that needs more falls back to the
       broadcast route.
-    comm: the codecs of the pooled results (fwd) and their gradients (bwd); the pooled
-      route's results travel like the broadcast route's.
+    comm: the codecs of the pooled results (fwd), their gradients (bwd) and the ids; the
+      pooled route's results travel like the broadcast route's. Route choice counts their
+      bytes on the wire.
     """
 
     route: str = "auto"
@@ -63,7 +64,7 @@ def plan_routes(
     options: RoutingOptions,
 ) -> tuple[dict[str, GroupRoute], dict[str, BucketRoute]]:
     """Broadcast routes of every sharded group, and the bucketized routes chosen."""
-    codecs = {"forward": options.comm.fwd, "backward": options.comm.bwd}
+    codecs = {"forward": options.comm.fwd, "backward": options.comm.bwd, "ids": options.comm.ids}
     routes = {k: dataclasses.replace(r, **codecs) for k, r in routing.build_routes(layout, features).items()}
     if options.route == "broadcast":
         return routes, {}
@@ -103,7 +104,7 @@ def local_rows(layout: ShardedLayout, table: str, ids: jax.Array, coef: jax.Arra
 
 
 def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes):
-    received_ids, received_coef = routing.send_ids(route, ids, coef, axes)
+    received_ids, received_coef = routing.send_ids(route, ids, coef, axes, device)
     rows, weight = routing.owner_rows(route, received_ids, received_coef, device)
     pooled = routing.pool(route, block, rows, weight, device)
     out = {"ids": received_ids}

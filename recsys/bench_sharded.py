@@ -143,7 +143,7 @@ def _run(args, spec) -> None:
         }
         if plan is not None and comm == CommConfig():
             fp32_purposes[name] = purposes
-        compressed = [d for d in DIRECTIONS if getattr(comm, d) != "fp32"]
+        compressed = [d for d in DIRECTIONS if getattr(comm, d) != getattr(CommConfig(), d)]
         if compressed and name in fp32_purposes:
             base = sum(fp32_purposes[name][d] for d in compressed)
             record["compressed_directions"] = compressed

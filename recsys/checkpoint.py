@@ -43,6 +43,8 @@ def describe_model(trainer: Trainer, state: TrainState) -> dict:
             "dim": t.dim,
             "dtype": t.dtype,
             "optimizer": t.optimizer.kind.value,
+            # Only when not the default, so checkpoints from before the option still match.
+            **({"state_dtype": t.optimizer.state_dtype} if t.optimizer.state_dtype != "float32" else {}),
         }
         for t in config.tables
     }

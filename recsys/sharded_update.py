@@ -35,7 +35,7 @@ from mesh.sharded_lookup import Routed, RoutingOptions, local_rows, plan_routes
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.sparse_update import round_rows, rounding_seed
+from recsys.sparse_update import round_rows, round_slot_rows, rounding_seed
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
 
@@ -98,13 +98,18 @@ def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
 
 def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None):
     """The optimizer on the unique rows of one block, written back in place (bfloat16 /
-    float16 blocks round stochastically; the bits are keyed by the block's rows, so they
+    float16 blocks and slots round stochastically; the bits are keyed by the block's rows, so they
     differ from a single-device run's: both are unbiased)."""
     values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
-    slot_rows = {k: v.at[unique].get(mode="fill", fill_value=0) for k, v in slot_block.items()}
+    slot_rows = {
+        k: v.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slot_block.items()
+    }
     values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
     block = block.at[unique].set(round_rows(values, unique, block.dtype, seed), mode="drop")
-    return block, {k: slot_block[k].at[unique].set(v, mode="drop") for k, v in slot_rows.items()}
+    return block, {
+        k: slot_block[k].at[unique].set(round_slot_rows(v, unique, slot_block[k].dtype, seed, k), mode="drop")
+        for k, v in slot_rows.items()
+    }
 
 
 def _data_parallel_rows(layout, g, features, names, ids, coef, act_grads, axes):

@@ -6,6 +6,9 @@ the float32 values, summed gradients and slot rows of the unique rows a batch to
 values. Rows a batch did not touch are never read or written, so their values and slots
 stay bitwise unchanged (for Adam this is "lazy" Adam: untouched moments do not decay).
 
+Slots are stored in `spec.state_dtype`; `update` takes and returns float32 slot rows and
+the caller stores them back (`recsys.sparse_update.round_slot_rows`).
+
 Formulas (g includes weight_decay * w when set):
   sgd:              w -= lr * g
   adagrad:          a += g^2;            w -= lr * g / sqrt(a + eps)   (optax.adagrad)
@@ -38,6 +41,15 @@ class RowOptimizer(NamedTuple):
 
 
 def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
+    optimizer = _row_optimizer(spec)
+    dtype = jnp.dtype(spec.state_dtype)
+    if dtype == jnp.float32:
+        return optimizer
+    init = lambda rows, dim: {k: v.astype(dtype) for k, v in optimizer.init(rows, dim).items()}  # noqa: E731
+    return RowOptimizer(init, optimizer.update)
+
+
+def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     lr, eps, wd = spec.learning_rate, spec.eps, spec.weight_decay
 
     def with_decay(values, grads):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.fused_update import RowOptimizer, fused_update, random_bits, stochastic_round
+from pallas_kernels.fused_update import RowOptimizer, fused_update, random_bits, round_state, stochastic_round
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
 from recsys.lookup import Activations, group_inputs, table_path
@@ -149,10 +149,15 @@ def _update_tables_scan(
         rows_i = jax.lax.dynamic_slice_in_dim(unique, start, chunk)
         grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, start, chunk)
         values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
-        slot_rows = {k: v.at[rows_i].get(mode="fill", fill_value=0) for k, v in slots.items()}
+        slot_rows = {
+            k: v.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slots.items()
+        }
         new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
         table = table.at[rows_i].set(round_rows(new_values, rows_i, table.dtype, seed), mode="drop")
-        slots = {k: slots[k].at[rows_i].set(new_slot_rows[k], mode="drop") for k in slots}
+        slots = {
+            k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], rows_i, v.dtype, seed, k), mode="drop")
+            for k, v in slots.items()
+        }
         return table, slots, unique, grad_sum
 
     def zero_chunk(i, grad_sum):
@@ -206,11 +211,23 @@ def round_rows(values: jax.Array, rows: jax.Array, dtype, seed: jax.Array) -> ja
     return stochastic_round(values, bits, dtype)
 
 
+def round_slot_rows(values: jax.Array, rows: jax.Array, dtype, seed: jax.Array, name: str) -> jax.Array:
+    """Updated float32 rows of optimizer slot `name` ([n] or [n, dim]) in its storage
+    dtype: narrow state rounds stochastically with the Pallas kernels' bits
+    (`pallas_kernels.fused_update.round_state`; a [n] slot is column 0)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return values
+    flat = values.reshape(values.shape[0], -1)
+    columns = jnp.arange(flat.shape[1])[None, :]
+    return round_state(flat, seed, name, rows[:, None], columns, dtype).reshape(values.shape)
+
+
 def update_path(group: TableGroup, kernels: str) -> str:
     """ "pallas", "cpu" or "xla": how `group` is updated (see `sparse_update`). The CPU
-    kernel implements row-wise Adagrad on float32 tables only."""
+    kernel implements row-wise Adagrad on float32 tables with float32 state only."""
     path = table_path(group.dtype, group.dim, kernels)
-    if path == "cpu" and group.optimizer.kind is not OptimizerKind.ROWWISE_ADAGRAD:
+    spec = group.optimizer
+    if path == "cpu" and (spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or spec.state_dtype != "float32"):
         return "xla"
     return path
 

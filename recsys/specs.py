@@ -15,6 +15,14 @@ import jax.numpy as jnp
 _TABLE_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _is_dtype(value) -> bool:
+    try:
+        jnp.dtype(value)
+    except TypeError:
+        return False
+    return True
+
+
 class Pooling(str, enum.Enum):
     """How the ids of one bag become the feature's activation."""
 
@@ -74,9 +82,19 @@ class SparseOptimizerSpec:
     beta2: float = 0.999  # Adam only
     # L2 penalty on the rows a batch touched, added to their gradient (lazy weight decay).
     weight_decay: float = 0.0
+    # Storage dtype of the optimizer's state (accumulators, moments); updates compute in
+    # float32 and round narrow state stochastically. bfloat16 keeps float32's range;
+    # float16 saturates at 65504 and flushes squared gradients below 2^-24 (Adam's v).
+    state_dtype: str = "float32"
 
     def __post_init__(self):
         object.__setattr__(self, "kind", _enum(OptimizerKind, self.kind, "optimizer kind"))
+        state_dtype = (
+            jnp.dtype(self.state_dtype).name if _is_dtype(self.state_dtype) else str(self.state_dtype)
+        )
+        if state_dtype not in _TABLE_DTYPES:
+            raise ValueError(f"optimizer state_dtype {self.state_dtype!r} is not one of {_TABLE_DTYPES}")
+        object.__setattr__(self, "state_dtype", state_dtype)
         for name in ("learning_rate", "eps", "initial_accumulator", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -117,14 +135,6 @@ class TableSpec:
             raise ValueError(f"table {self.name!r}: optimizer must be a SparseOptimizerSpec")
         if not isinstance(self.initializer, InitializerSpec):
             raise ValueError(f"table {self.name!r}: initializer must be an InitializerSpec")
-
-
-def _is_dtype(value) -> bool:
-    try:
-        jnp.dtype(value)
-    except TypeError:
-        return False
-    return True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
 from mesh.collectives import CODECS, CommConfig, bytes_by_purpose
-from mesh.cost import TableLoad
+from mesh.cost import CommSettings, TableLoad
 from mesh.planner import plan_tables, topology_for_mesh
 from mesh.planner_cli import calibrate
 from mesh.sharded_lookup import ROUTES, RoutingOptions
@@ -178,7 +178,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=list(TABLE_DTYPES),
         default="fp32",
         help="embedding table storage; bf16/fp16 tables are updated with stochastic rounding "
-        "(deterministic given --seed), their optimizer state stays fp32",
+        "(deterministic given --seed)",
+    )
+    p.add_argument(
+        "--state-dtype",
+        choices=list(TABLE_DTYPES),
+        default="fp32",
+        help="the tables' optimizer state (accumulators, Adam's moments), updated in fp32 and "
+        "stored with stochastic rounding; bf16 halves its memory (fp16 saturates at 65504 and "
+        "loses Adam's v below 2^-24)",
     )
     g = p.add_argument_group("sharding")
     g.add_argument("--devices", type=_positive_int, default=1, help="devices (on CPU: simulated ones)")
@@ -434,8 +442,13 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
 
 
 def sparse_optimizer(args: argparse.Namespace) -> SparseOptimizerSpec:
-    """The tables' optimizer from --optimizer, --lr and --weight-decay."""
-    return SparseOptimizerSpec(kind=args.optimizer, learning_rate=args.lr, weight_decay=args.weight_decay)
+    """The tables' optimizer from --optimizer, --lr, --weight-decay and --state-dtype."""
+    return SparseOptimizerSpec(
+        kind=args.optimizer,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        state_dtype=TABLE_DTYPES[args.state_dtype],
+    )
 
 
 def dense_optimizer(args: argparse.Namespace, steps: int) -> optax.GradientTransformation:
@@ -494,6 +507,7 @@ def table_loads(config: EmbeddingConfig, mean_ids: Mapping[str, float]) -> list[
                 ids_per_sample=sum(mean_ids[f.name] for f in features),
                 bag_width=sum(f.max_ids for f in features),
                 element_bytes=np.dtype(t.dtype).itemsize,
+                state_bytes=np.dtype(t.optimizer.state_dtype).itemsize,
                 optimizer=t.optimizer.kind.value,
                 scaled=any(f.weighted or f.pooling.value == "mean" for f in features),
                 outputs=sum(1 if f.pooling.value != "none" else f.max_ids for f in features),
@@ -522,7 +536,8 @@ def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Name
         measured = Topology.parse(args.plan_topology)
     topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"), measured)
     # A move cap, not a time budget: every process of a multi-process run plans alike.
-    result = plan_tables(table_loads(config, mean_ids), topo, args.batch_size, max_moves=200)
+    comm = CommSettings(forward=args.comm.fwd, backward=args.comm.bwd, capacity_factor=args.route_capacity)
+    result = plan_tables(table_loads(config, mean_ids), topo, args.batch_size, comm=comm, max_moves=200)
     if jax.process_index() == 0 and not args.no_progress:
         print(f"planned for {topo}:\n{result}", flush=True)
     return result.plan
@@ -683,6 +698,7 @@ def run(args: argparse.Namespace) -> dict:
         "processes": jax.process_count(),
         "routing_fallbacks": None if plan is None else int(state.routing_fallbacks.addressable_data(0)),
         "table_dtype": args.table_dtype,
+        "state_dtype": args.state_dtype,
         "comm": None if plan is None else str(args.comm),
         # Bytes one device sends per step, by what they carry, read from the compiled step.
         "comm_bytes": comm_bytes,

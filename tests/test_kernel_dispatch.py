@@ -44,22 +44,28 @@ def test_sparse_update_is_the_same_through_pallas_and_xla(kind):
             np.testing.assert_allclose(got_slots[name][slot], want_slots[name][slot], rtol=1e-5, atol=1e-6)
 
 
-def test_bfloat16_tables_round_the_same_bits_through_pallas_and_xla():
-    """bfloat16 tables round stochastically on both paths from the same (seed, row, column)
-    bits, so they agree up to a value whose float32 update differs at a rounding boundary."""
-    base = make_config(SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.05))
+def test_bfloat16_tables_and_state_round_the_same_bits_through_pallas_and_xla():
+    """bfloat16 tables and optimizer state round stochastically on both paths from the same
+    (seed, row, column) bits, so they agree up to a value whose float32 update differs at a
+    rounding boundary."""
+    spec = SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.05, state_dtype="bfloat16")
+    base = make_config(spec)
     config = dataclasses.replace(
         base, tables=tuple(dataclasses.replace(t, dtype="bfloat16") for t in base.tables)
     )
-    got, _ = update_steps(config, "pallas", steps=1)
-    want, _ = update_steps(config, "xla", steps=1)
+    got, got_slots = update_steps(config, "pallas", steps=1)
+    want, want_slots = update_steps(config, "xla", steps=1)
     initial = init_tables(config, jax.random.key(0))
     for name in want:
-        assert got[name].dtype == jnp.bfloat16
-        a, b = np.asarray(got[name], np.float32), np.asarray(want[name], np.float32)
-        np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-30)  # bfloat16 keeps 8 bits
-        assert (a == b).mean() > 0.99
-        assert (a != np.asarray(initial[name], np.float32)).any()  # the update was not rounded away
+        pairs = [(got[name], want[name])] + [
+            (got_slots[name][k], want_slots[name][k]) for k in want_slots[name]
+        ]
+        for x, y in pairs:
+            assert x.dtype == y.dtype == jnp.bfloat16
+            a, b = np.asarray(x, np.float32), np.asarray(y, np.float32)
+            np.testing.assert_allclose(a, b, rtol=2**-7, atol=1e-30)  # bfloat16 keeps 8 bits
+            assert (a == b).mean() > 0.99
+        assert (np.asarray(got[name], np.float32) != np.asarray(initial[name], np.float32)).any()
 
 
 def test_auto_picks_pallas_on_gpu_and_tpu(monkeypatch):

@@ -4,6 +4,8 @@ Every kernel also lowers, without hardware, for CUDA (Triton) and TPU (Mosaic): 
 catches what interpret mode cannot (Triton's power-of-two loads, Mosaic's tiling rules).
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,11 +146,11 @@ def test_embedding_bag_rejects_bad_input():
         BagBlockSizes(num_warps=0)
 
 
-def update_inputs(rng, kind, dtype, rows=30, dim=16, n=70, m=20):
+def update_inputs(rng, kind, dtype, rows=30, dim=16, n=70, m=20, state_dtype=jnp.float32):
     optimizer = RowOptimizer(kind=kind, learning_rate=0.05, weight_decay=0.01, eps=1e-6)
     table = jnp.asarray(rng.normal(size=(rows, dim)), dtype)
     shape = (rows,) if kind == "rowwise_adagrad" else (rows, dim)
-    state = {k: jnp.asarray(rng.uniform(size=shape), jnp.float32) for k in optimizer.state_names()}
+    state = {k: jnp.asarray(rng.uniform(size=shape), state_dtype) for k in optimizer.state_names()}
     ids = rng.integers(0, 8, n)  # hot rows: many duplicates
     ids[::3] = rng.integers(0, rows, len(ids[::3]))
     ids[::7] = -1  # skipped occurrences
@@ -165,9 +167,10 @@ def test_fused_update_matches_reference(flavour, kind):
     rng = np.random.default_rng(3)
     # A 4-occurrence window, fewer than the hottest rows have: several windows per row.
     sizes = UpdateBlockSizes(rows_per_step=8, window=4)
-    # float32, and one narrow type per flavour (both share the rounding code): CI time.
+    # float32, and one narrow type per flavour for the table and the optimizer state (both
+    # flavours share the rounding code): CI time.
     for dtype in (jnp.float32, jnp.float16 if flavour == "gpu" else jnp.bfloat16):
-        optimizer, table, state, args = update_inputs(rng, kind, dtype)
+        optimizer, table, state, args = update_inputs(rng, kind, dtype, state_dtype=dtype)
         touched = np.unique([i for i in np.asarray(args[0]) if 0 <= i < table.shape[0]])
         options = dict(optimizer=optimizer, step=4, seed=11)
         got_table, got_state = fused_update(table, state, *args, **options, **on(flavour), block_sizes=sizes)
@@ -180,7 +183,19 @@ def test_fused_update_matches_reference(flavour, kind):
             np.asarray(got_table, np.float32), np.asarray(want_table, np.float32), rtol=ulp + 2e-6, atol=1e-6
         )
         for k in state:
-            np.testing.assert_allclose(got_state[k], want_state[k], rtol=2e-6, atol=1e-7)
+            assert got_state[k].dtype == state[k].dtype
+            np.testing.assert_allclose(
+                np.asarray(got_state[k], np.float32),
+                np.asarray(want_state[k], np.float32),
+                rtol=ulp + 2e-6,
+                atol=1e-7,
+            )
+            if dtype != jnp.float32:  # stochastically rounded, not to nearest
+                nearest = np.asarray(
+                    fused_update_reference(table, state, *args, **options, stochastic_rounding=False)[1][k],
+                    np.float32,
+                )
+                assert (np.asarray(got_state[k], np.float32) != nearest).any()
         untouched = np.setdiff1d(np.arange(table.shape[0]), touched)
         np.testing.assert_array_equal(np.asarray(got_table)[untouched], np.asarray(table)[untouched])
         assert (np.asarray(got_table, np.float32)[touched] != np.asarray(table, np.float32)[touched]).any()
@@ -310,10 +325,12 @@ def test_kernels_lower_for_gpu_and_tpu(platform):
         S((n + window,), jnp.float32),
         S((1,), jnp.int32),
     )
-    for kind in KINDS:
+    for kind, state_dtype in itertools.product(KINDS, (jnp.float32, jnp.bfloat16)):
         optimizer = RowOptimizer(kind=kind, learning_rate=0.1)
-        state = tuple(S((rows, optimizer.state_width(dim)), jnp.float32) for _ in optimizer.state_names())
-        common = dict(optimizer=optimizer, rounding=True, interpret=False)
+        width = optimizer.state_width(dim)
+        state = tuple(S((rows, width), state_dtype) for _ in optimizer.state_names())
+        narrow = state_dtype != jnp.float32
+        common = dict(optimizer=optimizer, rounding=True, state_rounding=narrow, interpret=False)
         if platform == "cuda":
             call = lambda *a: update_gpu.update_call(*a, num_warps=1, **common)
         else:

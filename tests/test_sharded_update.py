@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mesh import Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.collectives import CommConfig
 from mesh.sharded import gather_logical, shard_logical, sharded_layout
 from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.layout import build_layout
@@ -47,6 +48,7 @@ CONFIG = EmbeddingConfig(
     ),
 )
 MESHES = {"8x1": "device=8", "2x4": "host=2,device=4"}
+PACKED = CommConfig(ids="packed")
 
 
 def _reference(tables, batches, grads):
@@ -102,15 +104,18 @@ def test_two_steps_match_the_single_device_update(case, strategy, mesh_name):
 @pytest.mark.parametrize(
     ("strategy", "mesh_name"), [("row_wise", "2x4"), ("table_row_wise", "2x4"), ("grid", "2x4")]
 )
+# The bucketized routes send packed ids (the int32 forward is in test_sharded_lookup.py);
+# the broadcast route both ways.
 @pytest.mark.parametrize(
     "options",
     [
-        RoutingOptions("rows", 8.0),
-        RoutingOptions("pooled", 8.0),
+        RoutingOptions("rows", 8.0, comm=PACKED),
+        RoutingOptions("pooled", 8.0, comm=PACKED),
         RoutingOptions("pooled", 0.05),
         RoutingOptions("broadcast"),
+        RoutingOptions("broadcast", comm=PACKED),
     ],
-    ids=["rows", "pooled", "overflowing", "broadcast"],
+    ids=["rows_packed", "pooled_packed", "overflowing", "broadcast", "broadcast_packed"],
 )
 def test_both_row_wise_routes_match_the_single_device_update(case, strategy, mesh_name, options):
     check_update(case, strategy, mesh_name, options)

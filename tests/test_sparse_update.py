@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from recsys.lookup import init_tables, lookup, reference_lookup, unstack_tables
+from recsys.sparse import RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from tests.conftest import make_config, random_batch
@@ -162,3 +163,56 @@ def test_optimizer_chunks_cover_every_unique_row(name, accumulator):
     )
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)  # other shapes: other roundings
+
+
+@pytest.mark.parametrize("state_dtype", ["bfloat16", "float16"])
+def test_narrow_optimizer_state_tracks_float32(state_dtype):
+    """Adam's state stored narrow stays narrow and follows the float32 run. Its v moves by
+    (1 - beta2) = 0.1% a step, which bfloat16 rounding to nearest loses once v passes ~0.34
+    (half a spacing is 0.2%): stochastic rounding keeps it unbiased."""
+    steps, rows, dim = 1500, 64, 8
+
+    def config_of(dtype):
+        spec = SparseOptimizerSpec(kind="adam", learning_rate=1e-3, state_dtype=dtype)
+        return EmbeddingConfig(
+            tables=(TableSpec(name="t", rows=rows, dim=dim, optimizer=spec),),
+            features=(FeatureSpec(name="f", table="t"),),
+        )
+
+    def run(dtype):
+        config = config_of(dtype)
+        batch = jax.tree.map(
+            jnp.asarray, pack_batch(config, {"f": RaggedIds.from_lists([[i] for i in range(rows)])})
+        )
+        grads = jax.tree.map(jnp.ones_like, jit_lookup(config, init_tables(config, jax.random.key(0)), batch))
+
+        @jax.jit
+        def train(tables, slots):
+            body = lambda step, c: sparse_update(config, *c, batch, grads, step, kernels="xla")  # noqa: E731
+            return jax.lax.fori_loop(0, steps, body, (tables, slots))
+
+        return train(init_tables(config, jax.random.key(0)), init_slots(config))
+
+    want_tables, want_slots = run("float32")
+    got_tables, got_slots = run(state_dtype)
+    v_want = float(want_slots[next(iter(want_slots))]["v"][0, 0])
+    np.testing.assert_allclose(v_want, 1 - 0.999**steps, rtol=1e-4)  # constant unit gradients
+    for group, slots in got_slots.items():
+        assert all(v.dtype == jnp.dtype(state_dtype) for v in slots.values())
+        v = np.asarray(slots["v"], np.float32)
+        assert abs(v.mean() - v_want) < 0.01, (v.mean(), v_want)  # unbiased over 512 elements
+        np.testing.assert_allclose(np.asarray(slots["m"], np.float32), want_slots[group]["m"], rtol=2e-2)
+        # Each element of v wanders by a few % around its mean (a step's rounding noise is
+        # comparable to its signal and v remembers ~1000 steps), and so does the step size.
+        moved = np.abs(
+            np.asarray(want_tables[group])
+            - np.asarray(init_tables(config_of(state_dtype), jax.random.key(0))[group])
+        )
+        error = np.abs(np.asarray(got_tables[group]) - np.asarray(want_tables[group]))
+        assert error.max() < 0.05 * moved.min() and error.mean() < 0.01 * moved.mean()
+
+
+def test_bad_state_dtype_names_the_choices():
+    with pytest.raises(ValueError, match="state_dtype 'int8' is not one of"):
+        SparseOptimizerSpec(state_dtype="int8")
+    assert SparseOptimizerSpec(state_dtype=jnp.bfloat16).state_dtype == "bfloat16"

@@ -103,7 +103,10 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
         assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
         assert got["auc"] == pytest.approx(one["auc"], abs=1e-4), strategy
     for strategy in ("grid",):
-        got = _metrics(tmp_path, strategy, "--mesh", "host=2,device=4", "--sharding", strategy)
+        # The broadcast route: with compressed results "auto" may pick another route below.
+        got = _metrics(
+            tmp_path, strategy, "--mesh", "host=2,device=4", "--sharding", strategy, "--route", "broadcast"
+        )
         assert got["mesh"] == "host=2,device=4"
         assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
     plan_file = tmp_path / "plan.json"
@@ -111,13 +114,16 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
     # The same plan from its file, with compressed collectives and bf16 tables.
     again = _metrics(
         tmp_path, "plan", "--mesh", "host=2,device=4", "--plan", str(plan_file),
-        "--comm", "fwd=fp16,bwd=bf16", "--table-dtype", "bf16",
+        "--comm", "fwd=fp16,bwd=bf16,ids=packed", "--table-dtype", "bf16", "--state-dtype", "bf16",
+        "--route", "broadcast",
     )  # fmt: skip
-    assert again["plan"] == got["plan"] and again["comm"] == "fwd=fp16,bwd=bf16,allreduce=fp32"
+    assert again["plan"] == got["plan"] and again["comm"] == "fwd=fp16,bwd=bf16,allreduce=fp32,ids=packed"
+    assert again["table_dtype"] == again["state_dtype"] == "bf16"
     assert again["train_loss"] == pytest.approx(got["train_loss"], rel=2e-2)
-    for purpose in ("fwd", "bwd"):  # half the bytes; ids and the dense all-reduce unchanged
+    for purpose in ("fwd", "bwd"):  # half the bytes; the dense all-reduce unchanged
         assert again["comm_bytes"][purpose] == got["comm_bytes"][purpose] // 2
-    assert again["comm_bytes"]["ids"] == got["comm_bytes"]["ids"] > 0
+    # 50-row tables: each id in 1 byte instead of 4; its pooling coefficient keeps its 4.
+    assert again["comm_bytes"]["ids"] == got["comm_bytes"]["ids"] * 5 // 8
     assert again["comm_bytes"]["allreduce"] == got["comm_bytes"]["allreduce"] > 0
     assert got["comm_bytes_per_step"] == sum(got["comm_bytes"].values())
 
@@ -128,6 +134,8 @@ def test_cli_compression_errors(capsys):
         ("--devices", "8", "--comm", "up=fp16"): "DIRECTION one of fwd, bwd, allreduce",
         ("--comm", "fwd=fp16"): "--comm compresses the collectives of a sharded run",
         ("--table-dtype", "fp64"): "invalid choice: 'fp64' (choose from 'fp32', 'bf16', 'fp16')",
+        ("--state-dtype", "int8"): "invalid choice: 'int8' (choose from 'fp32', 'bf16', 'fp16')",
+        ("--devices", "8", "--comm", "ids=int16"): "ids='int16': the codec must be one of int32, packed",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit):

@@ -21,6 +21,7 @@ from jax import lax
 from mesh.collectives.codecs import CODECS as CODECS  # re-exported
 from mesh.collectives.codecs import Codec as Codec
 from mesh.collectives.codecs import codec
+from mesh.collectives.packing import IDS_CODECS as IDS_CODECS  # re-exported
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -30,18 +31,25 @@ class CommConfig:
     fwd: pooled embeddings (and looked-up rows) on their way back to the batch owners.
     bwd: their gradients on the way to the row owners.
     allreduce: the dense parameters' gradient all-reduce (summed in float32).
-    Ids, row-wise Adagrad's statistics and flags always travel exactly.
+    ids: "int32", or "packed": each id as a row of the receiving owner's block in the
+      fewest whole bytes that address it (`packing`; lossless). Ids of a row-wise shard
+      outside its rows travel as one "not mine" code.
+    Row-wise Adagrad's statistics, pooling coefficients and flags always travel exactly.
     """
 
     fwd: str = "fp32"
     bwd: str = "fp32"
     allreduce: str = "fp32"
+    ids: str = "int32"
 
     def __post_init__(self):
         for direction in DIRECTIONS:
             name = getattr(self, direction)
-            if name not in CODECS:
-                raise ValueError(f"--comm {direction}={name!r}: the codec must be one of {', '.join(CODECS)}")
+            choices = IDS_CODECS if direction == "ids" else CODECS
+            if name not in choices:
+                raise ValueError(
+                    f"--comm {direction}={name!r}: the codec must be one of {', '.join(choices)}"
+                )
 
     @classmethod
     def parse(cls, text: str) -> CommConfig:
@@ -62,7 +70,7 @@ class CommConfig:
         return ",".join(f"{d}={getattr(self, d)}" for d in DIRECTIONS)
 
 
-DIRECTIONS = ("fwd", "bwd", "allreduce")
+DIRECTIONS = ("fwd", "bwd", "allreduce", "ids")
 
 
 def gather_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

@@ -7,7 +7,7 @@ occurrences grouped by `build_segments`; `fused_update_reference` is the plain-j
 from pallas_kernels.fused_update.kernel import UpdateBlockSizes, fused_update
 from pallas_kernels.fused_update.optimizers import KINDS, RowOptimizer
 from pallas_kernels.fused_update.reference import fused_update_reference
-from pallas_kernels.fused_update.rounding import random_bits, stochastic_round
+from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 from pallas_kernels.fused_update.segments import Segments, build_segments
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "fused_update",
     "fused_update_reference",
     "random_bits",
+    "round_state",
     "stochastic_round",
 ]

@@ -43,11 +43,8 @@ def _check(table, state, ids, coef, src, grads, optimizer, flavour):
     if table.ndim != 2:
         raise ValueError(f"table must be [rows, dim], got shape {table.shape}")
     rows, dim = table.shape
-    if jnp.dtype(table.dtype) not in (
-        jnp.dtype(jnp.float32),
-        jnp.dtype(jnp.bfloat16),
-        jnp.dtype(jnp.float16),
-    ):
+    floats = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jnp.dtype(table.dtype) not in floats:
         raise ValueError(f"table dtype must be float32, bfloat16 or float16, got {table.dtype}")
     names = optimizer.state_names()
     if set(state) != set(names):
@@ -56,6 +53,10 @@ def _check(table, state, ids, coef, src, grads, optimizer, flavour):
         expected = (rows,) if optimizer.kind == "rowwise_adagrad" else (rows, dim)
         if state[name].shape != expected:
             raise ValueError(f"state {name!r} must have shape {expected}, got {state[name].shape}")
+        if jnp.dtype(state[name].dtype) not in floats:
+            raise ValueError(
+                f"state {name!r} dtype must be float32, bfloat16 or float16, got {state[name].dtype}"
+            )
     if ids.ndim != 1 or coef.shape != ids.shape or src.shape != ids.shape:
         raise ValueError(f"ids, coef, src must be [n] alike, got {ids.shape}, {coef.shape}, {src.shape}")
     if grads.ndim != 2 or grads.shape[1] != dim:
@@ -90,16 +91,17 @@ def fused_update(
     Args:
       table: [rows, dim] float32, bfloat16 or float16.
       state: the optimizer's arrays (`optimizer.state_names()`): [rows] for row-wise
-        Adagrad, else [rows, dim]; any float dtype (computed in float32, stored back
-        rounded to nearest).
+        Adagrad, else [rows, dim]; float32, bfloat16 or float16 (computed in float32 and
+        stored back like the table, `rounding.round_state`).
       ids: [n] int32 row of each occurrence; -1 (or any id outside [0, rows)) skips it.
       coef: [n] float32 factor of its gradient row (pooling coefficient).
       src: [n] int32 row of `grads` it came from.
       grads: [m, dim] activation gradients (one row per pooled bag or sequence position).
       optimizer: the hyperparameters; `step` (updates applied before this one) feeds
         Adam's bias correction.
-      seed: int32; with `stochastic_rounding`, narrow tables are rounded stochastically
-        from bits hashed from (seed, row, column): deterministic given the seed.
+      seed: int32; with `stochastic_rounding`, a narrow table and narrow state are
+        rounded stochastically from bits hashed from (seed, row, column) (salted per
+        state array): deterministic given the seed. Without it they round to nearest.
       flavour, interpret: see `pallas_kernels.platform.resolve`.
     Returns:
       (table, state) after the update.
@@ -111,12 +113,14 @@ def fused_update(
     names = optimizer.state_names()
     # Row-wise Adagrad's [rows] accumulator is a [rows, 1] column inside the kernels.
     columns = tuple(state[k].reshape(rows, optimizer.state_width(dim)) for k in names)
+    # Static flags: which arrays the kernel rounds stochastically.
     rounding = stochastic_rounding and jnp.dtype(table.dtype) != jnp.float32
+    state_rounding = stochastic_rounding and any(jnp.dtype(c.dtype) != jnp.float32 for c in columns)
     pad = sizes.window if flavour == "tpu" else 0
     segments = build_segments(ids.astype(jnp.int32), coef, src, rows, pad=pad)
     seed = jnp.asarray(seed, jnp.int32).reshape(1)
     corrections = optimizer.bias_corrections(step)
-    common = dict(optimizer=optimizer, rounding=rounding, interpret=interpret)
+    common = dict(optimizer=optimizer, rounding=rounding, state_rounding=state_rounding, interpret=interpret)
     if flavour == "tpu":
         call = functools.partial(
             kernel_tpu.update_call, rows_per_step=sizes.rows_per_step, window=sizes.window, **common

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.fused_update.optimizers import RowOptimizer
-from pallas_kernels.fused_update.rounding import random_bits, stochastic_round
+from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
 
 def _update_kernel(
@@ -34,6 +34,7 @@ def _update_kernel(
     *refs,
     optimizer,
     rounding,
+    state_rounding,
 ):
     # count_ref, seed_ref: [1] int32; corr_ref: [2] float32 (Adam's bias corrections).
     # rows_ref: [n] int32; starts_ref: [n + 1]; src_ref, coef_ref: [n] sorted occurrences.
@@ -61,11 +62,16 @@ def _update_kernel(
             table_out[pl.ds(row, 1), :] = stochastic_round(values, bits, table_out.dtype)
         else:
             table_out[pl.ds(row, 1), :] = values.astype(table_out.dtype)
-        for ref, value in zip(state_out, state):
+        for name, ref, value in zip(optimizer.state_names(), state_out, state):
+            if state_rounding:
+                columns = jax.lax.broadcasted_iota(jnp.int32, value.shape, 1)
+                value = round_state(value, seed_ref[0], name, row, columns, ref.dtype)
             ref[pl.ds(row, 1), :] = value.astype(ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "rounding", "num_warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("optimizer", "rounding", "state_rounding", "num_warps", "interpret")
+)
 def update_call(
     table,
     state,
@@ -76,6 +82,7 @@ def update_call(
     *,
     optimizer: RowOptimizer,
     rounding,
+    state_rounding,
     num_warps,
     interpret,
 ):
@@ -95,7 +102,9 @@ def update_call(
     first_aliased = len(operands) - 1 - len(state)
     out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (table, *state))
     out = pl.pallas_call(
-        functools.partial(_update_kernel, optimizer=optimizer, rounding=rounding),
+        functools.partial(
+            _update_kernel, optimizer=optimizer, rounding=rounding, state_rounding=state_rounding
+        ),
         grid=(n,),
         in_specs=[whole] * len(operands),
         out_specs=[whole] * len(out_shape),

@@ -7,7 +7,7 @@ ids and segment bounds arrive as SMEM blocks). The step
      gradient-row ids and coefficients into SMEM, then one DMA per occurrence brings its
      gradient row into VMEM, all in flight together, and they are summed in batch order;
   3. waits for the rows, applies the optimizer to the whole `[block, dim]` block on the
-     vector unit (stochastic rounding for narrow tables), and DMAs the rows back in place
+     vector unit (stochastic rounding for a narrow table and state), and DMAs the rows back in place
      (the table and state are aliased to the outputs).
 Rows of a block past the unique count are computed on stale VMEM but never written.
 Verified in interpret mode only: no TPU is available to this project's CI.
@@ -23,10 +23,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fused_update.optimizers import RowOptimizer
-from pallas_kernels.fused_update.rounding import random_bits, stochastic_round
+from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
 
-def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding, window):
+def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding, state_rounding, window):
     # count_smem, seed_smem: [1] int32 (prefetched); corr_smem: [1, 2] float32. Then in HBM:
     # [3, slots] int32 (unique rows, segment starts, segment ends), src [1, n + window] int32,
     # coef [1, n + window] float32 (2-D: Mosaic tiles rank-1 HBM arrays), grads [m, dim], table, state...; their aliased outputs
@@ -106,24 +106,31 @@ def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding,
     values = rows_vmem[...].astype(jnp.float32)
     state = tuple(s[...].astype(jnp.float32) for s in state_vmem)
     values, state = optimizer.apply(values, grad_vmem[...], state, (corr_smem[0, 0], corr_smem[0, 1]))
-    if rounding:
+    if rounding or state_rounding:
         rows = jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
         row_ids = jnp.zeros((block, 1), jnp.int32)
         for r in range(block):  # row ids from SMEM into a vector, one select per row
             row_ids = jnp.where(rows == r, rows_smem[r], row_ids)
+    if rounding:
         columns = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
         rows_vmem[...] = stochastic_round(
             values, random_bits(seed_smem[0], row_ids, columns), rows_vmem.dtype
         )
     else:
         rows_vmem[...] = values.astype(rows_vmem.dtype)
-    for buf, value in zip(state_vmem, state):
+    for name, buf, value in zip(optimizer.state_names(), state_vmem, state):
+        if state_rounding:
+            columns = jax.lax.broadcasted_iota(jnp.int32, value.shape, 1)
+            value = round_state(value, seed_smem[0], name, row_ids, columns, buf.dtype)
         buf[...] = value.astype(buf.dtype)
     each_live_row(lambda r: [c.start() for c in row_copies(r, write=True)])
     each_live_row(lambda r: [c.wait() for c in row_copies(r, write=True)])
 
 
-@functools.partial(jax.jit, static_argnames=("optimizer", "rounding", "rows_per_step", "window", "interpret"))
+@functools.partial(
+    jax.jit,
+    static_argnames=("optimizer", "rounding", "state_rounding", "rows_per_step", "window", "interpret"),
+)
 def update_call(
     table,
     state,
@@ -134,6 +141,7 @@ def update_call(
     *,
     optimizer: RowOptimizer,
     rounding,
+    state_rounding,
     rows_per_step,
     window,
     interpret,
@@ -173,7 +181,13 @@ def update_call(
     # Operand indices count the two prefetched scalars first.
     first_aliased = 2 + len(operands) - len(out_shape)
     out = pl.pallas_call(
-        functools.partial(_update_kernel, optimizer=optimizer, rounding=rounding, window=window),
+        functools.partial(
+            _update_kernel,
+            optimizer=optimizer,
+            rounding=rounding,
+            state_rounding=state_rounding,
+            window=window,
+        ),
         grid_spec=grid_spec,
         out_shape=out_shape,
         input_output_aliases={first_aliased + i: i for i in range(len(out_shape))},

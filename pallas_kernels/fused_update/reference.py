@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fused_update.optimizers import RowOptimizer
-from pallas_kernels.fused_update.rounding import random_bits, stochastic_round
+from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
 
 def fused_update_reference(
@@ -64,14 +64,19 @@ def fused_update_reference(
         m_hat, v_hat = m / (1 - optimizer.beta1**t), v / (1 - optimizer.beta2**t)
         new_w, new_s = w - lr * m_hat / (jnp.sqrt(v_hat) + eps), {"m": m, "v": v}
 
+    seed = jnp.asarray(seed, jnp.int32)
     if stochastic_rounding and table.dtype != jnp.float32:
-        bits = random_bits(jnp.asarray(seed), unique[:, None], jnp.arange(dim)[None, :])
+        bits = random_bits(seed, unique[:, None], jnp.arange(dim)[None, :])
         stored = stochastic_round(new_w, bits, table.dtype)
     else:
         stored = new_w.astype(table.dtype)
     table = table.at[target].set(stored, mode="drop")
-    state = {
-        k: v.at[target].set(new_s[k].reshape((n,) + v.shape[1:]).astype(v.dtype), mode="drop")
-        for k, v in state.items()
-    }
-    return table, state
+
+    def store_state(k, v):
+        value = new_s[k]  # [n, width]
+        if stochastic_rounding:
+            columns = jnp.arange(value.shape[1])[None, :]
+            value = round_state(value, seed, k, unique[:, None], columns, v.dtype)
+        return v.at[target].set(value.reshape((n,) + v.shape[1:]).astype(v.dtype), mode="drop")
+
+    return table, {k: store_state(k, v) for k, v in state.items()}

@@ -7,10 +7,14 @@ seed and independent of how rows are split over grid steps. Only int32 arithmeti
 
 Stochastic rounding keeps the sign and rounds the magnitude up to the next representable
 value with probability equal to the dropped fraction, so E[round(x)] = x: small updates
-to a low-precision table survive on average instead of being rounded away.
+to a low-precision table survive on average instead of being rounded away. Optimizer
+state needs it as much: Adam's v moves by (1 - beta2) = 0.1% a step, under half of
+bfloat16's spacing, so rounding to nearest would freeze it.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +65,22 @@ def stochastic_round(x: jax.Array, bits: jax.Array, dtype) -> jax.Array:
         rounded = jnp.where(jnp.abs(x) <= 65504.0, rounded, x)
     finite = jnp.abs(x) <= jnp.finfo(jnp.float32).max
     return jnp.where(finite, rounded, x).astype(dtype)
+
+
+def state_salt(name: str) -> np.int32:
+    """Xored into an update's seed for the optimizer state array `name`, so its rounding
+    bits are independent of the table's and of the other state arrays'."""
+    return np.int32(zlib.crc32(b"state:" + name.encode()) & 0x7FFFFFFF)
+
+
+def round_state(x: jax.Array, seed: jax.Array, name: str, rows: jax.Array, columns: jax.Array, dtype):
+    """float32 optimizer state `x` stored as `dtype`: stochastically rounded from the bits of
+    (seed ^ `state_salt(name)`, row, column) (arguments broadcast together); float16
+    saturates at its largest finite value, because an accumulator that overflowed to inf
+    would freeze its row's updates at zero."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return x
+    if dtype == jnp.float16:
+        x = jnp.clip(x, -65504.0, 65504.0)
+    return stochastic_round(x, random_bits(seed ^ state_salt(name), rows, columns), dtype)
