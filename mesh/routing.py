@@ -18,7 +18,8 @@ reverse) and reuses the ids routed in step 1, so each owner updates its rows in 
 Bytes one device sends per step, for a feature with L ids per sample, local batch b and
 a table of `s` shards of width w: `s * b * L * 4` of ids out, `s * b * w * 4` of results
 back and as much of gradients out (`broadcast_bytes`), times (k-1)/k for the share that
-leaves the device. For a table-wise table each sample's ids and result cross the network
+leaves the device. Compressed, a result row takes its codec's wire width and a packed id
+the bytes that address the owner's shard (`CommConfig`). For a table-wise table each sample's ids and result cross the network
 once; gathering the batch's ids and reduce-scattering pooled results (the first version)
 moved every sample's to every device.
 

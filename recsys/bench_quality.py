@@ -9,6 +9,7 @@ step by purpose) and one summary line per dataset and configuration: the mean ov
 and the mean difference to the fp32 run of the same seed. Configurations (issue 7):
   fp32                 no compression, fp32 tables
   fp16_bf16_tables     --comm fwd=fp16,bwd=bf16 --table-dtype bf16
+  bf16_state           the same with --state-dtype bf16 and packed ids (lossless)
   fp8                  --comm fwd=fp8_e4m3,bwd=fp8_e5m2,allreduce=fp8_e4m3
   int8                 --comm fwd=int8,bwd=int8,allreduce=int8
 Frappe is read from ../shared/data/frappe (train on the validation file, evaluate on the
@@ -28,6 +29,14 @@ from recsys.train import simulate_cpu_devices
 CONFIGS = {
     "fp32": [],
     "fp16_bf16_tables": ["--comm", "fwd=fp16,bwd=bf16", "--table-dtype", "bf16"],
+    "bf16_state": [
+        "--comm",
+        "fwd=fp16,bwd=bf16,ids=packed",
+        "--table-dtype",
+        "bf16",
+        "--state-dtype",
+        "bf16",
+    ],
     "fp8": ["--comm", "fwd=fp8_e4m3,bwd=fp8_e5m2,allreduce=fp8_e4m3"],
     "int8": ["--comm", "fwd=int8,bwd=int8,allreduce=int8"],
 }
@@ -83,6 +92,7 @@ def main(argv=None) -> int:
                 record = {"dataset": dataset, "config": config, "seed": seed, "auc": r["auc"]}
                 record.update(logloss=r["logloss"], comm_bytes_per_step=r["comm_bytes_per_step"])
                 record.update(comm_bytes=r["comm_bytes"], comm=r["comm"], table_dtype=r["table_dtype"])
+                record.update(state_dtype=r["state_dtype"])
                 print(json.dumps(record), flush=True)
         for config, runs in results.items():
             summary = {"dataset": dataset, "config": config, "summary": True, "seeds": sorted(runs)}

@@ -633,7 +633,7 @@ def run(args: argparse.Namespace) -> dict:
     batches = itertools.islice(
         train_batches(data.train, args.batch_size, seed=args.seed, start=position), steps - start_step
     )
-    compile_s, timed_from, comm_bytes = None, time.perf_counter(), None
+    compile_s, timed_from, comm_bytes, fallback_bytes = None, time.perf_counter(), None, None
     start = time.perf_counter()
     with Prefetcher(
         batches, lambda item: (_device_batch(config, item[0], train_pack, place), item[1])
@@ -649,6 +649,7 @@ def run(args: argparse.Namespace) -> dict:
                 if plan is not None:  # read from the compiled step (cached: no second compile)
                     hlo = trainer.train_step.lower(state, batch).compile().as_text()
                     comm_bytes = bytes_by_purpose(hlo, int(trainer.mesh.devices.size))
+                    fallback_bytes = bytes_by_purpose(hlo, int(trainer.mesh.devices.size), branch=1)
             done = step + 1
             if ckpt is not None and done % args.checkpoint_every == 0 and done < steps:
                 flush()
@@ -703,6 +704,9 @@ def run(args: argparse.Namespace) -> dict:
         # Bytes one device sends per step, by what they carry, read from the compiled step.
         "comm_bytes": comm_bytes,
         "comm_bytes_per_step": None if comm_bytes is None else sum(comm_bytes.values()),
+        # What a step sends when bucketized routing overflows and it takes the broadcast
+        # route (`routing_fallbacks` counts them); the same as above without such routes.
+        "comm_bytes_fallback_per_step": None if fallback_bytes is None else sum(fallback_bytes.values()),
         "notes": data.notes
         + [f"{name}: {r.summary()}" for name, r in (("train", train_pack), ("eval", eval_pack)) if r.total()],
     }

@@ -25,10 +25,10 @@ SMALL = ["--train-samples", "2048", "--eval-samples", "512", "--batch-size", "64
 SMALL += ["--rows", "50", "--no-progress"]
 
 
-def _trainer(rows=50, optimizer="adam"):
+def _trainer(rows=50, optimizer="adam", state_dtype="float32"):
     args = train.parse_args(["--num-tables", "2"])
     config = SyntheticConfig(num_sparse=2, rows=rows).embedding_config(
-        16, SparseOptimizerSpec(kind=optimizer)
+        16, SparseOptimizerSpec(kind=optimizer, state_dtype=state_dtype)
     )
     return Trainer(train.build_model(args, config, 13), optax.adam(1e-3))
 
@@ -60,6 +60,20 @@ def test_restoring_another_model_names_the_difference(tmp_path):
     message = str(info.value)
     assert "tables.t0.rows: checkpoint 50, this run 60" in message
     assert "tables.t1.optimizer: checkpoint 'adam', this run 'rowwise_adagrad'" in message
+    narrow = _trainer(state_dtype="bfloat16")
+    with pytest.raises(CheckpointMismatch, match="tables.t0.state_dtype: in this run, not in the checkpoint"):
+        ckpt.restore(narrow, narrow.init_state())
+
+
+def test_round_trip_keeps_narrow_optimizer_state(tmp_path):
+    trainer = _trainer(state_dtype="bfloat16")
+    state = trainer.init_state()
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(1, trainer, state, {})
+    ckpt.wait()
+    restored, _ = ckpt.restore(trainer, trainer.init_state())
+    slots = jax.tree.leaves(to_logical(trainer, restored)["slots"])
+    assert slots and all(x.dtype == jax.numpy.bfloat16 for x in slots)
 
 
 def test_cli_refuses_to_overwrite_and_checks_run_settings(tmp_path):

@@ -129,3 +129,26 @@ def test_routing_options_are_checked():
         RoutingOptions("sometimes")
     with pytest.raises(ValueError, match="positive"):
         RoutingOptions(capacity_factor=0)
+
+
+def test_bytes_of_the_fallback_branch_are_counted_apart():
+    """A bucketized route compiles to a `conditional`: `branch=1` counts the step that
+    overflowed and took the broadcast route, which sends what the broadcast route sends."""
+    from mesh.collectives import bytes_by_purpose
+
+    mesh = make_mesh("device=8")
+    plan = plan_for_strategy(CONFIG.tables, mesh_spec(mesh), "row_wise")
+    layout = sharded_layout(plan, CONFIG.tables, mesh)
+    sharded = shard_logical(layout, row_coded_tables(), mesh)
+    features, (ids, coef) = feature_routes(CONFIG), routing_inputs(CONFIG, random_batch(CONFIG, 16, seed=3))
+
+    def compiled(route):
+        options = RoutingOptions(route, 2.0)
+        step = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options)[0])
+        return step.lower(sharded, ids, coef).compile().as_text()
+
+    pooled, broadcast = compiled("pooled"), compiled("broadcast")
+    common, fallback = bytes_by_purpose(pooled, 8), bytes_by_purpose(pooled, 8, branch=1)
+    assert common["ids"] != fallback["ids"]
+    for purpose in ("ids", "fwd"):
+        assert fallback[purpose] == bytes_by_purpose(broadcast, 8)[purpose] > 0, purpose

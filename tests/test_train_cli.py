@@ -126,6 +126,7 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
     assert again["comm_bytes"]["ids"] == got["comm_bytes"]["ids"] * 5 // 8
     assert again["comm_bytes"]["allreduce"] == got["comm_bytes"]["allreduce"] > 0
     assert got["comm_bytes_per_step"] == sum(got["comm_bytes"].values())
+    assert got["comm_bytes_fallback_per_step"] == got["comm_bytes_per_step"]  # the broadcast route: no branch
 
 
 def test_cli_compression_errors(capsys):
