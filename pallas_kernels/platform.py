@@ -41,3 +41,12 @@ def resolve(flavour: str, interpret: bool | None) -> tuple[str, bool]:
 
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def output_struct(shape, dtype, *operands) -> jax.ShapeDtypeStruct:
+    """A `pallas_call` output of `shape` and `dtype` that varies over the mesh axes any of
+    `operands` varies over: inside `jax.shard_map` (the sharded train step) outputs must
+    say so. Outside it that is no axis."""
+    manual = [jax.typeof(x).manual_axis_type for x in operands]
+    varying = frozenset().union(*(m.varying for m in manual))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual[0].update(varying=varying))

@@ -60,6 +60,9 @@ class ShardedTrainer:
     block of the initial values) and moves the tables into the plan's layout piece by
     piece (`mesh.relayout`), so tables larger than any one device fit. The values equal
     those of the module the function builds.
+
+    `kernels` chooses how the owners update their rows (`recsys.sharded_update`): the
+    fused Pallas update on GPU and TPU, the CPU kernel on CPU, or XLA.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class ShardedTrainer:
         *,
         loss_fn: Callable[[jax.Array, jax.Array], jax.Array] = binary_cross_entropy,
         routing: RoutingOptions | None = None,
+        kernels: str = "auto",
     ):
         self._build = None if isinstance(model, nnx.Module) else model
         if self._build is not None:
@@ -87,6 +91,8 @@ class ShardedTrainer:
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
         self.features = feature_routes(self.config)
         self.routing = routing or RoutingOptions()
+        # How owners update their rows (`recsys.sharded_update.owner_update_path`).
+        self.kernels = kernels
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -194,6 +200,7 @@ class ShardedTrainer:
             act_grads,
             state.step,
             self.routing,
+            self.kernels,
         )
         fell_back = jnp.zeros((), bool)  # any bucketized group took its overflow route
         for received in routed.values():

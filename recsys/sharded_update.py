@@ -28,14 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mesh import bucketed, collectives, routing
+from mesh import Strategy, bucketed, collectives, routing
 from mesh.routing import FeatureRoute
 from mesh.sharded import ShardedLayout, gather_logical
 from mesh.sharded_lookup import Routed, RoutingOptions, local_rows, plan_routes
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.sparse_update import round_rows, round_slot_rows, rounding_seed
+from recsys.sparse_update import (
+    fused_rows_update,
+    round_rows,
+    round_slot_rows,
+    rounding_seed,
+    rows_update_path,
+)
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
 
@@ -112,8 +118,9 @@ def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None)
     }
 
 
-def _data_parallel_rows(layout, g, features, names, ids, coef, act_grads, axes):
-    """The whole batch's rows of a data-parallel group and their gradients, on every device."""
+def _data_parallel_positions(layout, g, features, names, ids, coef, act_grads, axes):
+    """The whole batch's positions of a data-parallel group on every device: their rows
+    ([n], `block_rows` on padding) and weighted gradients [n, width]."""
     rows, grads = [], []
     for f in names:
         r, weight = local_rows(layout, features[f].table, ids[f], coef.get(f))
@@ -127,39 +134,66 @@ def _data_parallel_rows(layout, g, features, names, ids, coef, act_grads, axes):
         )
         rows.append(r.reshape(-1))
         grads.append((weight[..., None] * a).reshape(-1, g.width))
-    return _dedup(jnp.concatenate(rows), jnp.concatenate(grads), g.block_rows)[:2]
+    return jnp.concatenate(rows), jnp.concatenate(grads)
 
 
-def _broadcast_rows(route, spec, block, received, act_grads, device, axes):
-    """Unique rows of this owner's block served on the broadcast route, their summed
-    gradients and (row-wise Adagrad over column shards) the whole-row statistic."""
-    g = route.group
+def _broadcast_positions(route, received, act_grads, device, axes):
+    """Every position this owner served on the broadcast route: its block row
+    (`[sources, local_batch, columns]`, `block_rows` where none) and weighted gradient."""
     grads = routing.send_gradients(route, act_grads, axes)
     rows, weight = routing.owner_rows(route, received["ids"], received.get("coef"), device)
-    position_grads = routing.position_gradients(route, grads, weight, device)
-    unique, summed, segment = _dedup(rows.reshape(-1), position_grads.reshape(-1, g.width), g.block_rows)
-    if spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or not route.column_split:
-        return unique, summed, None
-    partial = _partial_statistic(spec, block, unique, summed, segment).reshape(rows.shape)
-    per_position = routing.exchange_statistic(route, partial, axes)
-    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+    return rows, routing.position_gradients(route, grads, weight, device)
 
 
-def _pooled_rows(bucket, route, spec, block, received, act_grads, axes):
-    """The same for a group served on the "pooled" bucketized route (`mesh.bucketed`): the
-    pooled gradients travel as on the broadcast route and spread over the served slots;
-    column blocks complete the row-wise statistic through the senders."""
+def _pooled_positions(bucket, route, received, act_grads, axes):
+    """The same on the "pooled" bucketized route (`mesh.bucketed`): the pooled gradients
+    travel as on the broadcast route and spread over the served slots (`[sources,
+    capacity]`)."""
     grads = routing.send_gradients(route, act_grads, axes)
-    per_slot = bucketed.slot_gradients(bucket, grads, received["at"], received["weight"])
-    served = received["served"]
-    unique, summed, segment = _dedup(
-        served.reshape(-1), per_slot.reshape(-1, bucket.group.width), bucket.group.block_rows
-    )
-    if spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or not bucket.column_split:
-        return unique, summed, None
-    partial = _partial_statistic(spec, block, unique, summed, segment).reshape(served.shape)
-    per_slot_mean = bucketed.exchange_statistic(bucket, partial, received["owner"], received["slot"], axes)
-    return unique, summed, jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_slot_mean.reshape(-1))
+    return received["served"], bucketed.slot_gradients(bucket, grads, received["at"], received["weight"])
+
+
+def _row_statistic(spec, block, shape, exchange):
+    """Row-wise Adagrad over column shards: (unique, summed, segment) of `_dedup` -> the
+    whole row's mean squared gradient per unique row. `exchange` completes this shard's
+    per-position partial sums (shaped `shape`) over the row's other column shards."""
+
+    def statistic(unique, summed, segment):
+        partial = _partial_statistic(spec, block, unique, summed, segment).reshape(shape)
+        per_position = exchange(partial)
+        return jnp.zeros(unique.shape, jnp.float32).at[segment].set(per_position.reshape(-1))
+
+    return statistic
+
+
+def _owner_update(path, spec, step, seed, block, slot_block, rows, grads, statistic=None):
+    """Deduplicates an owner's positions (`rows` of its block, `block_rows` for none; their
+    gradients), sums each row's gradient once and applies the optimizer in place: through
+    the fused kernel of `path` ("pallas", "cpu"), or through XLA, which alone takes the
+    whole-row `statistic` of column shards."""
+    block_rows = block.shape[0]
+    rows = rows.reshape(-1)
+    grads = grads.reshape(rows.shape[0], -1)
+    if path != "xla" and statistic is None:
+        ids = jnp.where(rows < block_rows, rows, -1)
+        ones, src = jnp.ones(ids.shape, jnp.float32), jnp.arange(ids.shape[0], dtype=jnp.int32)
+        return fused_rows_update(path, spec, block, slot_block, (ids, ones, src, grads), step, seed)
+    unique, summed, segment = _dedup(rows, grads, block_rows)
+    row_mean_sq = None if statistic is None else statistic(unique, summed, segment)
+    return _apply(row_optimizer(spec), step, seed, block, slot_block, unique, summed, row_mean_sq)
+
+
+def owner_update_path(config: EmbeddingConfig, layout: ShardedLayout, group: str, kernels: str) -> str:
+    """How the owners update `group`: `recsys.sparse_update.rows_update_path` on the shard
+    width. Row-wise Adagrad over column shards needs the whole row's statistic, which only
+    the XLA path takes, so it stays there."""
+    g = next(x for x in layout.groups if x.name == group)
+    table = config.table(g.tables[0])
+    path = rows_update_path(table.dtype, g.width, table.optimizer, kernels)
+    split = g.strategy in (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
+    if split and table.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
+        return "xla"
+    return path
 
 
 def _partial_statistic(spec, block, unique, summed, segment):
@@ -182,6 +216,7 @@ def sharded_sparse_update(
     act_grads: Mapping[str, jax.Array],
     step: jax.Array,
     options: RoutingOptions | None = None,
+    kernels: str = "auto",
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies every group's optimizer to the rows the batch touched, on their owners.
 
@@ -193,6 +228,9 @@ def sharded_sparse_update(
       act_grads: {feature: [batch, dim] or [batch, max_ids, dim]}, batch-sharded.
       step: scalar int32, updates applied before this one.
       options: the routing options the forward pass used.
+      kernels: how owners update their rows (`owner_update_path`): "auto" takes the fused
+        Pallas update on GPU and TPU and the CPU row-wise Adagrad kernel on CPU where
+        they apply; "xla", "cpu" or "pallas" as in `recsys.sparse_update.sparse_update`.
     Returns:
       new (storage, slots), sharded as given.
     """
@@ -212,6 +250,8 @@ def sharded_sparse_update(
     )
     grad_features = sorted(act_grads)
 
+    paths = {g.name: owner_update_path(config, layout, g.name, kernels) for g in layout.groups}
+
     def body(storage, slots, routed, ids, coef, act_grads, step):
         d = collectives.device_index(axes)
         new_storage, new_slots = dict(storage), dict(slots)
@@ -220,15 +260,15 @@ def sharded_sparse_update(
             # Owners' blocks number their rows from 0: seeded by device too. A data-parallel
             # group's copies must stay identical: the same seed everywhere.
             seed = rounding_seed(step, g.name) + (0 if g.data_parallel else d * 7919)
-            apply = functools.partial(_apply, row_optimizer(spec), step, seed)
+            update = functools.partial(_owner_update, paths[g.name], spec, step, seed)
             if g.data_parallel:
                 names = [f for f in local if features[f].table in g.tables]
                 if names:
-                    unique, summed = _data_parallel_rows(
+                    rows, grads = _data_parallel_positions(
                         layout, g, features, names, ids, coef, act_grads, axes
                     )
-                    new_storage[g.name], new_slots[g.name] = apply(
-                        storage[g.name], slots[g.name], unique, summed
+                    new_storage[g.name], new_slots[g.name] = update(
+                        storage[g.name], slots[g.name], rows, grads
                     )
                 continue
             if g.name not in routes:
@@ -236,11 +276,15 @@ def sharded_sparse_update(
             block, slot_block = storage[g.name][0], {k: v[0] for k, v in slots[g.name].items()}
             received = routed[g.name]
 
-            def broadcast(block, slot_block, route=routes[g.name], received=received, spec=spec, apply=apply):
-                unique, summed, row_mean_sq = _broadcast_rows(
-                    route, spec, block, received, act_grads, d, axes
-                )
-                return apply(block, slot_block, unique, summed, row_mean_sq)
+            def broadcast(
+                block, slot_block, route=routes[g.name], received=received, spec=spec, update=update
+            ):
+                rows, grads = _broadcast_positions(route, received, act_grads, d, axes)
+                statistic = None
+                if spec.kind is OptimizerKind.ROWWISE_ADAGRAD and route.column_split:
+                    exchange = functools.partial(routing.exchange_statistic, route, axes=axes)
+                    statistic = _row_statistic(spec, block, rows.shape, exchange)
+                return update(block, slot_block, rows, grads, statistic)
 
             if g.name in buckets:
 
@@ -251,21 +295,21 @@ def sharded_sparse_update(
                     route=routes[g.name],
                     received=received,
                     spec=spec,
-                    apply=apply,
+                    update=update,
                 ):
                     if bucket.pool_at_owner:
-                        unique, summed, row_mean_sq = _pooled_rows(
-                            bucket, route, spec, block, received, act_grads, axes
-                        )
-                        return apply(block, slot_block, unique, summed, row_mean_sq)
+                        rows, grads = _pooled_positions(bucket, route, received, act_grads, axes)
+                        statistic = None
+                        if spec.kind is OptimizerKind.ROWWISE_ADAGRAD and bucket.column_split:
+                            exchange = lambda partial: bucketed.exchange_statistic(  # noqa: E731
+                                bucket, partial, received["owner"], received["slot"], axes
+                            )
+                            statistic = _row_statistic(spec, block, rows.shape, exchange)
+                        return update(block, slot_block, rows, grads, statistic)
                     grads = bucketed.send_gradients(
                         bucket, act_grads, received["owner"], received["slot"], coef, ids, axes
                     )
-                    served = received["served"].reshape(-1)
-                    unique, summed, _ = _dedup(
-                        served, grads.reshape(-1, bucket.group.width), bucket.group.block_rows
-                    )
-                    return apply(block, slot_block, unique, summed)
+                    return update(block, slot_block, received["served"], grads)
 
                 block, slot_block = jax.lax.cond(
                     received["fallback"][0], broadcast, via_buckets, block, slot_block
@@ -293,6 +337,10 @@ def sharded_sparse_update(
             P(),
         ),
         out_specs=(storage_specs, slot_specs),
+        # Pallas interprets a kernel (on CPU) by evaluating its body at lowering, where
+        # varying blocks meet its invariant grid indices and the varying-axes check fails
+        # (jax 0.10); compiled kernels lower to one custom call and keep the check.
+        check_vma=not (jax.default_backend() == "cpu" and "pallas" in paths.values()),
     )
     return mapped(
         {g.name: storage[g.name] for g in layout.groups},

@@ -223,16 +223,21 @@ def round_slot_rows(values: jax.Array, rows: jax.Array, dtype, seed: jax.Array, 
 
 
 def update_path(group: TableGroup, kernels: str) -> str:
-    """ "pallas", "cpu" or "xla": how `group` is updated (see `sparse_update`). The CPU
-    kernel implements row-wise Adagrad on float32 tables with float32 state only."""
-    path = table_path(group.dtype, group.dim, kernels)
-    spec = group.optimizer
+    """ "pallas", "cpu" or "xla": how `group` is updated (see `sparse_update`)."""
+    return rows_update_path(group.dtype, group.dim, group.optimizer, kernels)
+
+
+def rows_update_path(dtype, dim: int, spec: SparseOptimizerSpec, kernels: str) -> str:
+    """`update_path` of rows `dim` wide in `dtype` under `spec`. The CPU kernel implements
+    row-wise Adagrad on float32 tables with float32 state only."""
+    path = table_path(dtype, dim, kernels)
     if path == "cpu" and (spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or spec.state_dtype != "float32"):
         return "xla"
     return path
 
 
-def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
+def kernel_row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
+    """The Pallas fused update's hyperparameters of `spec`."""
     return RowOptimizer(
         kind=spec.kind.value,
         learning_rate=spec.learning_rate,
@@ -241,6 +246,31 @@ def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
         beta1=spec.beta1,
         beta2=spec.beta2,
     )
+
+
+def fused_rows_update(path: str, spec: SparseOptimizerSpec, table, slots: Slots, occurrences, step, seed):
+    """One fused kernel call ("pallas" or "cpu", see `rows_update_path`): occurrences
+    `(ids [n], coef [n], src [n], grads [m, dim])` summed per row and the optimizer applied
+    to the rows in place; ids outside the table are skipped. Returns (table, slots)."""
+    ids, coef, src, grads = occurrences
+    if path == "pallas":
+        return fused_update(
+            table, slots, ids, coef, src, grads, optimizer=kernel_row_optimizer(spec), step=step, seed=seed
+        )
+    if path != "cpu":
+        raise ValueError(f"no fused kernel for path {path!r}")
+    table, acc = cpu_kernels.rowwise_adagrad(
+        table,
+        slots["acc"],
+        ids,
+        coef,
+        src,
+        grads,
+        learning_rate=spec.learning_rate,
+        eps=spec.eps,
+        weight_decay=spec.weight_decay,
+    )
+    return table, {"acc": acc}
 
 
 def sparse_update(
@@ -288,35 +318,17 @@ def sparse_update(
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
         path = update_path(group, kernels)
-        if path == "pallas":
+        if path != "xla":
             # Narrow tables round stochastically, from bits seeded by the step and the group.
-            seed = rounding_seed(step, group.name)
-            tables[group.name], slots[group.name] = fused_update(
+            tables[group.name], slots[group.name] = fused_rows_update(
+                path,
+                group.optimizer,
                 tables[group.name],
                 slots[group.name],
-                ids,
-                coef,
-                src,
-                grad_rows,
-                optimizer=_row_optimizer(group.optimizer),
-                step=step,
-                seed=seed,
+                (ids, coef, src, grad_rows),
+                step,
+                rounding_seed(step, group.name),
             )
-            continue
-        if path == "cpu":
-            spec = group.optimizer
-            tables[group.name], acc = cpu_kernels.rowwise_adagrad(
-                tables[group.name],
-                slots[group.name]["acc"],
-                ids,
-                coef,
-                src,
-                grad_rows,
-                learning_rate=spec.learning_rate,
-                eps=spec.eps,
-                weight_decay=spec.weight_decay,
-            )
-            slots[group.name] = {"acc": acc}
             continue
         # Tables with the same occurrence count share one scan (no padding needed).
         buckets: dict[int, list] = {}

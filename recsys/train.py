@@ -169,9 +169,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kernels",
         choices=list(KERNELS),
         default="auto",
-        help="one device: the lookup and sparse update through the Pallas kernels (auto: on GPU and "
-        "TPU; pallas: anywhere, interpreted on CPU), the CPU kernels (auto: on CPU when built; cpu: "
-        "required) or the XLA path (xla)",
+        help="the lookup (one device) and the sparse update (one device and the owners of sharded "
+        "tables) through the Pallas kernels (auto: on GPU and TPU; pallas: anywhere, interpreted on "
+        "CPU), the CPU kernels (auto: on CPU when built; cpu: required) or the XLA path (xla)",
     )
     p.add_argument(
         "--table-dtype",
@@ -588,7 +588,12 @@ def run(args: argparse.Namespace) -> dict:
         routing = RoutingOptions(args.route, args.route_capacity, comm=args.comm)
         # A builder, not a module: the trainer creates the tables already sharded.
         trainer = ShardedTrainer(
-            lambda: build_model(args, config, data.num_dense), dense_opt, plan, mesh, routing=routing
+            lambda: build_model(args, config, data.num_dense),
+            dense_opt,
+            plan,
+            mesh,
+            routing=routing,
+            kernels=args.kernels,
         )
     else:
         trainer = Trainer(build_model(args, config, data.num_dense), dense_opt, kernels=args.kernels)

@@ -345,3 +345,33 @@ def test_kernels_lower_for_gpu_and_tpu(platform):
             S((2,), jnp.float32),
             platform=platform,
         )
+
+
+@pytest.mark.parametrize("platform", ("cuda", "tpu"))
+def test_update_kernel_lowers_inside_shard_map(platform):
+    """The sharded train step runs the fused update on each owner's block inside
+    `jax.shard_map`, whose varying-axes check needs every kernel output typed."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+    optimizer = RowOptimizer(kind="adam", learning_rate=0.1)
+    rows, dim, n = 64, 16, 32
+
+    def body(table, m, v, ids, grads):
+        src = jnp.arange(n, dtype=jnp.int32)
+        segments = build_segments(ids[0], jnp.ones(n), src, rows, pad=16 if platform == "tpu" else 0)
+        common = dict(optimizer=optimizer, rounding=True, state_rounding=False, interpret=False)
+        operands = (table[0], (m[0], v[0]), segments, grads[0], jnp.zeros((1,), jnp.int32), jnp.ones(2))
+        if platform == "cuda":
+            table, (m, v) = update_gpu.update_call(*operands, num_warps=1, **common)
+        else:
+            table, (m, v) = update_tpu.update_call(*operands, rows_per_step=8, window=16, **common)
+        return table[None], m[None], v[None]
+
+    S = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("x")))  # noqa: E731
+    state = S((2, rows, dim), jnp.float32)
+    args = (S((2, rows, dim), jnp.bfloat16), state, state, S((2, n), jnp.int32), S((2, n, dim), jnp.float32))
+    step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("x"),) * 5, out_specs=(P("x"),) * 3))
+    text = step.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert "triton" in text.lower() or "tpu_custom_call" in text

@@ -15,6 +15,7 @@ from recsys.sharded_update import (
     feature_routes,
     init_sharded_slots,
     logical_slots,
+    owner_update_path,
     routing_inputs,
     sharded_sparse_update,
 )
@@ -121,7 +122,28 @@ def test_both_row_wise_routes_match_the_single_device_update(case, strategy, mes
     check_update(case, strategy, mesh_name, options)
 
 
-def check_update(case, strategy, mesh_name, options):
+# Owners' updates through each path: on CPU "auto" (above) takes the CPU kernel for
+# row-wise Adagrad's float32 groups and XLA for the other optimizers and column shards;
+# "pallas" runs the fused Pallas update interpreted, every optimizer.
+@pytest.mark.parametrize(
+    ("strategy", "kernels"),
+    [("row_wise", "pallas"), ("data_parallel", "pallas"), ("table_wise", "xla"), ("row_wise", "xla")],
+)
+def test_owner_update_paths_match_the_single_device_update(case, strategy, kernels):
+    mesh = make_mesh(MESHES["8x1"])
+    layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
+    assert {owner_update_path(CONFIG, layout, g.name, kernels) for g in layout.groups} == {kernels}
+    check_update(case, strategy, "8x1", RoutingOptions(), kernels)
+
+
+def test_owner_update_path_keeps_rowwise_column_shards_on_xla():
+    mesh = make_mesh(MESHES["2x4"])
+    layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), "grid"), CONFIG.tables, mesh)
+    paths = {g.tables[0]: owner_update_path(CONFIG, layout, g.name, "pallas") for g in layout.groups}
+    assert paths["a"] == "xla" and paths["b"] == "pallas"  # a: row-wise Adagrad; b: Adam
+
+
+def check_update(case, strategy, mesh_name, options, kernels="auto"):
     tables, batches, grads, (want_tables, want_slots) = case
     mesh = make_mesh(MESHES[mesh_name])
     layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
@@ -131,7 +153,7 @@ def check_update(case, strategy, mesh_name, options):
     @jax.jit
     def step_fn(t, s, b, g, i):
         _, routed = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh, options)
-        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options)
+        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options, kernels)
 
     for step, (batch, g) in enumerate(zip(batches, grads)):
         sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))

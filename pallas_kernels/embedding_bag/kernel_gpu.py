@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import platform
+
 
 def _bag_kernel(ids_ref, coef_ref, lengths_ref, table_ref, out_ref, *, pooled):
     # ids_ref, coef_ref: [bag, block]; lengths_ref: [block]; table_ref: [rows, dim].
@@ -86,7 +88,7 @@ def bag_call(table, ids, lengths, coef, *, pooled: bool, bags_per_step: int, num
             pl.BlockSpec(memory_space=pl.ANY),  # gathered row by row, never blocked
         ],
         out_specs=out_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        out_shape=platform.output_struct(out_shape, jnp.float32, ids, coef, lengths, table),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
         interpret=interpret,
     )(ids, coef, lengths, table)

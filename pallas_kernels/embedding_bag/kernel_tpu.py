@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform
+
 
 def _bag_kernel(ids_smem, lengths_smem, coef_ref, table_hbm, out_ref, rows_vmem, sems, *, pooled):
     # ids_smem: [bags * bag] int32 (prefetched); lengths_smem: [bags] int32 (prefetched).
@@ -97,7 +99,7 @@ def bag_call(table, ids, lengths, coef, *, pooled: bool, bags_per_step: int, int
     return pl.pallas_call(
         functools.partial(_bag_kernel, pooled=pooled),
         grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        out_shape=platform.output_struct(out_shape, jnp.float32, ids, lengths, coef, table),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
     )(ids.reshape(-1), lengths, coef, table)

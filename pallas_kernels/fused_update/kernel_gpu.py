@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import platform
 from pallas_kernels.fused_update.optimizers import RowOptimizer
 from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
@@ -100,7 +101,7 @@ def update_call(
     )
     operands += (grads, table) + tuple(state)
     first_aliased = len(operands) - 1 - len(state)
-    out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (table, *state))
+    out_shape = tuple(platform.output_struct(x.shape, x.dtype, *operands) for x in (table, *state))
     out = pl.pallas_call(
         functools.partial(
             _update_kernel, optimizer=optimizer, rounding=rounding, state_rounding=state_rounding

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform
 from pallas_kernels.fused_update.optimizers import RowOptimizer
 from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
@@ -160,7 +161,7 @@ def update_call(
     operands = (corrections[None], bounds, segments.src[None], segments.coef[None], grads, table) + tuple(
         state
     )
-    out_shape = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (table, *state))
+    out_shape = tuple(platform.output_struct(x.shape, x.dtype, *operands) for x in (table, *state))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,  # the unique-row count and the rounding seed
         grid=(steps,),
