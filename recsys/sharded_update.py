@@ -9,6 +9,9 @@ Inside `jax.shard_map`, per stacked group (`mesh.sharded`):
 - data-parallel group: every device gathers the whole batch's rows and gradients of the
   group and applies the same update to its copy, which is what all-reducing the
   gradient would give.
+The dedup, sum and optimizer run as one fused kernel where one applies
+(`owner_update_path`): Pallas's `fused_update` on GPU and TPU, the CPU row-wise Adagrad
+kernel on CPU; otherwise as XLA ops.
 
 Row-wise Adagrad keeps one statistic per row, the mean of the squared (decayed)
 gradient over the whole row. When rows are split into column shards on several devices,
@@ -104,8 +107,8 @@ def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
 
 def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None):
     """The optimizer on the unique rows of one block, written back in place (bfloat16 /
-    float16 blocks and slots round stochastically; the bits are keyed by the block's rows, so they
-    differ from a single-device run's: both are unbiased)."""
+    float16 blocks and slots round stochastically; the bits are keyed by the block's rows,
+    so they differ from a single-device run's: both are unbiased)."""
     values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
     slot_rows = {
         k: v.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slot_block.items()
