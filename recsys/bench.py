@@ -29,6 +29,7 @@ from flax import nnx
 
 from recsys.lookup import KERNELS, init_tables, lookup
 from recsys.models import DLRM
+from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.sparse import RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
@@ -150,19 +151,28 @@ def run_ours(args) -> list[dict]:
                 records.append(emit("lookup_fwd_bwd_adagrad", pooling, times, args, extra))
             del tables
 
-        if "dlrm_train_step" in args.only:
+        for dense_dtype in args.dense_dtype if "dlrm_train_step" in args.only else ():
             bottom = (*BOTTOM[:-1], args.dim)  # the bottom MLP ends in the embedding dim
-            model = DLRM(config, dense_features=DENSE_IN, bottom=bottom, top=TOP, rngs=nnx.Rngs(args.seed))
+            model = DLRM(
+                config,
+                dense_features=DENSE_IN,
+                bottom=bottom,
+                top=TOP,
+                rngs=nnx.Rngs(args.seed),
+                dense_dtype=DENSE_DTYPE_NAMES[dense_dtype],
+            )
             trainer = Trainer(model, optax.adagrad(0.01), kernels=args.kernels)
             del model
             holder = {"state": trainer.init_state()}
 
-            def train(batch):
+            def train(batch, holder=holder, trainer=trainer):
                 holder["state"], loss = trainer.train_step(holder["state"], batch)
                 return loss, holder["state"]  # the whole step, sparse update included
 
             times = time_steps(train, batches, args)
-            records.append(emit("dlrm_train_step", pooling, times, args, extra))
+            records.append(
+                emit("dlrm_train_step", pooling, times, args, {**extra, "dense_dtype": dense_dtype})
+            )
             del holder, trainer
     return records
 
@@ -229,6 +239,13 @@ def main(argv=None) -> int:
     p.add_argument(
         "--kernels", default="auto", choices=list(KERNELS), help="lookup and sparse update path (lookup)"
     )
+    p.add_argument(
+        "--dense-dtype",
+        nargs="+",
+        default=["fp32"],
+        choices=list(DENSE_DTYPE_NAMES),
+        help="the DLRM's dense matmuls (bf16: mixed precision, recsys.models.mlp); the peer trains in fp32",
+    )
     p.add_argument("--peer", default=None, help="python of a TorchRec venv: also run the peer benchmark")
     p.add_argument("--peer-script", default=str(here.parent / "shared" / "bench" / "torchrec_peer.py"))
     args = p.parse_args(argv)
@@ -247,6 +264,7 @@ def main(argv=None) -> int:
                             "ours": record["name"],
                             "peer": match["name"],
                             "pooling": record["pooling"],
+                            **({"dense_dtype": record["dense_dtype"]} if "dense_dtype" in record else {}),
                             "ratio": round(ratio, 3),
                         }
                     ),

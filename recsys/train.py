@@ -51,6 +51,7 @@ from recsys.data import (
 )
 from recsys.lookup import KERNELS
 from recsys.models import DLRM, DCNv2
+from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.progress import Progress
 from recsys.sharded_trainer import ShardedTrainer, to_host
 from recsys.sparse import InputPolicy, PackReport, pack_batch
@@ -181,6 +182,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(deterministic given --seed)",
     )
     p.add_argument(
+        "--dense-dtype",
+        choices=list(DENSE_DTYPE_NAMES),
+        default="fp32",
+        help="the dense layers' matmuls: bf16 is mixed precision (fp32 parameters, products "
+        "accumulated in fp32), what TPUs do by default; fast on bf16 matrix units (CPU AMX, GPU "
+        "tensor cores)",
+    )
+    p.add_argument(
         "--state-dtype",
         choices=list(TABLE_DTYPES),
         default="fp32",
@@ -273,9 +282,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Module:
     rngs = nnx.Rngs(args.seed)
+    dense_dtype = DENSE_DTYPE_NAMES[args.dense_dtype]
     if args.model == "dlrm":
         return DLRM(
-            config, dense_features=dense_features, bottom=args.bottom_mlp, top=args.top_mlp, rngs=rngs
+            config,
+            dense_features=dense_features,
+            bottom=args.bottom_mlp,
+            top=args.top_mlp,
+            rngs=rngs,
+            dense_dtype=dense_dtype,
         )
     return DCNv2(
         config,
@@ -285,6 +300,7 @@ def build_model(args, config: EmbeddingConfig, dense_features: int) -> nnx.Modul
         cross_layers=args.cross_layers,
         cross_rank=args.cross_rank,
         rngs=rngs,
+        dense_dtype=dense_dtype,
     )
 
 
@@ -415,8 +431,13 @@ _RUN_KEYS = (
     "data eval_data holdout label dense sparse ignore multi_hot_sep delimiter libfm_fields encoding rows "
     "max_rows min_count max_ids on_error model embedding_dim batch_size lr optimizer weight_decay init "
     "dense_optimizer dense_lr dense_lr_schedule dense_weight_decay seed bottom_mlp top_mlp cross_layers cross_rank train_samples eval_samples num_tables "
-    "table_dtype"
+    "table_dtype state_dtype dense_dtype"
 ).split()
+
+
+# Run settings added after checkpoints were first written: an older checkpoint's run used
+# these values.
+_ADDED_RUN_DEFAULTS = {"table_dtype": "fp32", "state_dtype": "fp32", "dense_dtype": "fp32"}
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -437,7 +458,8 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
             "pass --resume to continue from it, or choose another --checkpoint-dir"
         )
     metadata = ckpt.read_metadata(latest)["metadata"]
-    check_compatible(metadata["run"], run_settings(args), args.checkpoint_dir, "run configuration")
+    saved = {**_ADDED_RUN_DEFAULTS, **metadata["run"]}
+    check_compatible(saved, run_settings(args), args.checkpoint_dir, "run configuration")
     return ckpt, metadata
 
 
@@ -705,6 +727,7 @@ def run(args: argparse.Namespace) -> dict:
         "routing_fallbacks": None if plan is None else int(state.routing_fallbacks.addressable_data(0)),
         "table_dtype": args.table_dtype,
         "state_dtype": args.state_dtype,
+        "dense_dtype": args.dense_dtype,
         "comm": None if plan is None else str(args.comm),
         # Bytes one device sends per step, by what they carry, read from the compiled step.
         "comm_bytes": comm_bytes,

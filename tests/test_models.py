@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,28 @@ def make_batch(seed, batch=16):
     )
 
 
-def make_model(kind, config=CONFIG):
+def make_model(kind, config=CONFIG, dense_dtype="float32"):
+    common = dict(dense_features=5, bottom=(16, 8), top=(16, 1), rngs=nnx.Rngs(0), dense_dtype=dense_dtype)
     if kind == "dlrm":
-        return DLRM(config, dense_features=5, bottom=(16, 8), top=(16, 1), rngs=nnx.Rngs(0))
-    return DCNv2(config, dense_features=5, bottom=(16, 8), top=(16, 1), cross_rank=4, rngs=nnx.Rngs(0))
+        return DLRM(config, **common)
+    return DCNv2(config, cross_rank=4, **common)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "dcnv2"])
+def test_bfloat16_dense_layers_are_mixed_precision(kind):
+    """bf16 matmul operands, float32 parameters, products and gradients; logits close to
+    the float32 model's (8 significant bits per operand)."""
+    batch = make_batch(0)
+    wide, narrow = make_model(kind), make_model(kind, dense_dtype="bfloat16")
+    np.testing.assert_allclose(narrow(batch.dense, batch.sparse), wide(batch.dense, batch.sparse), atol=3e-2)
+    text = jax.jit(lambda d: narrow(d, batch.sparse)).lower(batch.dense).as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    mixed = re.compile(r"\(tensor<[^>]*xbf16>, tensor<[^>]*xbf16>\) -> tensor<[^>]*xf32>")
+    assert dots and all(mixed.search(line) for line in dots), dots
+    grads = nnx.grad(lambda m: jnp.sum(m(batch.dense, batch.sparse)))(narrow)
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(ValueError, match="dense_dtype must be one of float32, bfloat16"):
+        make_model(kind, dense_dtype="float16")
 
 
 @pytest.mark.parametrize("kind", ["dlrm", "dcnv2"])

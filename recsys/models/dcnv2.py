@@ -11,7 +11,7 @@ from flax import nnx
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import Activations
 from recsys.models.dlrm import pooled_feature_dim
-from recsys.models.mlp import MLP
+from recsys.models.mlp import MLP, linear
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig
 
@@ -19,9 +19,9 @@ from recsys.specs import EmbeddingConfig
 class LowRankCross(nnx.Module):
     """x_next = x0 * (V (U x) + b) + x, with U: d -> rank and V: rank -> d."""
 
-    def __init__(self, width: int, rank: int, *, rngs: nnx.Rngs):
-        self.down = nnx.Linear(width, rank, use_bias=False, rngs=rngs)
-        self.up = nnx.Linear(rank, width, rngs=rngs)
+    def __init__(self, width: int, rank: int, *, rngs: nnx.Rngs, dense_dtype: str = "float32"):
+        self.down = linear(width, rank, use_bias=False, dense_dtype=dense_dtype, rngs=rngs)
+        self.up = linear(rank, width, dense_dtype=dense_dtype, rngs=rngs)
 
     def __call__(self, x0: jax.Array, x: jax.Array) -> jax.Array:
         return x0 * self.up(self.down(x)) + x
@@ -38,7 +38,10 @@ class DCNv2(nnx.Module):
         cross_rank: int = 512,
         top: Sequence[int] = (1024, 1024, 512, 256, 1),
         rngs: nnx.Rngs,
+        dense_dtype: str = "float32",
     ):
+        """`dense_dtype`: the matmul precision of the MLPs and cross layers
+        (`recsys.models.mlp.compute_dtype`)."""
         dim = pooled_feature_dim(config, "DCNv2")
         if top[-1] != 1:
             raise ValueError(f"DCNv2: the top MLP must end in 1 logit, got {list(top)}")
@@ -49,10 +52,16 @@ class DCNv2(nnx.Module):
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
         # Without dense features (e.g. libFM data) there is no bottom MLP.
-        self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True) if dense_features else None
+        self.bottom = (
+            MLP(dense_features, bottom, rngs=rngs, relu_last=True, dense_dtype=dense_dtype)
+            if dense_features
+            else None
+        )
         width = (bottom[-1] if dense_features else 0) + len(self.features) * dim
-        self.cross = nnx.List([LowRankCross(width, cross_rank, rngs=rngs) for _ in range(cross_layers)])
-        self.top = MLP(width, top, rngs=rngs)
+        self.cross = nnx.List(
+            [LowRankCross(width, cross_rank, rngs=rngs, dense_dtype=dense_dtype) for _ in range(cross_layers)]
+        )
+        self.top = MLP(width, top, rngs=rngs, dense_dtype=dense_dtype)
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""

@@ -11,7 +11,7 @@ from flax import nnx
 
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import Activations
-from recsys.models.mlp import MLP
+from recsys.models.mlp import MLP, compute_dtype
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig, Pooling
 
@@ -38,7 +38,10 @@ class DLRM(nnx.Module):
         bottom: Sequence[int] = (512, 256, 128),
         top: Sequence[int] = (1024, 1024, 512, 256, 1),
         rngs: nnx.Rngs,
+        dense_dtype: str = "float32",
     ):
+        """`dense_dtype`: the MLPs' and the interaction's matmul precision
+        (`recsys.models.mlp.compute_dtype`); embeddings and parameters stay as they are."""
         dim = pooled_feature_dim(config, "DLRM")
         if bottom[-1] != dim:
             raise ValueError(f"DLRM: the bottom MLP must end in the embedding dim {dim}, got {list(bottom)}")
@@ -47,7 +50,7 @@ class DLRM(nnx.Module):
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
         if dense_features:
-            self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True)
+            self.bottom = MLP(dense_features, bottom, rngs=rngs, relu_last=True, dense_dtype=dense_dtype)
         else:
             # No dense features (e.g. libFM data): a learned vector takes the bottom MLP's
             # place, so its dot products with the embeddings give every id a linear term.
@@ -55,7 +58,8 @@ class DLRM(nnx.Module):
             self.anchor = nnx.Param(jax.random.normal(rngs.params(), (dim,)) / np.sqrt(dim))
         vectors = len(self.features) + 1
         self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
-        self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs)
+        self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs, dense_dtype=dense_dtype)
+        self.dense_dtype = dense_dtype
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         """dense: [batch, dense_features] -> logits [batch]."""
@@ -66,6 +70,8 @@ class DLRM(nnx.Module):
         else:
             x = jnp.broadcast_to(self.anchor.get_value(), (embedded.shape[0], embedded.shape[2]))
         vectors = jnp.concatenate([x[:, None], embedded], axis=1)  # [batch, F+1, dim]
-        dots = jnp.einsum("bfd,bgd->bfg", vectors, vectors)
+        narrow = compute_dtype(self.dense_dtype)
+        operand = vectors if narrow is None else vectors.astype(narrow)
+        dots = jnp.einsum("bfd,bgd->bfg", operand, operand, preferred_element_type=jnp.float32)
         interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]
