@@ -41,7 +41,7 @@ class DCNv2(nnx.Module):
         dense_dtype: str = "float32",
     ):
         """`dense_dtype`: the matmul precision of the MLPs and cross layers
-        (`recsys.models.mlp.compute_dtype`)."""
+        (`recsys.models.mlp.check_dense_dtype`)."""
         dim = pooled_feature_dim(config, "DCNv2")
         if top[-1] != 1:
             raise ValueError(f"DCNv2: the top MLP must end in 1 logit, got {list(top)}")

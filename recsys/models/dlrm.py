@@ -11,7 +11,7 @@ from flax import nnx
 
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import Activations
-from recsys.models.mlp import MLP, compute_dtype
+from recsys.models.mlp import MLP, pairwise_dots
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig, Pooling
 
@@ -41,7 +41,7 @@ class DLRM(nnx.Module):
         dense_dtype: str = "float32",
     ):
         """`dense_dtype`: the MLPs' and the interaction's matmul precision
-        (`recsys.models.mlp.compute_dtype`); embeddings and parameters stay as they are."""
+        (`recsys.models.mlp.check_dense_dtype`); embeddings and parameters stay as they are."""
         dim = pooled_feature_dim(config, "DLRM")
         if bottom[-1] != dim:
             raise ValueError(f"DLRM: the bottom MLP must end in the embedding dim {dim}, got {list(bottom)}")
@@ -70,8 +70,6 @@ class DLRM(nnx.Module):
         else:
             x = jnp.broadcast_to(self.anchor.get_value(), (embedded.shape[0], embedded.shape[2]))
         vectors = jnp.concatenate([x[:, None], embedded], axis=1)  # [batch, F+1, dim]
-        narrow = compute_dtype(self.dense_dtype)
-        operand = vectors if narrow is None else vectors.astype(narrow)
-        dots = jnp.einsum("bfd,bgd->bfg", operand, operand, preferred_element_type=jnp.float32)
+        dots = pairwise_dots(vectors, self.dense_dtype)
         interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]
