@@ -179,15 +179,13 @@ def _output_slot(route: GroupRoute, feature: str, placement) -> int:
 def bucket_bytes(route: BucketRoute, devices: int, local_batch: int = 0) -> int:
     """Bytes one device sends per step on this route, in the route's codecs. rows: ids
     out, rows back, gradients out. pooled (needs `local_batch`): ids and positions (and
-    coefficients) out, pooled results back, their gradients out. Column blocks under row-wise Adagrad add the
-    statistic's two exchanges, `2 * capacity * 4` per peer (`exchange_statistic`); the
-    route choice leaves them out, as the lookup does not know the optimizer."""
+    coefficients) out, pooled results back, their gradients out. Column blocks under
+    row-wise Adagrad add the statistic's two exchanges, `2 * capacity * 4` per peer
+    (`exchange_statistic`); the route choice leaves them out, as the lookup does not know
+    the optimizer."""
     share = (devices - 1) / devices
     slots = devices * route.capacity
-    width = route.group.width
-    row = collectives.Codec(route.forward).wire_width(width) + collectives.Codec(route.backward).wire_width(
-        width
-    )
+    row = collectives.round_trip_bytes(route.forward, route.backward, route.group.width)
     if not route.pool_at_owner:
         return int(share * slots * (route.row_bytes() + row))
     per_slot = route.row_bytes() + route.at_bytes() + (4 if route.scaled else 0)

@@ -53,7 +53,7 @@ import dataclasses
 
 import numpy as np
 
-from mesh.collectives.codecs import Codec
+from mesh.collectives import round_trip_bytes
 from mesh.topology import Topology
 
 ROUTES = ("broadcast", "rows", "pooled")  # see the module docstring
@@ -124,11 +124,11 @@ class CommSettings:
     capacity_factor: float = 2.0
 
     def __post_init__(self):
-        Codec(self.forward), Codec(self.backward)  # a clear error for an unknown codec
+        self.row_bytes(1)  # a clear error for an unknown codec
 
     def row_bytes(self, width: int) -> int:
         """W(w): wire bytes of one w-wide result row and its gradient row."""
-        return Codec(self.forward).wire_width(width) + Codec(self.backward).wire_width(width)
+        return round_trip_bytes(self.forward, self.backward, width)
 
 
 def device_time(load: DeviceLoad, topo: Topology) -> float:

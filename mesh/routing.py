@@ -19,9 +19,10 @@ Bytes one device sends per step, for a feature with L ids per sample, local batc
 a table of `s` shards of width w: `s * b * L * 4` of ids out, `s * b * w * 4` of results
 back and as much of gradients out (`broadcast_bytes`), times (k-1)/k for the share that
 leaves the device. Compressed, a result row takes its codec's wire width and a packed id
-the bytes that address the owner's shard (`CommConfig`). For a table-wise table each sample's ids and result cross the network
-once; gathering the batch's ids and reduce-scattering pooled results (the first version)
-moved every sample's to every device.
+the bytes that address the owner's shard (`CommConfig`). For a table-wise table each
+sample's ids and result cross the network once; gathering the batch's ids and
+reduce-scattering pooled results (the first version) moved every sample's to every
+device.
 
 The layout of a route is static (Python ints and NumPy arrays built once per trace);
 per-device parts are indexed by the traced device index.
@@ -154,10 +155,7 @@ def broadcast_bytes(route: GroupRoute, local_batch: int, devices: int) -> int:
     results back, their gradients out."""
     share = (devices - 1) / devices
     ids = devices * local_batch * route.columns * (route.id_bytes + (4 if route.scaled else 0))
-    width = route.group.width
-    row = collectives.Codec(route.forward).wire_width(width) + collectives.Codec(route.backward).wire_width(
-        width
-    )
+    row = collectives.round_trip_bytes(route.forward, route.backward, route.group.width)
     return int(share * (ids + devices * local_batch * route.outputs * row))
 
 

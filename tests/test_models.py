@@ -62,8 +62,10 @@ def test_bfloat16_dense_layers_are_mixed_precision(kind):
     assert len(dots) >= 6 and all(mixed.search(line) for line in dots), dots
     got, want = jax.tree.leaves(grads(narrow)), jax.tree.leaves(grads(wide))
     assert {x.dtype for x in got} == {jnp.dtype(jnp.float32)}
-    for g, w in zip(got, want):  # bf16 cotangents through up to 6 layers (DCNv2's first: 4%)
-        np.testing.assert_allclose(g, w, atol=6e-2 * float(np.abs(w).max()) + 1e-6)
+    # bf16 operands and cotangents through up to 6 layers, ReLUs flipping on the way: the
+    # first layers' gradients differ most (5% for DLRM's first bias, in norm).
+    for g, w in zip(got, want):
+        assert np.linalg.norm(g - w) <= 0.08 * np.linalg.norm(w) + 1e-6
     with pytest.raises(ValueError, match="dense_dtype must be one of float32, bfloat16"):
         make_model(kind, dense_dtype="float16")
 
@@ -140,3 +142,19 @@ def test_user_model_with_its_own_architecture():
     trainer = Trainer(TwoTower(nnx.Rngs(0)), optax.sgd(0.1))
     state, loss = trainer.train_step(trainer.init_state(), make_batch(0))
     assert np.isfinite(float(loss))
+
+
+def test_mixed_matmul_gradients_are_bf16_products():
+    """The custom VJP's backward is exactly the two matmuls of the bf16-rounded cotangent
+    and operands, accumulated in float32."""
+    from recsys.models.mlp import _mixed_matmul
+
+    rng = np.random.default_rng(0)
+    x, w, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 5, 16), (16, 8), (3, 5, 8)))
+    out, vjp = jax.vjp(_mixed_matmul, x, w)
+    r = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)  # noqa: E731
+    np.testing.assert_allclose(out, r(x) @ r(w), rtol=1e-5, atol=1e-5)
+    dx, dw = vjp(g)
+    np.testing.assert_allclose(dx, r(g) @ r(w).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, r(x).reshape(-1, 16).T @ r(g).reshape(-1, 8), rtol=1e-5, atol=1e-5)
+    assert dx.dtype == dw.dtype == jnp.float32

@@ -73,6 +73,12 @@ class CommConfig:
 DIRECTIONS = ("fwd", "bwd", "allreduce", "ids")
 
 
+def round_trip_bytes(forward: str, backward: str, width: int) -> int:
+    """Wire bytes of one `width`-wide result row in codec `forward` plus its gradient row
+    in codec `backward`."""
+    return Codec(forward).wire_width(width) + Codec(backward).wire_width(width)
+
+
 def gather_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """[local_batch, ...] on every device -> [global_batch, ...] on every device.
 
