@@ -39,10 +39,7 @@ import numpy as np
 
 from mesh import collectives
 from mesh.collectives import packing
-from mesh.plan import Strategy
 from mesh.sharded import GroupLayout, Placement, ShardedLayout
-
-_COLUMN_SPLIT = (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +89,7 @@ class GroupRoute:
     @property
     def column_split(self) -> bool:
         """Rows of this group's tables are split into column shards on several devices."""
-        return self.group.strategy in _COLUMN_SPLIT
+        return self.group.strategy.column_split
 
     @property
     def id_bound(self) -> int:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from mesh import Strategy, bucketed, collectives, routing
+from mesh import bucketed, collectives, routing
 from mesh.routing import FeatureRoute
 from mesh.sharded import ShardedLayout, gather_logical
 from mesh.sharded_lookup import Routed, RoutingOptions, local_rows, plan_routes
@@ -193,8 +193,7 @@ def owner_update_path(config: EmbeddingConfig, layout: ShardedLayout, group: str
     g = next(x for x in layout.groups if x.name == group)
     table = config.table(g.tables[0])
     path = rows_update_path(table.dtype, g.width, table.optimizer, kernels)
-    split = g.strategy in (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
-    if split and table.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
+    if g.strategy.column_split and table.optimizer.kind is OptimizerKind.ROWWISE_ADAGRAD:
         return "xla"
     return path
 

@@ -52,6 +52,11 @@ class Strategy(str, enum.Enum):
         """A table's rows are split into blocks on several devices (bucketized routes apply)."""
         return self in (Strategy.ROW_WISE, Strategy.TABLE_ROW_WISE, Strategy.GRID)
 
+    @property
+    def column_split(self) -> bool:
+        """A table's columns are split into shards on several devices."""
+        return self in (Strategy.COLUMN_WISE, Strategy.TABLE_COLUMN_WISE, Strategy.GRID)
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Shard:

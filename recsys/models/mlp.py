@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DENSE_DTYPES = ("float32", "bfloat16")
-# The command lines' short names (`--dense-dtype`).
+# The command lines' short names (`--dense-dtype`) of the dense layers' dtypes.
 DENSE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+DENSE_DTYPES = tuple(DENSE_DTYPE_NAMES.values())
 
 
 def check_dense_dtype(dense_dtype: str) -> str:
