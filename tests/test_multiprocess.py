@@ -8,12 +8,8 @@ import sys
 
 import jax
 import numpy as np
-import optax
+import orbax.checkpoint as ocp
 import pytest
-from flax import nnx
-
-from recsys.trainer import Trainer
-from tests.test_sharded_training import batches, model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,44 +21,11 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_device(tmp_path):
-    out, port = tmp_path / "result.npz", str(_free_port())
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.multiprocess_worker", str(i), port, str(out)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
-
-    trainer = Trainer(model(), optax.adam(0.01))
-    state, losses = trainer.init_state(), []
-    for batch in batches():
-        state, loss = trainer.train_step(state, batch)
-        losses.append(float(loss))
-    got = np.load(out)
-    np.testing.assert_allclose(got["losses"], losses, rtol=1e-4)
-    for name, table in trainer.model(state).embedding.logical_tables().items():
-        np.testing.assert_allclose(
-            got[f"table_{name}"], np.asarray(table), rtol=1e-4, atol=1e-5, err_msg=name
-        )
-    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state.params)):
-        key = "param_" + jax.tree_util.keystr(path)
-        np.testing.assert_allclose(got[key], np.asarray(value), rtol=1e-4, atol=1e-5, err_msg=key)
-
-
-@pytest.mark.slow
 def test_cli_on_two_processes_matches_one_device_and_its_checkpoint_restores_on_one(tmp_path):
-    """`recsys-train --coordinator ...` on 2 processes x 4 devices trains like one device,
-    and the checkpoint the two processes wrote together restores in one process."""
+    """`recsys-train --coordinator ...` on 2 processes x 4 devices (each reading only its half
+    of every batch) trains like one device: every table, optimizer slot and dense parameter
+    the two processes checkpointed together equals the one-device run's. That checkpoint
+    also restores in one process."""
     common = [
         "--data", "synthetic", "--train-samples", "1024", "--eval-samples", "256", "--num-tables", "4",
         "--rows", "200", "--batch-size", "64", "--steps", "12", "--no-progress",
@@ -108,9 +71,23 @@ def test_cli_on_two_processes_matches_one_device_and_its_checkpoint_restores_on_
 
     from recsys import train
 
-    one = train.run(train.parse_args(common))
+    one_ckpt = str(tmp_path / "one")
+    one = train.run(train.parse_args([*common, "--checkpoint-dir", one_ckpt]))
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(two["auc"], one["auc"], rtol=1e-4)
     restored = train.run(train.parse_args([*common, "--checkpoint-dir", ckpt, "--resume"]))
     assert restored["resumed_from_step"] == 12
     np.testing.assert_allclose(restored["auc"], two["auc"], rtol=1e-5)
+    one_state = _saved_state(one_ckpt, step=12)
+    two_state = _saved_state(ckpt, step=12, like=one_state)  # onto this process's devices
+    assert jax.tree.structure(two_state) == jax.tree.structure(one_state)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(two_state), jax.tree.leaves(one_state)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def _saved_state(directory: str, step: int, like=None):
+    """The logical train state a run checkpointed (tables, slots, dense parameters), placed
+    like `like`'s arrays (default: as saved)."""
+    with ocp.CheckpointManager(directory) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(like)))
+    return restored["state"]

@@ -87,19 +87,32 @@ def check(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(path))
 
 
-# Every strategy on 2x4. On 8x1: the flat ones in one mixed plan (`test_mixed_plan_on_8x1`),
-# the three hybrids together in another (`test_the_hybrids_together_on_8x1`); row_wise
-# alone runs on 8 devices in tests/test_train_cli.py.
-_CASES = [("host=2,device=4", s) for s in Strategy]
+# Every strategy on 2x4, three tables to a plan so that seven strategies take three
+# compiles (each table's failure names it). On 8x1: the flat ones in one mixed plan
+# (`test_mixed_plan_on_8x1`), the three hybrids together in another
+# (`test_the_hybrids_together_on_8x1`); row_wise alone runs on 8 devices in
+# tests/test_train_cli.py. t1 is the 13-row Adagrad table, so row_wise splits it unevenly.
+_PLANS_2X4 = [
+    ("row_wise", "table_wise", "column_wise"),
+    ("grid", "data_parallel", "table_row_wise"),
+    ("table_column_wise", "row_wise", "data_parallel"),
+]
+assert {s for plan in _PLANS_2X4 for s in plan} == {s.value for s in Strategy}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("mesh_spec_text", "strategy"), _CASES, ids=[f"{m}-{Strategy(s).value}" for m, s in _CASES]
-)
-def test_every_strategy_trains_like_one_device(single_device, strategy, mesh_spec_text):
-    mesh = make_mesh(mesh_spec_text)
-    check(run_sharded(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), mesh), single_device)
+@pytest.mark.parametrize("strategies", _PLANS_2X4, ids="-".join)
+def test_every_strategy_trains_like_one_device(single_device, strategies):
+    mesh = make_mesh("host=2,device=4")
+    spec = mesh_spec(mesh)
+    plan = ShardingPlan(
+        {
+            name: plan_for_strategy(CONFIG.tables, spec, strategy).tables[name]
+            for name, strategy in zip(("t0", "t1", "t2"), strategies, strict=True)
+        },
+        spec,
+    )
+    check(run_sharded(plan, mesh), single_device)
 
 
 @pytest.mark.slow
