@@ -1,4 +1,4 @@
-"""Builds the CPU kernel library (`recsys/cpu_kernels/embedding_bag.cc`) at install time.
+"""Builds the CPU kernel library (`recsys/cpu_kernels/*.cc`) at install time.
 
 Everything else about the package is in pyproject.toml. The library is a plain shared
 object that `recsys.cpu_kernels` loads with ctypes and registers with `jax.ffi`; it needs
@@ -42,8 +42,9 @@ class OptionalBuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "recsys.cpu_kernels._embedding_bag",
-            sources=["recsys/cpu_kernels/embedding_bag.cc"],
+            "recsys.cpu_kernels._kernels",
+            sources=["recsys/cpu_kernels/embedding_bag.cc", "recsys/cpu_kernels/dense.cc"],
+            depends=["recsys/cpu_kernels/parallel.h"],
             language="c++",
             # No FMA contraction: sums round exactly as the XLA path's do.
             extra_compile_args=["-O3", "-std=c++17", "-march=native", "-ffp-contract=off", "-w"],

@@ -21,6 +21,7 @@ from flax import nnx
 
 from recsys.embedding import EmbeddingTable, find_collection
 from recsys.lookup import lookup
+from recsys.models.mlp import cpu_dense_kernels, dense_path
 from recsys.sparse import JaggedBatch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig
@@ -61,7 +62,8 @@ class Trainer:
         dedup: str = "auto",
         kernels: str = "auto",
     ):
-        """`dedup` and `kernels` choose how the sparse update runs (`sparse_update`)."""
+        """`dedup` and `kernels` choose how the sparse update runs (`sparse_update`);
+        `kernels` also chooses where float32 dense layers run (`recsys.models.mlp.dense_path`)."""
         self.config: EmbeddingConfig = find_collection(model).config
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
         self._initial = (tables, params, rest)
@@ -69,6 +71,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.dedup = dedup
         self.kernels = kernels
+        self.dense_kernels = dense_path(kernels) == "cpu"
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
 
@@ -92,6 +95,10 @@ class Trainer:
         return find_collection(self.model(state)).stacked_tables()
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
+        with cpu_dense_kernels(self.dense_kernels):  # while the step is traced
+            return self._traced_train_step(state, batch)
+
+    def _traced_train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
         model = self.model(state)
         collection = find_collection(model)
         tables = collection.stacked_tables()
@@ -128,4 +135,5 @@ class Trainer:
 
     def _predict(self, state: TrainState, dense: jax.Array, sparse: JaggedBatch) -> jax.Array:
         """Probabilities [batch], looking the ids up through the model's collection."""
-        return jax.nn.sigmoid(self.model(state)(dense, sparse))
+        with cpu_dense_kernels(self.dense_kernels):
+            return jax.nn.sigmoid(self.model(state)(dense, sparse))

@@ -1,16 +1,25 @@
 """The CPU kernels (`recsys.cpu_kernels`) against plain jnp and against the XLA path."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from recsys import cpu_kernels
 from recsys.layout import build_layout
 from recsys.lookup import init_tables, lookup
+from recsys.models import mlp
+from recsys.models.mlp import dense_path
 from recsys.sparse_update import update_path
 from recsys.specs import SparseOptimizerSpec
+from recsys.trainer import Trainer
 from tests.conftest import make_config, random_batch, update_steps
+from tests.test_sharded_training import batches as dlrm_batches
+from tests.test_sharded_training import model as dlrm_model
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"CPU kernels not built: {cpu_kernels.unavailable_reason()}"
@@ -42,14 +51,18 @@ def test_pooled_lookup_refuses_ids_out_of_range():
         cpu_kernels.pooled_lookup(table, ids, jnp.ones((1, 1, 2))).block_until_ready()
 
 
-# 40 rows: grouped by a counting sort; 1,000 rows (more than 8x the occurrences): by a sort.
-@pytest.mark.parametrize("rows", [40, 1000])
-def test_rowwise_adagrad_matches_plain_jnp(rows):
+# 40 rows: grouped by a counting sort in one bucket of rows; 1,000 rows (more than 8x the
+# occurrences): by a sort; 140,000 rows and 20,000 occurrences: a counting sort over three
+# buckets of 2^16 rows, from occurrences counted in two chunks, ids on the buckets' edges.
+@pytest.mark.parametrize(("rows", "n"), [(40, 60), (1000, 60), (140_000, 20_000)])
+def test_rowwise_adagrad_matches_plain_jnp(rows, n):
     rng = np.random.default_rng(1)
-    dim, n, m = 8, 60, 15
+    dim, m = 8, 15
     table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
     acc = jnp.asarray(rng.random(rows), jnp.float32)
-    ids = rng.integers(0, 10, n).astype(np.int32)  # many repeats
+    ids = rng.integers(0, min(rows, 10 + n), n).astype(np.int32)  # many repeats
+    if rows > 131072:  # the buckets' edges, repeated (position 6 is skipped below)
+        ids[[1, 2, 3, 4, 5, 7, 8, 9]] = [65535, 65536, 0, rows - 1, 65535, 131071, 131072, 65536]
     ids[::6] = -1  # skipped occurrences
     coef = rng.normal(size=n).astype(np.float32)
     src = rng.integers(0, m, n).astype(np.int32)
@@ -59,10 +72,13 @@ def test_rowwise_adagrad_matches_plain_jnp(rows):
         lambda *a: cpu_kernels.rowwise_adagrad(*a, learning_rate=lr, eps=eps, weight_decay=wd)
     )(table, acc, jnp.asarray(ids), jnp.asarray(coef), jnp.asarray(src), jnp.asarray(grads))
     want_table, want_acc = np.asarray(table).copy(), np.asarray(acc).copy()
-    for r in sorted(set(ids[ids >= 0])):
-        g = sum(coef[i] * grads[src[i]] for i in np.flatnonzero(ids == r)) + wd * want_table[r]
-        want_acc[r] += np.mean(g * g)
-        want_table[r] -= lr * g / (np.sqrt(want_acc[r]) + eps)
+    valid = ids >= 0
+    g = np.zeros((rows, dim), np.float64)
+    np.add.at(g, ids[valid], coef[valid, None] * grads[src[valid]])
+    touched = np.unique(ids[valid])
+    g = g[touched] + wd * want_table[touched]
+    want_acc[touched] += np.mean(g * g, axis=1)
+    want_table[touched] -= lr * g / (np.sqrt(want_acc[touched])[:, None] + eps)
     np.testing.assert_allclose(np.asarray(new_table), want_table, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new_acc), want_acc, rtol=1e-5, atol=1e-6)
     untouched = np.setdiff1d(np.arange(rows), ids)
@@ -115,3 +131,98 @@ def test_lookup_is_the_same_through_the_kernel_and_through_xla():
     via_xla = lookup(config, tables, batch, kernels="xla")
     for name in via_xla.features():
         np.testing.assert_array_equal(via_kernel[name], via_xla[name], err_msg=name)
+
+
+dense = pytest.mark.skipif(
+    not cpu_kernels.dense_available(),
+    reason=f"CPU dense kernels unavailable: {cpu_kernels.dense_unavailable_reason()}",
+)
+
+
+@dense
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 19, 23), (1, 5, 1), (64, 0, 3), (130, 129, 17)])
+def test_matmul_matches_numpy_in_every_transposition(m, k, n):
+    rng = np.random.default_rng(m + k)
+    a = rng.normal(size=(m, k)).astype(np.float32)
+    b = rng.normal(size=(k, n)).astype(np.float32)
+    want = a.astype(np.float64) @ b
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            got = jax.jit(cpu_kernels.matmul, static_argnames=("trans_a", "trans_b"))(
+                a.T if trans_a else a, b.T if trans_b else b, trans_a=trans_a, trans_b=trans_b
+            )
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"{trans_a=} {trans_b=}")
+
+
+@dense
+def test_matmul_rejects_mismatched_operands():
+    with pytest.raises(Exception, match="contracting sizes differ: 3 and 4"):
+        cpu_kernels.matmul(jnp.ones((2, 3)), jnp.ones((4, 5))).block_until_ready()
+
+
+@dense
+def test_dense_matmul_differentiates_like_jnp():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(4, 9, 33)), jnp.float32)  # leading axes are flattened
+    w = jnp.asarray(rng.normal(size=(33, 18)), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=(4, 9, 18)), jnp.float32)
+
+    def grads(fn):
+        return jax.value_and_grad(lambda x, w: jnp.sum(fn(x, w) * weights), argnums=(0, 1))(x, w)
+
+    got, want = jax.jit(lambda: grads(cpu_kernels.dense_matmul))(), grads(lambda x, w: x @ w)
+    for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, h, rtol=1e-5, atol=1e-4)
+
+
+@dense
+@pytest.mark.parametrize(("batch", "features", "dim"), [(5, 26, 128), (3, 1, 16), (4, 3, 130), (2, 5, 7)])
+def test_pairwise_dots_and_their_gradient_match_jnp(batch, features, dim):
+    """Dims below, at and past the 16-wide vector steps; one feature (one pair)."""
+    rng = np.random.default_rng(dim)
+    x = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
+    emb = jnp.asarray(rng.normal(size=(batch, features, dim)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(batch, (features + 1) * features // 2)), jnp.float32)
+
+    def reference(x, emb):
+        v = jnp.concatenate([x[:, None], emb], axis=1)
+        i, j = np.triu_indices(features + 1, k=1)
+        return jnp.einsum("bfd,bgd->bfg", v, v, precision="highest")[:, i, j]
+
+    got, got_vjp = jax.vjp(cpu_kernels.pairwise_dots, x, emb)
+    want, want_vjp = jax.vjp(reference, x, emb)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_dense_path_resolution():
+    assert dense_path("xla") == dense_path("pallas") == "xla"
+    assert dense_path("auto") == ("cpu" if cpu_kernels.dense_available() else "xla")
+    with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu, pallas"):
+        dense_path("fast")
+
+
+@dense
+def test_dlrm_steps_are_the_same_with_the_cpu_dense_kernels_and_with_xla(monkeypatch):
+    """Three DLRM train steps (MLPs, interaction, dense optimizer) and a prediction either
+    way; the kernel step's program calls the kernels, the XLA step's does not."""
+    batches = list(itertools.islice(dlrm_batches(), 3))
+    small = Trainer(dlrm_model(), optax.adam(0.01), kernels="cpu")
+    assert "recsys_matmul" not in small.train_step.lower(small.init_state(), batches[0]).as_text()
+    monkeypatch.setattr(mlp, "KERNEL_MIN_MACS", 0)  # this model's layers are all small
+    runs = {}
+    for kernels in ("cpu", "xla"):
+        trainer = Trainer(dlrm_model(), optax.adam(0.01), kernels=kernels)
+        state, losses = trainer.init_state(), []
+        hlo = trainer.train_step.lower(state, batches[0]).as_text()
+        assert ("recsys_matmul" in hlo and "recsys_pairwise_dots" in hlo) == (kernels == "cpu"), kernels
+        for batch in batches:
+            state, loss = trainer.train_step(state, batch)
+            losses.append(float(loss))
+        predicted = trainer.predict(state, batches[0].dense, batches[0].sparse)
+        runs[kernels] = losses, nnx.to_pure_dict(state.params), predicted
+    np.testing.assert_allclose(runs["cpu"][0], runs["xla"][0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(runs["cpu"][1]), jax.tree.leaves(runs["xla"][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(runs["cpu"][2], runs["xla"][2], rtol=1e-5, atol=1e-6)

@@ -1,17 +1,26 @@
-"""CPU kernels for the embedding lookup and the fused row-wise Adagrad update (XLA FFI).
+"""CPU kernels (XLA FFI): the embedding lookup, the fused row-wise Adagrad update, and
+the float32 dense layers of a DLRM step.
 
-`embedding_bag.cc` is compiled by `pip install` (see `setup.py`) into a shared library in
-this package, loaded here with ctypes and registered with `jax.ffi`. Why C++ and not XLA:
-on CPU, XLA runs the backward's scatter-add on one thread, and in a train step that
-updates the tables in place it copied every gathered row before summing; the plain jnp
-path reached 0.31-0.62x of FBGEMM's lookup + row-wise Adagrad samples/s on the 2-core
-development machine. These kernels split the work over the cores, prefetch the next
-bag's rows, and apply row-wise Adagrad to each unique row in the same pass that sums its
-gradient. The semantics are in the C++ file's header; `tests/test_cpu_kernels.py` checks
-them against the XLA path.
+The C++ sources in this package are compiled by `pip install` (see `setup.py`) into one
+shared library, loaded here with ctypes and registered with `jax.ffi`.
+
+Why C++ and not XLA, for the embeddings (`embedding_bag.cc`): on CPU, XLA runs the
+backward's scatter-add on one thread, and in a train step that updates the tables in
+place it copied every gathered row before summing; the plain jnp path reached 0.31-0.62x
+of FBGEMM's lookup + row-wise Adagrad samples/s on the 2-core development machine. These
+kernels split the work over the cores, prefetch the next bag's rows, and apply row-wise
+Adagrad to each unique row in the same pass that sums its gradient.
+
+For the dense layers (`dense.cc`): XLA:CPU multiplied the MLPs' float32 matrices at 50-110
+GFLOP/s (the backward's transposed forms slowest) and DLRM's pairwise interaction at about
+10, while OpenBLAS's sgemm runs every form at 150-170 on the same cores. `matmul` calls
+the sgemm of scipy-openblas32 (the OpenBLAS build numpy and scipy ship, as a package of
+its own); `pairwise_dots` is written out. The semantics are in the C++ files' headers;
+`tests/test_cpu_kernels.py` checks them against the XLA path.
 
 If the library is missing (no compiler at install time, another OS), `available()` is
-False and callers keep the XLA path; `unavailable_reason()` says why.
+False and callers keep the XLA path; `unavailable_reason()` says why. Without
+scipy-openblas32, `dense_available()` is False and the dense layers stay on XLA.
 """
 
 from __future__ import annotations
@@ -26,24 +35,64 @@ import numpy as np
 
 _LOOKUP = "recsys_pooled_lookup"
 _ROWWISE_ADAGRAD = "recsys_rowwise_adagrad"
+_MATMUL = "recsys_matmul"
+_PAIRWISE_DOTS = "recsys_pairwise_dots"
+_PAIRWISE_DOTS_GRAD = "recsys_pairwise_dots_grad"
 
 
 @functools.cache
-def _load() -> str | None:
-    """Loads and registers the kernels once; returns why not, or None when they are ready."""
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    """Loads and registers the kernels once: (the library, None), or (None, why not)."""
     here = Path(__file__).parent
-    libraries = sorted(here.glob("_embedding_bag*.so")) + sorted(here.glob("_embedding_bag*.dylib"))
+    libraries = sorted(here.glob("_kernels*.so")) + sorted(here.glob("_kernels*.dylib"))
     if not libraries:
-        return f"no compiled kernel library in {here} (reinstall with a C++17 compiler: pip install -e .)"
+        return (
+            None,
+            f"no compiled kernel library in {here} (reinstall with a C++17 compiler: pip install -e .)",
+        )
     try:
         lib = ctypes.cdll.LoadLibrary(str(libraries[0]))
-        jax.ffi.register_ffi_target(_LOOKUP, jax.ffi.pycapsule(lib.RecsysPooledLookup), platform="cpu")
-        jax.ffi.register_ffi_target(
-            _ROWWISE_ADAGRAD, jax.ffi.pycapsule(lib.RecsysRowwiseAdagrad), platform="cpu"
-        )
+        for name, symbol in (
+            (_LOOKUP, lib.RecsysPooledLookup),
+            (_ROWWISE_ADAGRAD, lib.RecsysRowwiseAdagrad),
+            (_MATMUL, lib.RecsysMatmul),
+            (_PAIRWISE_DOTS, lib.RecsysPairwiseDots),
+            (_PAIRWISE_DOTS_GRAD, lib.RecsysPairwiseDotsGrad),
+        ):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, AttributeError) as e:
-        return f"could not load {libraries[0]}: {e}"
+        return None, f"could not load {libraries[0]}: {e}"
+    return lib, None
+
+
+def _load() -> str | None:
+    return _library()[1]
+
+
+@functools.cache
+def _load_blas() -> str | None:
+    """Hands OpenBLAS's sgemm to the library once; returns why not, or None when ready."""
+    lib, reason = _library()
+    if lib is None:
+        return reason
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return "scipy-openblas32 is not installed (pip install scipy-openblas32)"
+    try:
+        path = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
+        blas = ctypes.CDLL(str(path))
+        # The package prefixes every symbol (cblas.h in its include dir) so that it can sit
+        # beside another BLAS in one process.
+        sgemm = ctypes.cast(blas.scipy_cblas_sgemm, ctypes.c_void_p)
+    except (OSError, AttributeError, IndexError, TypeError) as e:
+        return f"could not load OpenBLAS's sgemm from {scipy_openblas32.get_lib_dir()}: {e}"
+    lib.RecsysSetSgemm(sgemm)
+    _blas_handles.append(blas)  # the library stays loaded as long as the process
     return None
+
+
+_blas_handles: list[ctypes.CDLL] = []
 
 
 def available() -> bool:
@@ -54,10 +103,25 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
+def dense_available() -> bool:
+    """Whether `matmul` and `pairwise_dots` can run (the library and OpenBLAS loaded)."""
+    return _load_blas() is None
+
+
+def dense_unavailable_reason() -> str | None:
+    return _load_blas()
+
+
 def _require() -> None:
     reason = _load()
     if reason is not None:
         raise RuntimeError(f"recsys CPU kernels unavailable: {reason}")
+
+
+def _require_dense() -> None:
+    reason = _load_blas()
+    if reason is not None:
+        raise RuntimeError(f"recsys CPU dense kernels unavailable: {reason}")
 
 
 def pooled_lookup(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Array:
@@ -138,3 +202,68 @@ def rowwise_adagrad(
         eps=np.float32(eps),
         weight_decay=np.float32(weight_decay),
     )
+
+
+def matmul(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) for 2-D float32 arrays, op transposing when asked (OpenBLAS sgemm).
+    Not differentiable by itself: `dense_matmul` is."""
+    _require_dense()
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    call = jax.ffi.ffi_call(_MATMUL, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(a.astype(jnp.float32), b.astype(jnp.float32), trans_a=bool(trans_a), trans_b=bool(trans_b))
+
+
+@jax.custom_vjp
+def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., k] @ w [k, n] in float32, forward and backward through OpenBLAS: the
+    backward's g @ w.T and x.T @ g are sgemm's transposed forms, with no copies."""
+    return _dense_matmul_fwd(x, w)[0]
+
+
+def _dense_matmul_fwd(x, w):
+    rows = x.reshape(-1, x.shape[-1])
+    return matmul(rows, w).reshape(*x.shape[:-1], w.shape[1]), (rows, w)
+
+
+def _dense_matmul_bwd(residuals, g):
+    rows, w = residuals
+    leading = g.shape[:-1]
+    g = g.reshape(-1, g.shape[-1])
+    dx = matmul(g, w, trans_b=True)
+    dw = matmul(rows, g, trans_a=True)
+    return dx.reshape(*leading, rows.shape[1]), dw
+
+
+dense_matmul.defvjp(_dense_matmul_fwd, _dense_matmul_bwd)
+
+
+@jax.custom_vjp
+def pairwise_dots(x: jax.Array, emb: jax.Array) -> jax.Array:
+    """DLRM's interaction: with each sample's vectors v = [x, emb[0], ..., emb[F - 1]]
+    (x [batch, dim], emb [batch, F, dim], float32), the dot product of every pair i < j,
+    [batch, (F + 1) * F / 2] in `np.triu_indices(F + 1, 1)` order. Taking x and emb apart
+    saves copying them into one array, both ways."""
+    _require_dense()
+    b, f, _ = emb.shape
+    call = jax.ffi.ffi_call(
+        _PAIRWISE_DOTS, jax.ShapeDtypeStruct((b, (f + 1) * f // 2), jnp.float32), vmap_method="sequential"
+    )
+    return call(x.astype(jnp.float32), emb.astype(jnp.float32))
+
+
+def _pairwise_dots_fwd(x, emb):
+    return pairwise_dots(x, emb), (x, emb)
+
+
+def _pairwise_dots_bwd(residuals, g):
+    x, emb = residuals
+    call = jax.ffi.ffi_call(
+        _PAIRWISE_DOTS_GRAD,
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(emb.shape, jnp.float32)),
+        vmap_method="sequential",
+    )
+    return call(x.astype(jnp.float32), emb.astype(jnp.float32), g.astype(jnp.float32))
+
+
+pairwise_dots.defvjp(_pairwise_dots_fwd, _pairwise_dots_bwd)

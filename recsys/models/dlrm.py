@@ -11,7 +11,7 @@ from flax import nnx
 
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import Activations
-from recsys.models.mlp import MLP, pairwise_dots
+from recsys.models.mlp import MLP, pairwise_interactions
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig, Pooling
 
@@ -57,7 +57,6 @@ class DLRM(nnx.Module):
             self.bottom = None
             self.anchor = nnx.Param(jax.random.normal(rngs.params(), (dim,)) / np.sqrt(dim))
         vectors = len(self.features) + 1
-        self.pairs = tuple(map(tuple, np.triu_indices(vectors, k=1)))  # i < j, static
         self.top = MLP(dim + vectors * (vectors - 1) // 2, top, rngs=rngs, dense_dtype=dense_dtype)
         self.dense_dtype = dense_dtype
 
@@ -69,7 +68,5 @@ class DLRM(nnx.Module):
             x = self.bottom(dense)  # [batch, dim]
         else:
             x = jnp.broadcast_to(self.anchor.get_value(), (embedded.shape[0], embedded.shape[2]))
-        vectors = jnp.concatenate([x[:, None], embedded], axis=1)  # [batch, F+1, dim]
-        dots = pairwise_dots(vectors, self.dense_dtype)
-        interactions = dots[:, np.asarray(self.pairs[0]), np.asarray(self.pairs[1])]
+        interactions = pairwise_interactions(x, embedded, self.dense_dtype)  # [batch, (F+1)F/2]
         return self.top(jnp.concatenate([x, interactions], axis=1))[:, 0]

@@ -1,12 +1,18 @@
-"""A plain multi-layer perceptron, and the dense layers' compute precision."""
+"""A plain multi-layer perceptron, the dense layers' compute precision, and where their
+float32 matmuls run (XLA, or the CPU kernels in a single-device step on CPU)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+
+from recsys import cpu_kernels
 
 # The command lines' short names (`--dense-dtype`) of the dense layers' dtypes.
 DENSE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -24,6 +30,66 @@ def check_dense_dtype(dense_dtype: str) -> str:
     if dense_dtype not in DENSE_DTYPES:
         raise ValueError(f"dense_dtype must be one of {', '.join(DENSE_DTYPES)}, got {dense_dtype!r}")
     return dense_dtype
+
+
+# Whether float32 dense layers being traced run through the CPU kernels (`cpu_dense_kernels`).
+_CPU_DENSE_KERNELS = contextvars.ContextVar("recsys_cpu_dense_kernels", default=False)
+
+# Products smaller than this many multiply-adds stay on XLA even inside `cpu_dense_kernels`:
+# XLA fuses small layers with their neighbours, and a call out of the program costs more
+# than they do. (The Frappe DLRM, batch 256 and layers of 16-71 inputs, trained at 19,400
+# samples/s through the kernels and 28,100 through XLA; the benchmark DLRM's layers are
+# 27M-4.3G multiply-adds.)
+KERNEL_MIN_MACS = 1 << 22
+
+DENSE_PATHS = ("auto", "xla", "cpu", "pallas")  # the `kernels` choices (`recsys.lookup.KERNELS`)
+
+
+def dense_path(kernels: str) -> str:
+    """Which implementation runs a single-device step's float32 dense layers: "cpu" or "xla".
+
+    "auto" takes the CPU kernels (`recsys.cpu_kernels.dense_matmul`, `pairwise_dots`) on
+    CPU when the kernel library was built and scipy-openblas32 is installed; "cpu"
+    requires them; "xla" and "pallas" keep XLA (there are no Pallas dense kernels: on GPU
+    and TPU, XLA's own matmuls are the fast path)."""
+    if kernels not in DENSE_PATHS:
+        raise ValueError(f"kernels must be one of {', '.join(DENSE_PATHS)}, got {kernels!r}")
+    if kernels == "cpu":
+        if not cpu_kernels.dense_available():
+            raise RuntimeError(f"kernels='cpu': {cpu_kernels.dense_unavailable_reason()}")
+        return "cpu"
+    on_cpu = kernels == "auto" and jax.default_backend() == "cpu"
+    return "cpu" if on_cpu and cpu_kernels.dense_available() else "xla"
+
+
+@contextlib.contextmanager
+def cpu_dense_kernels(enabled: bool = True) -> Iterator[None]:
+    """While tracing inside this context, float32 `linear` layers and `pairwise_interactions`
+    of at least `KERNEL_MIN_MACS` multiply-adds run through the CPU kernels. `recsys.trainer.Trainer` enters it for its step when
+    `dense_path` says "cpu". Only for computations on one device: XLA cannot split an FFI
+    call over a sharded batch, so the sharded trainer keeps XLA's matmuls."""
+    token = _CPU_DENSE_KERNELS.set(enabled)
+    try:
+        yield
+    finally:
+        _CPU_DENSE_KERNELS.reset(token)
+
+
+def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`nnx.Linear`'s dot_general: the CPU kernel inside `cpu_dense_kernels`, else XLA's."""
+    (contract_lhs, contract_rhs), batch = dimension_numbers
+    plain = tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not any(batch)
+    kernel = _CPU_DENSE_KERNELS.get() and plain and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
+    if kernel and lhs.size * rhs.shape[1] >= KERNEL_MIN_MACS:  # m * k * n
+        return cpu_kernels.dense_matmul(lhs, rhs)
+    return jax.lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
 
 
 def _bf16(*xs):
@@ -77,7 +143,7 @@ def _mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 def linear(a: int, b: int, *, dense_dtype: str = "float32", rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
     """`nnx.Linear` whose matmul runs in `dense_dtype` (`check_dense_dtype`)."""
     if check_dense_dtype(dense_dtype) == "float32":
-        return nnx.Linear(a, b, rngs=rngs, **kwargs)
+        return nnx.Linear(a, b, rngs=rngs, dot_general=_float32_dot_general, **kwargs)
     return nnx.Linear(a, b, dot_general=_mixed_dot_general, rngs=rngs, **kwargs)
 
 
@@ -104,6 +170,21 @@ def pairwise_dots(vectors: jax.Array, dense_dtype: str = "float32") -> jax.Array
     if check_dense_dtype(dense_dtype) == "float32":
         return jnp.einsum("bfd,bgd->bfg", vectors, vectors)
     return _mixed_gram(vectors.astype(jnp.float32))
+
+
+def pairwise_interactions(x: jax.Array, emb: jax.Array, dense_dtype: str = "float32") -> jax.Array:
+    """DLRM's interaction: the dot product of every pair i < j of each sample's vectors
+    [x, emb[0], ..., emb[F - 1]] (x [batch, d], emb [batch, F, d]), as
+    [batch, (F + 1) * F / 2] in `np.triu_indices(F + 1, 1)` order, in `dense_dtype`.
+    Inside `cpu_dense_kernels`, float32 runs through the CPU kernel: XLA:CPU computed the
+    batch of small Gram matrices at about 10 GFLOP/s and scattered the backward's gradient."""
+    batch, features, dim = emb.shape
+    macs = batch * (features + 1) * features // 2 * dim
+    if check_dense_dtype(dense_dtype) == "float32" and _CPU_DENSE_KERNELS.get() and macs >= KERNEL_MIN_MACS:
+        return cpu_kernels.pairwise_dots(x, emb)
+    vectors = jnp.concatenate([x[:, None].astype(emb.dtype), emb], axis=1)
+    i, j = np.triu_indices(vectors.shape[1], k=1)
+    return pairwise_dots(vectors, dense_dtype)[:, i, j]
 
 
 class MLP(nnx.Module):
