@@ -11,9 +11,9 @@ of FBGEMM's lookup + row-wise Adagrad samples/s on the 2-core development machin
 kernels split the work over the cores, prefetch the next bag's rows, and apply row-wise
 Adagrad to each unique row in the same pass that sums its gradient.
 
-For the dense layers (`dense.cc`): XLA:CPU multiplied the MLPs' float32 matrices at 50-110
+For the dense layers (`dense.cc`): XLA:CPU multiplied the MLPs' float32 matrices at 50-130
 GFLOP/s (the backward's transposed forms slowest) and DLRM's pairwise interaction at about
-10, while OpenBLAS's sgemm runs every form at 150-170 on the same cores. `matmul` calls
+10, while OpenBLAS's sgemm runs every form at 140-185 on the same cores. `matmul` calls
 the sgemm of scipy-openblas32 (the OpenBLAS build numpy and scipy ship, as a package of
 its own); `pairwise_dots` is written out. The semantics are in the C++ files' headers;
 `tests/test_cpu_kernels.py` checks them against the XLA path.
@@ -69,6 +69,9 @@ def _load() -> str | None:
     return _library()[1]
 
 
+_blas_handles: list[ctypes.CDLL] = []  # OpenBLAS, kept loaded for as long as the process
+
+
 @functools.cache
 def _load_blas() -> str | None:
     """Hands OpenBLAS's sgemm to the library once; returns why not, or None when ready."""
@@ -88,11 +91,8 @@ def _load_blas() -> str | None:
     except (OSError, AttributeError, IndexError, TypeError) as e:
         return f"could not load OpenBLAS's sgemm from {scipy_openblas32.get_lib_dir()}: {e}"
     lib.RecsysSetSgemm(sgemm)
-    _blas_handles.append(blas)  # the library stays loaded as long as the process
+    _blas_handles.append(blas)
     return None
-
-
-_blas_handles: list[ctypes.CDLL] = []
 
 
 def available() -> bool:

@@ -1,8 +1,8 @@
 // CPU kernels for the float32 dense layers of a DLRM step, called from JAX through the
 // XLA FFI (`recsys.cpu_kernels`). On the 2-core development CPU, XLA ran the MLPs' matmuls
-// at 50-110 GFLOP/s (its backward forms the slowest) and DLRM's pairwise interaction, a
-// batch of 27x128 Gram matrices, at about 10: a third of the step. OpenBLAS's sgemm runs
-// every form at 150-170, and the interaction written out here takes a few milliseconds.
+// at 50-130 GFLOP/s (its backward forms the slowest) and DLRM's pairwise interaction, a
+// batch of 27x128 Gram matrices, at about 10 (176-236 ms forward and backward). OpenBLAS's
+// sgemm runs every form at 140-185, and the interaction written out here takes 31 ms.
 //
 // Semantics (the tests compare them with jnp):
 //   matmul:             c = op(a) @ op(b), op transposing the operand when asked; the

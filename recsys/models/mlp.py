@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from recsys import cpu_kernels
+from recsys.lookup import KERNELS
 
 # The command lines' short names (`--dense-dtype`) of the dense layers' dtypes.
 DENSE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -36,13 +37,11 @@ def check_dense_dtype(dense_dtype: str) -> str:
 _CPU_DENSE_KERNELS = contextvars.ContextVar("recsys_cpu_dense_kernels", default=False)
 
 # Products smaller than this many multiply-adds stay on XLA even inside `cpu_dense_kernels`:
-# XLA fuses small layers with their neighbours, and a call out of the program costs more
-# than they do. (The Frappe DLRM, batch 256 and layers of 16-71 inputs, trained at 19,400
-# samples/s through the kernels and 28,100 through XLA; the benchmark DLRM's layers are
-# 27M-4.3G multiply-adds.)
+# XLA fuses small layers with their neighbours, and every call out of the program has a
+# fixed cost (handing work to OpenBLAS's and the kernels' threads). Small models such as
+# the Frappe DLRM (batch 256, layers of 16-71 inputs) gained nothing from the kernels; the
+# benchmark DLRM's layers are 27M-4.3G multiply-adds.
 KERNEL_MIN_MACS = 1 << 22
-
-DENSE_PATHS = ("auto", "xla", "cpu", "pallas")  # the `kernels` choices (`recsys.lookup.KERNELS`)
 
 
 def dense_path(kernels: str) -> str:
@@ -52,8 +51,8 @@ def dense_path(kernels: str) -> str:
     CPU when the kernel library was built and scipy-openblas32 is installed; "cpu"
     requires them; "xla" and "pallas" keep XLA (there are no Pallas dense kernels: on GPU
     and TPU, XLA's own matmuls are the fast path)."""
-    if kernels not in DENSE_PATHS:
-        raise ValueError(f"kernels must be one of {', '.join(DENSE_PATHS)}, got {kernels!r}")
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "cpu":
         if not cpu_kernels.dense_available():
             raise RuntimeError(f"kernels='cpu': {cpu_kernels.dense_unavailable_reason()}")
@@ -65,9 +64,10 @@ def dense_path(kernels: str) -> str:
 @contextlib.contextmanager
 def cpu_dense_kernels(enabled: bool = True) -> Iterator[None]:
     """While tracing inside this context, float32 `linear` layers and `pairwise_interactions`
-    of at least `KERNEL_MIN_MACS` multiply-adds run through the CPU kernels. `recsys.trainer.Trainer` enters it for its step when
-    `dense_path` says "cpu". Only for computations on one device: XLA cannot split an FFI
-    call over a sharded batch, so the sharded trainer keeps XLA's matmuls."""
+    of at least `KERNEL_MIN_MACS` multiply-adds run through the CPU kernels.
+    `recsys.trainer.Trainer` enters it for its step when `dense_path` says "cpu". Only for
+    computations on one device: XLA cannot split an FFI call over a sharded batch, so the
+    sharded trainer keeps XLA's matmuls."""
     token = _CPU_DENSE_KERNELS.set(enabled)
     try:
         yield
