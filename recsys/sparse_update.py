@@ -61,14 +61,11 @@ def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch,
         ids, coef = group_inputs(layout, lookup, batch)  # [f, b, l]
         valid = jnp.stack([batch[f.name].valid_mask() for f in lookup.features])
         nf, nb, nl = ids.shape
-        # The gradients stay in the model's [b, f, ...] order (moving the feature axis first
-        # copied them: 22 ms of a 26-feature DLRM step); src points into that order.
-        grads = act_grads.groups[lookup.name].astype(jnp.float32)  # [b, f, dim] or [b, f, l, dim]
-        rows_of = np.arange(nb * nf, dtype=np.int32).reshape(nb, nf).T[:, :, None]  # [f, b, 1]: b * nf + f
+        grads = jnp.moveaxis(act_grads.groups[lookup.name].astype(jnp.float32), 1, 0)  # [f, b, ...]
         if lookup.sequence:
-            src = rows_of * nl + np.arange(nl, dtype=np.int32)
+            src = np.arange(nf * nb * nl, dtype=np.int32).reshape(nf, nb, nl)
         else:
-            src = np.broadcast_to(rows_of, (nf, nb, nl))
+            src = np.broadcast_to(np.arange(nf * nb, dtype=np.int32).reshape(nf, nb, 1), (nf, nb, nl))
         ids_parts.append(jnp.where(valid, ids, -1).reshape(-1))
         coef_parts.append(coef.reshape(-1))
         src_parts.append(jnp.asarray(src.reshape(-1) + m))
