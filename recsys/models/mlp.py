@@ -75,12 +75,17 @@ def cpu_dense_kernels(enabled: bool = True) -> Iterator[None]:
         _CPU_DENSE_KERNELS.reset(token)
 
 
+def _takes_cpu_kernel(macs: int) -> bool:
+    """Whether a float32 product of `macs` multiply-adds being traced runs on the CPU kernels."""
+    return _CPU_DENSE_KERNELS.get() and macs >= KERNEL_MIN_MACS
+
+
 def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """`nnx.Linear`'s dot_general: the CPU kernel inside `cpu_dense_kernels`, else XLA's."""
     (contract_lhs, contract_rhs), batch = dimension_numbers
     plain = tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not any(batch)
-    kernel = _CPU_DENSE_KERNELS.get() and plain and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
-    if kernel and lhs.size * rhs.shape[1] >= KERNEL_MIN_MACS:  # m * k * n
+    float32 = plain and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
+    if float32 and _takes_cpu_kernel(lhs.size * rhs.shape[1]):  # m * k * n
         return cpu_kernels.dense_matmul(lhs, rhs)
     return jax.lax.dot_general(
         lhs,
@@ -180,9 +185,9 @@ def pairwise_interactions(x: jax.Array, emb: jax.Array, dense_dtype: str = "floa
     batch of small Gram matrices at about 10 GFLOP/s and scattered the backward's gradient."""
     batch, features, dim = emb.shape
     macs = batch * (features + 1) * features // 2 * dim
-    if check_dense_dtype(dense_dtype) == "float32" and _CPU_DENSE_KERNELS.get() and macs >= KERNEL_MIN_MACS:
+    if check_dense_dtype(dense_dtype) == "float32" and _takes_cpu_kernel(macs):
         return cpu_kernels.pairwise_dots(x, emb)
-    vectors = jnp.concatenate([x[:, None].astype(emb.dtype), emb], axis=1)
+    vectors = jnp.concatenate([x[:, None], emb], axis=1)  # [batch, F + 1, d], dtypes promoted
     i, j = np.triu_indices(vectors.shape[1], k=1)
     return pairwise_dots(vectors, dense_dtype)[:, i, j]
 
