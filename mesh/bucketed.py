@@ -47,7 +47,7 @@ import numpy as np
 
 from mesh import collectives
 from mesh.collectives import packing
-from mesh.routing import GroupRoute
+from mesh.routing import BagFn, GroupRoute
 from mesh.sharded import GroupLayout, ShardedLayout
 
 
@@ -222,8 +222,20 @@ def assign(route: BucketRoute, ids: Mapping[str, jax.Array]) -> Assignment:
     return Assignment(owner, slot, row, jnp.concatenate(at), overflow)
 
 
-def exchange_rows(route: BucketRoute, block: jax.Array, a: Assignment, axes) -> tuple[jax.Array, jax.Array]:
-    """Step 2: rows to their owners and values back.
+def served_rows(block: jax.Array, served: jax.Array, weight: jax.Array, bag: BagFn | None) -> jax.Array:
+    """`[sources, capacity, width]` float32: each served row of this owner's block times its
+    weight, 0 where the weight is 0 (on empty slots, whose row is `block_rows`). With `bag`,
+    one embedding-bag call gathers them (a sequence of `capacity` positions per source)."""
+    if bag is None:
+        return block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
+    rows = jnp.where(weight != 0, served, 0)
+    return bag(block, rows[None], weight[None], False)[:, 0]
+
+
+def exchange_rows(
+    route: BucketRoute, block: jax.Array, a: Assignment, axes, bag: BagFn | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Step 2: rows to their owners and values back (gathered through `bag` when given).
 
     Returns:
       served: [sources, capacity] int32 rows of this device's block it served (`block_rows`
@@ -239,7 +251,7 @@ def exchange_rows(route: BucketRoute, block: jax.Array, a: Assignment, axes) -> 
         )
     else:
         served = collectives.all_to_all(out[:n], axes, purpose="ids")
-    found = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32)
+    found = served_rows(block, served, (served < empty).astype(jnp.float32), bag)
     return served, collectives.all_to_all(found, axes, route.forward, "fwd")
 
 
@@ -309,11 +321,13 @@ def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array],
     return served, at, (served < empty).astype(jnp.float32)
 
 
-def pool_at_owner(route: BucketRoute, block: jax.Array, served, at, weight, local_batch: int) -> jax.Array:
-    """Pooled route, step 2 at the owner: the served rows weighed and pooled into the broadcast
-    route's work items, `[sources, local_batch, outputs, width]` for
-    `mesh.routing.return_outputs`."""
-    values = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
+def pool_at_owner(
+    route: BucketRoute, block: jax.Array, served, at, weight, local_batch: int, bag: BagFn | None = None
+) -> jax.Array:
+    """Pooled route, step 2 at the owner: the served rows weighed (gathered through `bag` when
+    given) and pooled into the broadcast route's work items, `[sources, local_batch,
+    outputs, width]` for `mesh.routing.return_outputs`."""
+    values = served_rows(block, served, weight, bag)
     k, width = served.shape[0], route.group.width
     pooled = jnp.zeros((k, local_batch * route.outputs, width), jnp.float32)
     pooled = pooled.at[jnp.arange(k)[:, None], at].add(values)

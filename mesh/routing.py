@@ -31,7 +31,7 @@ per-device parts are indexed by the traced device index.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,13 @@ import numpy as np
 from mesh import collectives
 from mesh.collectives import packing
 from mesh.sharded import GroupLayout, Placement, ShardedLayout
+
+# An owner's embedding bag over its block, for a lookup through a kernel: (block [rows,
+# width], ids [bags, batch, bag] int32 rows of the block, coef [bags, batch, bag] float32, 0
+# where a position is not read (its id is then 0), pooled) -> [batch, bags, width] float32
+# sums of coef * row when pooled, else [batch, bags, bag, width] of each position.
+# `recsys.lookup.owner_bags` makes them; without one, owners gather with XLA.
+BagFn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,8 +229,39 @@ def owner_rows(
     return rows, weight
 
 
-def pool(route: GroupRoute, block: jax.Array, rows: jax.Array, weight: jax.Array, device) -> jax.Array:
-    """Step 2: [sources, local_batch, outputs, width] float32 pooled work items."""
+def bag_columns(route: GroupRoute) -> tuple[np.ndarray, np.ndarray]:
+    """The received columns pooled into each output slot, as bags for an embedding-bag
+    kernel: `[devices, outputs, width]` column of each bag position, and whether the
+    position is used (a pooled item's bag holds its ids; a sequence position is a bag of
+    one). `width` is the longest bag."""
+    width = max([it.ids if it.pooled else 1 for items in route.items for it in items] or [1])
+    columns = np.zeros((route.group.devices, route.outputs, width), np.int32)
+    used = np.zeros(columns.shape, bool)
+    for d, items in enumerate(route.items):
+        for it in items:
+            if it.pooled:
+                outputs, positions = np.full(it.ids, it.output), np.arange(it.ids)
+            else:
+                outputs, positions = it.output + np.arange(it.ids), np.zeros(it.ids, np.int32)
+            columns[d, outputs, positions] = it.column + np.arange(it.ids)
+            used[d, outputs, positions] = True
+    return columns, used
+
+
+def pool(
+    route: GroupRoute, block: jax.Array, rows: jax.Array, weight: jax.Array, device, bag: BagFn | None = None
+) -> jax.Array:
+    """Step 2: [sources, local_batch, outputs, width] float32 pooled work items. With `bag`,
+    one embedding-bag call pools every work item (`bag_columns`); else XLA gathers the
+    rows and scatter-adds them into their slots."""
+    if bag is not None:
+        columns, used = (jnp.asarray(x)[device] for x in bag_columns(route))  # [outputs, width]
+        k, b = rows.shape[:2]
+        bag_weight = weight[:, :, columns] * used  # [sources, local_batch, outputs, width]
+        bag_rows = jnp.where(bag_weight != 0, rows[:, :, columns], 0)  # in range where read
+        to_bags = lambda x: jnp.moveaxis(x.reshape(k * b, *x.shape[2:]), 1, 0)  # noqa: E731
+        pooled = bag(block, to_bags(bag_rows), to_bags(bag_weight), True)  # [k * b, outputs, width]
+        return pooled.reshape(k, b, route.outputs, route.group.width)
     values = block.at[rows].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
     out_of = jnp.asarray(route.output_of)[device]
     k, b = rows.shape[:2]

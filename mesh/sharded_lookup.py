@@ -4,7 +4,9 @@ Sharded groups route ids to their owners and results back with `all_to_all`s: by
 broadcast to every shard of a table (`mesh.routing`) or, for row-sharded groups where it
 sends fewer bytes, bucketized to the owners of each row (`mesh.bucketed`: rows back
 unpooled, or pooled at the owner; the broadcast route is their overflow fallback).
-Data-parallel groups are looked up locally.
+Data-parallel groups are looked up locally. Owners gather with XLA, or through an
+embedding-bag kernel per group (`bags`: the Pallas kernel on GPU and TPU, the CPU kernel
+for pooled bags; `recsys.lookup.owner_bags`).
 What each owner received is returned too, so the backward pass
 (`recsys.sharded_update`) updates the same rows without routing the ids again.
 """
@@ -21,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from mesh import bucketed, collectives, routing
 from mesh.bucketed import BucketRoute
 from mesh.collectives import CommConfig
-from mesh.routing import FeatureRoute, GroupRoute
+from mesh.routing import BagFn, FeatureRoute, GroupRoute
 from mesh.sharded import ShardedLayout
 
 ROUTES = ("auto", "broadcast", "rows", "pooled")
@@ -103,17 +105,49 @@ def local_rows(layout: ShardedLayout, table: str, ids: jax.Array, coef: jax.Arra
     return rows, weight
 
 
-def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes):
+def _pad_to(x: jax.Array, width: int) -> jax.Array:
+    """[batch, L] -> [batch, width] with zeros after (ids of row 0 with weight 0)."""
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+
+
+def _local_lookup(layout: ShardedLayout, storage, features, ids, coef, bags) -> dict[str, jax.Array]:
+    """Activations of the features of data-parallel groups, from this device's replica: one
+    bag call per group and pooling mode when the group has a kernel (bags padded to the
+    longest), else an XLA gather per feature."""
+    acts, by_call = {}, {}
+    for f in sorted(features):
+        r = features[f]
+        g = layout.table_group(r.table)
+        if not g.data_parallel:
+            continue
+        rows, weight = local_rows(layout, r.table, ids[f], coef.get(f))
+        if g.name in bags:
+            by_call.setdefault((g.name, r.pooled), []).append((f, rows, weight))
+            continue
+        values = storage[g.name].at[rows].get(mode="fill", fill_value=0).astype(jnp.float32)
+        values = values * weight[..., None]
+        acts[f] = values.sum(axis=1) if r.pooled else values
+    for (group, pooled), members in by_call.items():
+        width = max(rows.shape[1] for _, rows, _ in members)
+        bag_ids = jnp.stack([_pad_to(jnp.where(w != 0, rows, 0), width) for _, rows, w in members])
+        bag_coef = jnp.stack([_pad_to(w, width) for _, _, w in members])
+        out = bags[group](storage[group], bag_ids, bag_coef, pooled)  # [batch, features, ...]
+        for i, (f, rows, _) in enumerate(members):
+            acts[f] = out[:, i] if pooled else out[:, i, : rows.shape[1]]
+    return acts
+
+
+def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes, bag=None):
     received_ids, received_coef = routing.send_ids(route, ids, coef, axes, device)
     rows, weight = routing.owner_rows(route, received_ids, received_coef, device)
-    pooled = routing.pool(route, block, rows, weight, device)
+    pooled = routing.pool(route, block, rows, weight, device, bag)
     out = {"ids": received_ids}
     if received_coef is not None:
         out["coef"] = received_coef
     return routing.return_outputs(route, pooled, axes), out
 
 
-def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, device, axes):
+def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, device, axes, bag=None):
     """Bucketized routing, or the broadcast route for the whole group when any device's
     buckets overflow this step."""
     a = bucketed.assign(bucket, ids)
@@ -133,17 +167,17 @@ def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, 
     def via_buckets():
         if bucket.pool_at_owner:
             served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
-            pooled = bucketed.pool_at_owner(bucket, block, served, at, weight, local_batch)
+            pooled = bucketed.pool_at_owner(bucket, block, served, at, weight, local_batch, bag)
             acts = routing.return_outputs(route, pooled, axes)
             return acts, {"served": served, "at": at, "weight": weight, **unused(broadcast_shapes)}
-        served, values = bucketed.exchange_rows(bucket, block, a, axes)
+        served, values = bucketed.exchange_rows(bucket, block, a, axes, bag)
         return bucketed.pool_lanes(bucket, values, a, coef, ids), {
             "served": served,
             **unused(broadcast_shapes),
         }
 
     def via_broadcast():
-        acts, out = _broadcast_forward(route, block, ids, coef, device, axes)
+        acts, out = _broadcast_forward(route, block, ids, coef, device, axes, bag)
         empty = unused(bucket_shapes)
         empty["served"] = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
         return acts, {**out, **empty}
@@ -160,6 +194,7 @@ def sharded_lookup(
     coef: Mapping[str, jax.Array],
     mesh: jax.sharding.Mesh,
     options: RoutingOptions | None = None,
+    bags: Mapping[str, BagFn] | None = None,
 ) -> tuple[dict[str, jax.Array], Routed]:
     """Pooled (or per-position) activations of every feature, batch-sharded.
 
@@ -170,11 +205,15 @@ def sharded_lookup(
       coef: {feature: [batch, L] float32} per-position factors of the scaled features.
       mesh: the mesh.
       options: how row-wise groups route.
+      bags: {group: embedding bag} for groups whose owners look up through a kernel
+        (`mesh.routing.BagFn`); the others gather with XLA. Either way the activations
+        are the same (up to float32 summation order).
     Returns:
       ({feature: [batch, dim] or [batch, L, dim] float32}, routed ids for the update).
     """
     axes = tuple(mesh.axis_names)
     options = options or RoutingOptions()
+    bags = dict(bags or {})
     names = sorted(features)
     local_batch = ids[names[0]].shape[0] // mesh.devices.size
     routes, buckets = plan_routes(layout, features, local_batch, options)
@@ -182,22 +221,13 @@ def sharded_lookup(
 
     def body(storage, ids, coef):
         d = collectives.device_index(axes)
-        acts, routed = {}, {}
-        for f in names:
-            r = features[f]
-            g = layout.table_group(r.table)
-            if not g.data_parallel:
-                continue
-            rows, weight = local_rows(layout, r.table, ids[f], coef.get(f))
-            values = storage[g.name].at[rows].get(mode="fill", fill_value=0).astype(jnp.float32)
-            values = values * weight[..., None]
-            acts[f] = values.sum(axis=1) if r.pooled else values
+        acts, routed = _local_lookup(layout, storage, features, ids, coef, bags), {}
         for name, route in routes.items():
-            block = storage[name][0]
+            block, bag = storage[name][0], bags.get(name)
             if name in buckets:
-                acts_g, routed[name] = _bucketed_forward(buckets[name], route, block, ids, coef, d, axes)
+                acts_g, routed[name] = _bucketed_forward(buckets[name], route, block, ids, coef, d, axes, bag)
             else:
-                acts_g, routed[name] = _broadcast_forward(route, block, ids, coef, d, axes)
+                acts_g, routed[name] = _broadcast_forward(route, block, ids, coef, d, axes, bag)
             acts.update(acts_g)
         return acts, routed
 

@@ -11,6 +11,9 @@ after `--warmup`. One JSON line per strategy. On simulated CPU devices all "devi
 share the host's cores, so samples/s compares strategies with each other, not with real
 hardware; the byte counts are what a real mesh would move.
 
+`--kernels` takes one or more of auto, xla, cpu, pallas (`ShardedTrainer(kernels=...)`):
+how owners look up and update their rows; each strategy runs under each.
+
 `--comm` takes one or more compression settings (`recsys-train --comm`; "" is fp32): each
 strategy runs under each, and the JSON line adds the bytes by what they carry
 (`bytes_by_purpose`: fwd, bwd, allreduce, ids, ...) and, for a compressed setting, the
@@ -42,6 +45,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--comm", nargs="+", default=[""], help="compression settings to compare")
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "xla", "cpu", "pallas"],
+        help="how owners look up and update their rows (recsys.lookup.owner_bags); several compare",
+    )
     args = p.parse_args(argv)
     from mesh.collectives import CommConfig
 
@@ -129,6 +139,7 @@ def _run(args, spec) -> None:
             "bytes_sent_per_device": sum(sent.values()),
             "bytes_by_collective": {k: v for k, v in sent.items() if v},
             "comm": str(comm),
+            "kernels": trainer.kernels,
             "comm_bytes_per_step": sum(purposes.values()),
             "bytes_by_purpose": {k: v for k, v in purposes.items() if v},
             # A step whose bucketized routing overflowed sends this instead (`mesh.bucketed`).
@@ -152,15 +163,18 @@ def _run(args, spec) -> None:
             )
         print(json.dumps(record), flush=True)
 
-    single = Trainer(model(), optax.adam(1e-3))
+    single = Trainer(model(), optax.adam(1e-3), kernels=args.kernels[0])
     measure(single, batch, "single_device")
     mesh = make_mesh(spec, jax.devices()[: spec.size])
     for strategy in args.strategies or [s.value for s in Strategy]:
         plan = plan_for_strategy(config.tables, spec, strategy)
         for comm in sorted(args.comm, key=lambda c: c != CommConfig()):  # the fp32 baseline first
-            routing = RoutingOptions(comm=comm)
-            trainer = ShardedTrainer(model(), optax.adam(1e-3), plan, mesh, routing=routing)
-            measure(trainer, trainer.shard_batch(batch), strategy, plan, comm)
+            for kernels in args.kernels:
+                routing = RoutingOptions(comm=comm)
+                trainer = ShardedTrainer(
+                    model(), optax.adam(1e-3), plan, mesh, routing=routing, kernels=kernels
+                )
+                measure(trainer, trainer.shard_batch(batch), strategy, plan, comm)
 
 
 if __name__ == "__main__":

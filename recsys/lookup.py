@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.embedding_bag import embedding_bag
+from pallas_kernels.embedding_bag import embedding_bag, embedding_bag_reference
 from recsys import cpu_kernels
 from recsys.layout import EmbeddingLayout, LookupGroup, build_layout
 from recsys.sparse import JaggedBatch, JaggedFeature
@@ -291,3 +291,26 @@ def lookup(
             acts = _pooled_gather(table, ids, coef)
         groups[group.name] = jnp.moveaxis(acts, 0, 1)  # features-major -> batch-major
     return Activations(groups, activation_index(layout))
+
+
+def owner_bags(config: EmbeddingConfig, layout, kernels: str = "auto") -> dict:
+    """{group: embedding bag} for `mesh.sharded_lookup.sharded_lookup(bags=...)`: the groups
+    of a sharded layout (`mesh.sharded.ShardedLayout`) whose owners look up through a
+    kernel, by `table_path` on the group's dtype and shard width. "pallas" runs the Pallas
+    table-batched embedding bag; "cpu" the CPU kernel for pooled bags (sequence gathers
+    stay on XLA). Groups on XLA are left out: the sharded lookup's own gathers serve them."""
+    out = {}
+    for g in layout.groups:
+        path = table_path(config.table(g.tables[0]).dtype, g.width, kernels)
+        if path != "xla":
+            out[g.name] = functools.partial(_owner_bag, path)
+    return out
+
+
+def _owner_bag(path: str, block: jax.Array, ids: jax.Array, coef: jax.Array, pooled: bool) -> jax.Array:
+    """`mesh.routing.BagFn` through `path`."""
+    if path == "pallas":
+        return embedding_bag(block, ids, coef, pooled=pooled)
+    if pooled:
+        return cpu_kernels.pooled_lookup(block, ids, coef)
+    return embedding_bag_reference(block, ids, coef, pooled=False)

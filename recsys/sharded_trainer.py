@@ -27,7 +27,7 @@ from mesh.relayout import from_logical
 from mesh.sharded import gather_logical, logical_sharding, sharded_layout
 from mesh.sharded_lookup import RoutingOptions, sharded_lookup
 from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
-from recsys.lookup import Activations, initial_tables
+from recsys.lookup import Activations, initial_tables, owner_bags
 from recsys.sharded_update import (
     feature_routes,
     init_sharded_slots,
@@ -61,8 +61,9 @@ class ShardedTrainer:
     piece (`mesh.relayout`), so tables larger than any one device fit. The values equal
     those of the module the function builds.
 
-    `kernels` chooses how the owners update their rows (`recsys.sharded_update`): the
-    fused Pallas update on GPU and TPU, the CPU kernel on CPU, or XLA.
+    `kernels` chooses how the owners look up (`recsys.lookup.owner_bags`) and update
+    (`recsys.sharded_update`) their rows: the Pallas embedding bag and fused update on GPU
+    and TPU, the CPU kernels on CPU, or XLA.
     """
 
     def __init__(
@@ -91,7 +92,8 @@ class ShardedTrainer:
         self.dense_optimizer, self.loss_fn = dense_optimizer, loss_fn
         self.features = feature_routes(self.config)
         self.routing = routing or RoutingOptions()
-        # How owners update their rows (`recsys.sharded_update.owner_update_path`).
+        # How owners look up (`recsys.lookup.owner_bags`) and update their rows
+        # (`recsys.sharded_update.owner_update_path`).
         self.kernels = kernels
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
@@ -168,7 +170,10 @@ class ShardedTrainer:
 
     def _lookup(self, state: ShardedState, sparse):
         ids, coef = routing_inputs(self.config, sparse)
-        return sharded_lookup(self.layout, state.tables, self.features, ids, coef, self.mesh, self.routing)
+        bags = owner_bags(self.config, self.layout, self.kernels)
+        return sharded_lookup(
+            self.layout, state.tables, self.features, ids, coef, self.mesh, self.routing, bags
+        )
 
     def _predict(self, state: ShardedState, dense: jax.Array, sparse) -> jax.Array:
         """Probabilities [batch] (batch sharded like a training batch)."""

@@ -83,3 +83,29 @@ def test_auto_picks_pallas_on_gpu_and_tpu(monkeypatch):
     assert table_path(jnp.float32, 24, "auto") == "pallas"
     with pytest.raises(ValueError, match="kernels must be one of auto, xla, cpu, pallas"):
         table_path(jnp.float32, 16, "triton")
+
+
+def test_owner_bags_follow_the_table_path(monkeypatch):
+    """Which groups of a sharded layout look up through a kernel at their owners: by
+    `table_path` on the group's dtype and shard width (columns per shard)."""
+    from mesh import make_mesh, mesh_spec, plan_for_strategy
+    from mesh.sharded import sharded_layout
+    from recsys import cpu_kernels
+    from recsys.lookup import owner_bags
+
+    base = make_config()
+    a, b, c = base.tables
+    tables = (a, dataclasses.replace(b, dim=12), dataclasses.replace(c, dtype="bfloat16"))
+    config = dataclasses.replace(base, tables=tables)
+    mesh = make_mesh("device=8")
+    layout = sharded_layout(plan_for_strategy(tables, mesh_spec(mesh), "table_wise"), tables, mesh)
+    width = {g.name: g.width for g in layout.groups}
+    bf16 = {g.name for g in layout.groups if "c" in g.tables}
+    assert owner_bags(config, layout, "xla") == {}
+    assert set(owner_bags(config, layout, "pallas")) == set(width)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    on_cpu = set(width) - bf16 if cpu_kernels.available() else set()
+    assert set(owner_bags(config, layout, "auto")) == on_cpu
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Triton: power-of-two widths
+    assert set(owner_bags(config, layout, "auto")) == {n for n, w in width.items() if w & (w - 1) == 0}
+    assert {w for w in width.values() if w & (w - 1)}, width  # the case is exercised

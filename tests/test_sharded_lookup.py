@@ -10,7 +10,7 @@ import pytest
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
 from mesh.sharded import gather_logical, shard_logical, sharded_layout
 from mesh.sharded_lookup import RoutingOptions, sharded_lookup
-from recsys.lookup import reference_lookup
+from recsys.lookup import owner_bags, reference_lookup
 from recsys.sharded_update import feature_routes, routing_inputs
 from recsys.specs import EmbeddingConfig, FeatureSpec, TableSpec
 from tests.conftest import random_batch
@@ -39,14 +39,15 @@ def row_coded_tables():
     }
 
 
-def run_sharded(plan, mesh, tables, batch, options=None, routed=False):
+def run_sharded(plan, mesh, tables, batch, options=None, routed=False, bags=None):
     layout = sharded_layout(plan, CONFIG.tables, mesh)
     sharded = shard_logical(layout, tables, mesh)
     for name, value in gather_logical(layout, sharded).items():
         np.testing.assert_array_equal(value, tables[name])
     features = feature_routes(CONFIG)
     ids, coef = routing_inputs(CONFIG, batch)
-    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options))
+    bags = bags(layout) if bags else None
+    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options, bags))
     acts, received = lookup(sharded, ids, coef)
     return (acts, received) if routed else acts
 
@@ -122,6 +123,78 @@ def test_bucketized_routing_matches_and_falls_back_on_overflow(
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
     flags = {name: bool(np.asarray(r["fallback"]).all()) for name, r in received.items() if "fallback" in r}
     assert flags and all(f == overflows for f in flags.values()), flags
+
+
+def mixed_plan(mesh):
+    """a on a row x column grid, b data-parallel, c (the sequence feature) column-wise."""
+    spec = mesh_spec(mesh)
+    return ShardingPlan(
+        {
+            "a": plan_for_strategy(CONFIG.tables, spec, "grid").tables["a"],
+            "b": plan_for_strategy(CONFIG.tables, spec, "data_parallel").tables["b"],
+            "c": plan_for_strategy(CONFIG.tables, spec, "column_wise").tables["c"],
+        },
+        spec,
+    )
+
+
+@pytest.mark.parametrize("kernels", ["cpu", "pallas"])
+@pytest.mark.parametrize(
+    ("plan_of", "route", "batch_of", "calls"),
+    [
+        # Broadcast route (pooled and sequence work items in one bag call per group) and the
+        # data-parallel replica (its pooled and its sequence features).
+        (mixed_plan, "broadcast", lambda: random_batch(CONFIG, 16, seed=3), {True}),
+        # Rows route: owners gather served rows (sequence bags); the overflow fallback
+        # (the broadcast route) pools.
+        (
+            lambda m: plan_for_strategy(CONFIG.tables, mesh_spec(m), "row_wise"),
+            "rows",
+            lambda: skewed_batch(4),
+            {True, False},
+        ),
+        # Pooled route: served rows gathered at the owner, then pooled into work items.
+        (
+            lambda m: plan_for_strategy(CONFIG.tables, mesh_spec(m), "row_wise"),
+            "pooled",
+            lambda: random_batch(CONFIG, 16, seed=3),
+            {True, False},
+        ),
+        # Every table replicated: one bag call per group and pooling mode, bags padded.
+        (
+            lambda m: plan_for_strategy(CONFIG.tables, mesh_spec(m), "data_parallel"),
+            "auto",
+            lambda: random_batch(CONFIG, 16, seed=3),
+            {True, False},
+        ),
+    ],
+    ids=["broadcast", "rows-overflow", "pooled", "data-parallel"],
+)
+def test_owners_look_up_through_the_embedding_bag_kernels(kernels, plan_of, route, batch_of, calls):
+    """`owner_bags`: the Pallas embedding bag (interpreted on CPU) or the CPU kernel at the
+    owners gives the reference's activations on every route."""
+    mesh = make_mesh("host=2,device=4")
+    tables, batch = row_coded_tables(), batch_of()
+    expected = reference_lookup(CONFIG, {k: jnp.asarray(v) for k, v in tables.items()}, batch)
+    seen = set()
+
+    def spied(layout):
+        def spy(fn):
+            def bag(block, ids, coef, pooled):
+                seen.add(pooled)
+                return fn(block, ids, coef, pooled)
+
+            return bag
+
+        bags = owner_bags(CONFIG, layout, kernels)
+        assert set(bags) == {g.name for g in layout.groups}  # every group float32
+        return {name: spy(fn) for name, fn in bags.items()}
+
+    plan = plan_of(mesh)
+    got = run_sharded(plan, mesh, tables, batch, RoutingOptions(route, 2.0), bags=spied)
+    for name, value in expected.items():
+        np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
+    assert seen == calls
 
 
 def test_routing_options_are_checked():
