@@ -176,6 +176,16 @@ def test_dense_matmul_differentiates_like_jnp():
 
 
 @dense
+def test_dense_matmul_of_an_empty_contraction_is_zero():
+    """K = 0 under leading axes: zeros forward, empty gradients back (reshaping by -1
+    could not infer the rows of an empty array)."""
+    x, w = jnp.ones((3, 4, 0), jnp.float32), jnp.ones((0, 5), jnp.float32)
+    y, vjp = jax.vjp(cpu_kernels.dense_matmul, x, w)
+    np.testing.assert_array_equal(y, np.zeros((3, 4, 5), np.float32))
+    assert [g.shape for g in vjp(jnp.ones((3, 4, 5), jnp.float32))] == [(3, 4, 0), (0, 5)]
+
+
+@dense
 @pytest.mark.parametrize(("batch", "features", "dim"), [(5, 26, 128), (3, 1, 16), (4, 3, 130), (2, 5, 7)])
 def test_pairwise_dots_and_their_gradient_match_jnp(batch, features, dim):
     """Dims below, at and past the 16-wide vector steps; one feature (one pair)."""

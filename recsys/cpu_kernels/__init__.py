@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -222,7 +223,7 @@ def dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _dense_matmul_fwd(x, w):
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     return matmul(rows, w).reshape(*x.shape[:-1], w.shape[1]), (rows, w)
 
 
