@@ -170,7 +170,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--kernels",
         choices=list(KERNELS),
         default="auto",
-        help="the lookup (one device) and the sparse update (one device and the owners of sharded "
+        help="the lookup and the sparse update (on one device, and on the owners of sharded "
         "tables) through the Pallas kernels (auto: on GPU and TPU; pallas: anywhere, interpreted on "
         "CPU), the CPU kernels (auto: on CPU when built; cpu: required) or the XLA path (xla)",
     )
