@@ -142,8 +142,8 @@ def mixed_plan(mesh):
 @pytest.mark.parametrize(
     ("plan_of", "route", "batch_of", "calls"),
     [
-        # Broadcast route (pooled and sequence work items in one bag call per group) and the
-        # data-parallel replica (its pooled and its sequence features).
+        # Broadcast route (pooled work items and c's sequence positions in one bag call per
+        # group) and the data-parallel replica of b (a pooled feature).
         (mixed_plan, "broadcast", lambda: random_batch(CONFIG, 16, seed=3), {True}),
         # Rows route: owners gather served rows (sequence bags); the overflow fallback
         # (the broadcast route) pools.
