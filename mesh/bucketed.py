@@ -222,12 +222,18 @@ def assign(route: BucketRoute, ids: Mapping[str, jax.Array]) -> Assignment:
     return Assignment(owner, slot, row, jnp.concatenate(at), overflow)
 
 
-def served_rows(block: jax.Array, served: jax.Array, weight: jax.Array, bag: BagFn | None) -> jax.Array:
+def served_rows(
+    block: jax.Array, served: jax.Array, weight: jax.Array | None, bag: BagFn | None
+) -> jax.Array:
     """`[sources, capacity, width]` float32: each served row of this owner's block times its
-    weight, 0 where the weight is 0 (on empty slots, whose row is `block_rows`). With `bag`,
-    one embedding-bag call gathers them (a sequence of `capacity` positions per source)."""
+    weight (None: once), 0 on empty slots (whose row is `block_rows`) and where the weight is
+    0. With `bag`, one embedding-bag call gathers them (a sequence of `capacity` positions
+    per source); without, XLA's gather fills the empty slots with 0."""
     if bag is None:
-        return block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32) * weight[..., None]
+        values = block.at[served].get(mode="fill", fill_value=0).astype(jnp.float32)
+        return values if weight is None else values * weight[..., None]
+    if weight is None:
+        weight = (served < block.shape[0]).astype(jnp.float32)
     rows = jnp.where(weight != 0, served, 0)
     return bag(block, rows[None], weight[None], False)[:, 0]
 
@@ -251,7 +257,7 @@ def exchange_rows(
         )
     else:
         served = collectives.all_to_all(out[:n], axes, purpose="ids")
-    found = served_rows(block, served, (served < empty).astype(jnp.float32), bag)
+    found = served_rows(block, served, None, bag)
     return served, collectives.all_to_all(found, axes, route.forward, "fwd")
 
 
