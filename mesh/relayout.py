@@ -198,4 +198,7 @@ def from_logical(layout: ShardedLayout, group: str, logical, mesh: jax.sharding.
         rows, dim = layout.table_shapes[t]
         value = jax.device_put(logical[t], logical_sharding(rows, dim if per_column else None, mesh))
         storage = place_table(layout, group, t, storage, value.astype(dtype), mesh)
-    return storage
+    # `place_table` returns the storage on its own grid mesh: the same devices in the same
+    # order, but a sharding that differs from the train step's output sharding, so the
+    # step's second call recompiled (3 s in a test). Relabelled, not copied.
+    return jax.device_put(storage, g.sharding(mesh))
