@@ -132,7 +132,10 @@ def place_program(layout: ShardedLayout, group: str, table: str, per_column: boo
 
     logical_spec = P("rows", "cols") if per_column else P("rows")
     mapped = jax.shard_map(body, mesh=grid, in_specs=(P(axes), logical_spec), out_specs=P(axes))
-    return jax.jit(mapped, donate_argnums=0)
+    # The storage comes out on the trainer's mesh, as the train step returns it, not on
+    # `grid` (the same devices in the same order, but another sharding to jit's cache:
+    # the step's second call recompiled). The two are equivalent, so nothing moves.
+    return jax.jit(mapped, donate_argnums=0, out_shardings=g.sharding(mesh))
 
 
 def take_table(layout: ShardedLayout, group: str, table: str, storage: jax.Array, mesh) -> jax.Array:
@@ -198,7 +201,4 @@ def from_logical(layout: ShardedLayout, group: str, logical, mesh: jax.sharding.
         rows, dim = layout.table_shapes[t]
         value = jax.device_put(logical[t], logical_sharding(rows, dim if per_column else None, mesh))
         storage = place_table(layout, group, t, storage, value.astype(dtype), mesh)
-    # `place_table` returns the storage on its own grid mesh: the same devices in the same
-    # order, but a sharding that differs from the train step's output sharding, so the
-    # step's second call recompiled (3 s in a test). Relabelled, not copied.
-    return jax.device_put(storage, g.sharding(mesh))
+    return storage
