@@ -30,6 +30,7 @@ import json
 import statistics
 import time
 
+from recsys.lookup import KERNELS
 from recsys.train import simulate_cpu_devices
 
 
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         "--kernels",
         nargs="+",
         default=["auto"],
-        choices=["auto", "xla", "cpu", "pallas"],
+        choices=list(KERNELS),
         help="how owners look up and update their rows (recsys.lookup.owner_bags); several compare",
     )
     args = p.parse_args(argv)
