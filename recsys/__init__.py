@@ -1,6 +1,9 @@
 """Recommendation-model training in JAX: specs, jagged batches, embedding lookups, sparse
 optimizers, models and the split train step."""
 
+# First, before any JAX computation can start XLA's worker threads: glibc malloc settings
+# that keep XLA:CPU's per-step buffers mapped (`recsys.host_malloc`).
+from recsys import host_malloc  # noqa: F401  (imported for its effect)
 from recsys.embedding import EmbeddingCollection, EmbeddingTable
 from recsys.lookup import Activations, init_tables, lookup, reference_lookup, stack_tables, unstack_tables
 from recsys.sparse import InputPolicy, JaggedBatch, JaggedFeature, PackReport, RaggedIds, pack_batch

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recsys import host_malloc
 from recsys.lookup import KERNELS, init_tables, lookup
 from recsys.models import DLRM
 from recsys.models.mlp import DENSE_DTYPE_NAMES
@@ -103,6 +104,7 @@ def emit(name: str, pooling: int, times: list[float], args, extra: dict) -> dict
         "batch": args.batch,
         "backend": jax.default_backend(),
         "kernels": args.kernels,
+        "host_malloc": host_malloc.STATE,
         **extra,
     }
     print(json.dumps(record), flush=True)
@@ -205,11 +207,12 @@ def run_peer(args) -> list[dict]:
             commands.append(
                 [args.peer, str(script), "--part", "dlrm", "--pooling-dlrm", str(pooling), *common]
             )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if args.peer_malloc == "tuned":
+        env.update(host_malloc.ENVIRONMENT)
     records = []
     for command in commands:
-        out = subprocess.run(
-            command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
-        )
+        out = subprocess.run(command, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise SystemExit(f"peer failed ({' '.join(command)}):\n{out.stderr[-3000:]}")
         for line in out.stdout.splitlines():
@@ -217,6 +220,7 @@ def run_peer(args) -> list[dict]:
                 record = json.loads(line)
                 record["pooling"] = record["config"]["pooling"]
                 record["peer"] = "torchrec"
+                record["malloc"] = args.peer_malloc
                 print(json.dumps(record), flush=True)
                 records.append(record)
     return records
@@ -248,6 +252,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--peer", default=None, help="python of a TorchRec venv: also run the peer benchmark")
     p.add_argument("--peer-script", default=str(here.parent / "shared" / "bench" / "torchrec_peer.py"))
+    p.add_argument(
+        "--peer-malloc",
+        default="default",
+        choices=["default", "tuned"],
+        help="tuned: run the peer with the glibc malloc settings recsys gives itself "
+        "(recsys.host_malloc.ENVIRONMENT); default: as TorchRec runs out of the box",
+    )
     args = p.parse_args(argv)
 
     ours = run_ours(args)
