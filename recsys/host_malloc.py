@@ -89,9 +89,9 @@ def _jax_has_computed() -> bool:
 
 
 def tune(environ=os.environ) -> str:
-    """Applies the settings above (once per process) and returns `STATE`'s text: "tuned",
-    "tuned, but JAX had already computed: ..." or "off: <why>". Raises ValueError for an
-    unknown `RECSYS_HOST_MALLOC`."""
+    """Applies the settings above (at import; again is harmless) and returns `STATE`'s
+    text: "tuned", "tuned, but JAX had already computed: ...", "partly: ..." or
+    "off: <why>". Raises ValueError for an unknown `RECSYS_HOST_MALLOC`."""
     choice = environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {environ[ENV]!r}")
@@ -104,7 +104,7 @@ def tune(environ=os.environ) -> str:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
         if mallopt(param, value) != 1:
-            return f"off: mallopt({param}, {value}) failed"
+            return f"partly: mallopt({param}, {value}) failed"
     if late:
         return "tuned, but JAX had already computed: its worker threads keep their own arenas"
     return "tuned"

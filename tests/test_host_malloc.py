@@ -29,6 +29,12 @@ def test_leaves_malloc_alone_when_asked_or_off_cpu(environ, expected):
     assert host_malloc.tune(environ) == expected
 
 
+def test_auto_leaves_malloc_alone_where_an_accelerator_plugin_is_installed(monkeypatch):
+    monkeypatch.setattr(host_malloc, "_accelerator", lambda: "libtpu")
+    expected = "off: libtpu is installed (JAX may compute on an accelerator)" if GLIBC else "off: not glibc"
+    assert host_malloc.tune({}) == expected
+
+
 def test_rejects_an_unknown_choice():
     with pytest.raises(ValueError, match="RECSYS_HOST_MALLOC must be one of auto, on, off, got 'yes'"):
         host_malloc.tune({"RECSYS_HOST_MALLOC": "yes"})
