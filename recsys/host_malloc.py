@@ -56,6 +56,11 @@ ENVIRONMENT = {
 _USER_SETTINGS = tuple(ENVIRONMENT)
 
 
+def is_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose malloc `tune` sets."""
+    return sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+
+
 def _accelerator() -> str | None:
     """The GPU/TPU plugin JAX would find, if one is installed."""
     if importlib.util.find_spec("libtpu") is not None:
@@ -67,7 +72,7 @@ def _accelerator() -> str | None:
 
 
 def _reason_to_skip(choice: str, environ) -> str | None:
-    if sys.platform != "linux" or not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+    if not is_glibc():
         return "not glibc"
     user = [name for name in _USER_SETTINGS if name in environ]
     if "glibc.malloc" in environ.get("GLIBC_TUNABLES", ""):

@@ -11,7 +11,7 @@ import pytest
 from recsys import host_malloc
 
 ROOT = Path(__file__).resolve().parent.parent
-GLIBC = sys.platform == "linux" and (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+GLIBC = host_malloc.is_glibc()
 
 
 @pytest.mark.parametrize(
