@@ -186,9 +186,12 @@ def test_dense_matmul_of_an_empty_contraction_is_zero():
 
 
 @dense
-@pytest.mark.parametrize(("batch", "features", "dim"), [(5, 26, 128), (3, 1, 16), (4, 3, 130), (2, 5, 7)])
+@pytest.mark.parametrize(
+    ("batch", "features", "dim"), [(5, 26, 128), (3, 1, 16), (4, 3, 130), (2, 5, 7), (2, 4, 75), (3, 6, 20)]
+)
 def test_pairwise_dots_and_their_gradient_match_jnp(batch, features, dim):
-    """Dims below, at and past the 16-wide vector steps; one feature (one pair)."""
+    """Dims below, at and past the vector steps (16 lanes with AVX-512, 8 with AVX2, and
+    64 columns per register block); one feature (one pair)."""
     rng = np.random.default_rng(dim)
     x = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
     emb = jnp.asarray(rng.normal(size=(batch, features, dim)), jnp.float32)

@@ -16,7 +16,7 @@
 //                       g = d loss / d out.
 
 #include <atomic>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #include <cstdint>
@@ -119,6 +119,73 @@ inline void WeightedSum(const float* c, const float* const* rows, int64_t n, int
       acc = _mm512_fmadd_ps(_mm512_set1_ps(c[j]), _mm512_maskz_loadu_ps(mask, rows[j] + d), acc);
     }
     _mm512_mask_storeu_ps(dst + d, mask, acc);
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same loops eight lanes wide, for CPUs without AVX-512 (AMD Zen 3, for one). The
+// plain C++ below them is not vectorized: its reductions would need reassociation, and
+// on a Zen 3 it took 74 ms forward and 51 backward for the benchmark DLRM's interaction
+// (4096 x 27 vectors of 128), against 12 and 16 here.
+
+// Lanes [0, n) set, for the masked loads and stores of a row's last n < 8 columns.
+inline __m256i TailMask(int64_t n) {
+  alignas(32) static const int32_t ones_then_zeros[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ones_then_zeros + 8 - n));
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// <a, b_k> for k < 4 at once, sharing the loads of a.
+inline void Dot4(const float* a, const float* const* b, int64_t dim, float* out) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) {
+    const __m256 x = _mm256_loadu_ps(a + d);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(b[k] + d), acc[k]);
+  }
+  if (d < dim) {
+    const __m256i mask = TailMask(dim - d);
+    const __m256 x = _mm256_maskload_ps(a + d, mask);
+    for (int k = 0; k < 4; ++k) acc[k] = _mm256_fmadd_ps(x, _mm256_maskload_ps(b[k] + d, mask), acc[k]);
+  }
+  for (int k = 0; k < 4; ++k) out[k] = HorizontalSum(acc[k]);
+}
+
+inline float Dot(const float* a, const float* b, int64_t dim) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= dim; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+  if (d < dim) {
+    const __m256i mask = TailMask(dim - d);
+    acc = _mm256_fmadd_ps(_mm256_maskload_ps(a + d, mask), _mm256_maskload_ps(b + d, mask), acc);
+  }
+  return HorizontalSum(acc);
+}
+
+// dst[0:dim] = sum over j < n of c[j] * rows[j][0:dim], 64 columns at a time in registers.
+inline void WeightedSum(const float* c, const float* const* rows, int64_t n, int64_t dim, float* dst) {
+  int64_t d = 0;
+  for (; d + 64 <= dim; d += 64) {
+    __m256 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 w = _mm256_set1_ps(c[j]);
+      for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(rows[j] + d + 8 * k), acc[k]);
+    }
+    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(dst + d + 8 * k, acc[k]);
+  }
+  for (; d < dim; d += 8) {
+    const __m256i mask = TailMask(dim - d >= 8 ? 8 : dim - d);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(c[j]), _mm256_maskload_ps(rows[j] + d, mask), acc);
+    }
+    _mm256_maskstore_ps(dst + d, mask, acc);
   }
 }
 #else
