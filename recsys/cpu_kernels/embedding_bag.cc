@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,46 @@ using recsys::ParallelFor;
 inline void Axpy(float* __restrict out, const float* __restrict row, float c, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) out[d] += c * row[d];
 }
+
+// sum over d of x[d]^2, in 16 lanes added in a fixed order (deterministic, and
+// vectorized: one running sum cannot be without reordering its additions).
+inline float SumOfSquares(const float* __restrict x, int64_t dim) {
+  constexpr int kLanes = 16;
+  float lane[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lane[k] += x[d + k] * x[d + k];
+  }
+  for (int k = 0; d < dim; ++d, ++k) lane[k] += x[d] * x[d];
+  float total = 0.0f;
+  for (int k = 0; k < kLanes; ++k) total += lane[k];
+  return total;
+}
+
+inline void PrefetchRow(const float* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < dim * 4; b += 64) __builtin_prefetch(p + b);
+}
+
+// An occurrence as rowwise_adagrad's update reads it: its gradient row and factor, copied
+// out of src and coef while those are read in order, so that the update does not chase
+// an occurrence index into them at random (it had spent a tenth of its time there).
+struct Occurrence {
+  int32_t src;
+  float coef;
+};
+// An occurrence on its way through the bucket pass: the row's low bits as well.
+struct Staged {
+  uint32_t low;
+  Occurrence occurrence;
+};
+// One row's occurrences: positions [start, start + count) of the grouped order.
+struct Run {
+  int64_t row, start, count;
+};
+// How far ahead rowwise_adagrad prefetches: table rows (runs), and gradient rows within one.
+constexpr size_t kPrefetchRuns = 4;
+constexpr int64_t kPrefetchOccurrences = 4;
 
 // rowwise_adagrad groups occurrences by row in buckets of 2^kBucketBits rows.
 constexpr int kBucketBits = 16;
@@ -104,6 +145,9 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
   if (grads.dimensions()[1] != dim || acc_in.element_count() != rows) {
     return ffi::Error::InvalidArgument("rowwise_adagrad: grads [m, dim] and acc [rows] must match the table");
   }
+  if (n > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument("rowwise_adagrad: more than 2^31 - 1 occurrences");
+  }
   float* w = table->typed_data();
   float* a = acc->typed_data();
   // The results alias the inputs (input_output_aliases); copy only if XLA did not.
@@ -123,27 +167,45 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
                                          std::to_string(m) + " gradient rows");
     }
   }
+  // Occurrences grouped by row, in batch order within a row (so sums are deterministic).
+  std::vector<Occurrence> order;
   // Sums row r's gradient over its `count` occurrences and applies the update to the row.
-  auto update_row = [&](int64_t r, const int64_t* occurrences, int64_t count, float* sum) {
+  auto update_row = [&](int64_t r, const Occurrence* occurrences, int64_t count, float* sum) {
     std::fill(sum, sum + dim, 0.0f);
     for (int64_t k = 0; k < count; ++k) {
-      const int64_t i = occurrences[k];
-      Axpy(sum, g + static_cast<int64_t>(s[i]) * dim, c[i], dim);
+      if (k + kPrefetchOccurrences < count) {
+        PrefetchRow(g + static_cast<int64_t>(occurrences[k + kPrefetchOccurrences].src) * dim, dim);
+      }
+      Axpy(sum, g + static_cast<int64_t>(occurrences[k].src) * dim, occurrences[k].coef, dim);
     }
     float* row = w + r * dim;
     if (weight_decay != 0.0f) Axpy(sum, row, weight_decay, dim);
-    float square = 0.0f;
-    for (int64_t d = 0; d < dim; ++d) square += sum[d] * sum[d];
-    a[r] += square / static_cast<float>(dim);
+    a[r] += SumOfSquares(sum, dim) / static_cast<float>(dim);
     const float scale = lr / (std::sqrt(a[r]) + eps);
     Axpy(row, sum, -scale, dim);
   };
+  // Updates the rows of `runs` in turn while later runs' table rows and first gradient
+  // rows are prefetched: both lie scattered over memory.
+  auto update_runs = [&](const std::vector<Run>& runs, float* sum) {
+    auto prefetch = [&](const Run& run) {
+      PrefetchRow(w + run.row * dim, dim);
+      __builtin_prefetch(a + run.row);
+      for (int64_t k = 0; k < std::min(run.count, kPrefetchOccurrences); ++k) {
+        PrefetchRow(g + static_cast<int64_t>(order[run.start + k].src) * dim, dim);
+      }
+    };
+    const size_t ahead = std::min(runs.size(), kPrefetchRuns);
+    for (size_t u = 0; u < ahead; ++u) prefetch(runs[u]);
+    for (size_t u = 0; u < runs.size(); ++u) {
+      if (u + ahead < runs.size()) prefetch(runs[u + ahead]);
+      update_row(runs[u].row, order.data() + runs[u].start, runs[u].count, sum);
+    }
+  };
 
-  // Occurrences are grouped by row, in batch order within a row (so sums are
-  // deterministic). When the table is not much larger than the batch: a counting sort in
-  // two levels, all of it split over the cores. Occurrences go to buckets of 2^16 rows
-  // first, then each bucket is counted out with an array that stays in L2 (one counting
-  // array over all rows took about 95 ms of a pooling-20 batch on one core, in cache misses).
+  // When the table is not much larger than the batch: a counting sort in two levels, all
+  // of it split over the cores. Occurrences go to buckets of 2^16 rows first, then each
+  // bucket is counted out with an array that stays in L2 (one counting array over all
+  // rows took about 95 ms of a pooling-20 batch on one core, in cache misses).
   if (rows <= 8 * n) {
     const int64_t buckets = (rows >> kBucketBits) + 1;
     const int64_t chunks = std::min<int64_t>(recsys::Workers(), std::max<int64_t>(1, n / 4096));
@@ -166,34 +228,37 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
       }
       bucket_start[b + 1] = at;
     }
-    std::vector<int64_t> staged(bucket_start[buckets]), order(bucket_start[buckets]);
+    std::vector<Staged> staged(bucket_start[buckets]);
+    order.resize(bucket_start[buckets]);
     ParallelFor(chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ch = begin; ch < end; ++ch) {
         int64_t* next = place.data() + ch * buckets;
         for (int64_t i = ch * chunk; i < std::min(n, (ch + 1) * chunk); ++i) {
-          if (id[i] >= 0) staged[next[id[i] >> kBucketBits]++] = i;
+          if (id[i] >= 0) {
+            staged[next[id[i] >> kBucketBits]++] = {static_cast<uint32_t>(id[i] & kBucketMask), {s[i], c[i]}};
+          }
         }
       }
     });
     ParallelFor(buckets, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> first((1 << kBucketBits) + 1);
       std::vector<float> sum(dim);
+      std::vector<Run> runs;
       for (int64_t b = begin; b < end; ++b) {
         const int64_t lo = bucket_start[b], hi = bucket_start[b + 1];
         if (lo == hi) continue;
         std::fill(first.begin(), first.end(), 0);
-        for (int64_t k = lo; k < hi; ++k) ++first[(id[staged[k]] & kBucketMask) + 1];
+        for (int64_t k = lo; k < hi; ++k) ++first[staged[k].low + 1];
         for (int64_t low = 0; low < (1 << kBucketBits); ++low) first[low + 1] += first[low];
-        for (int64_t k = lo; k < hi; ++k) {
-          const int64_t i = staged[k];
-          order[lo + first[id[i] & kBucketMask]++] = i;
-        }
+        for (int64_t k = lo; k < hi; ++k) order[lo + first[staged[k].low]++] = staged[k].occurrence;
         // first[low] now ends row low's occurrences; they start where the previous ended.
+        runs.clear();
         for (int64_t low = 0, from = 0; low < (1 << kBucketBits); ++low) {
           const int64_t to = first[low];
-          if (to > from) update_row((b << kBucketBits) + low, order.data() + lo + from, to - from, sum.data());
+          if (to > from) runs.push_back({(b << kBucketBits) + low, lo + from, to - from});
           from = to;
         }
+        update_runs(runs, sum.data());
       }
     });
     return ffi::Error::Success();
@@ -205,19 +270,23 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
     if (id[i] >= 0) keys.push_back((static_cast<uint64_t>(id[i]) << 32) | static_cast<uint64_t>(i));
   }
   std::sort(keys.begin(), keys.end());
-  std::vector<int64_t> order(keys.size()), starts;
+  order.resize(keys.size());
+  std::vector<int64_t> starts;
   for (size_t k = 0; k < keys.size(); ++k) {
-    order[k] = static_cast<int64_t>(keys[k] & 0xffffffffu);
+    const int64_t i = static_cast<int64_t>(keys[k] & 0xffffffffu);
+    order[k] = {s[i], c[i]};
     if (k == 0 || (keys[k] >> 32) != (keys[k - 1] >> 32)) starts.push_back(static_cast<int64_t>(k));
   }
   starts.push_back(static_cast<int64_t>(keys.size()));
   const int64_t unique = static_cast<int64_t>(starts.size()) - 1;
   ParallelFor(unique, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> sum(dim);
+    std::vector<Run> runs;
+    runs.reserve(end - begin);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t r = static_cast<int64_t>(keys[starts[u]] >> 32);
-      update_row(r, order.data() + starts[u], starts[u + 1] - starts[u], sum.data());
+      runs.push_back({static_cast<int64_t>(keys[starts[u]] >> 32), starts[u], starts[u + 1] - starts[u]});
     }
+    update_runs(runs, sum.data());
   });
   return ffi::Error::Success();
 }
