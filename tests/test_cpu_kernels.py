@@ -1,6 +1,7 @@
 """The CPU kernels (`recsys.cpu_kernels`) against plain jnp and against the XLA path."""
 
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -54,10 +55,13 @@ def test_pooled_lookup_refuses_ids_out_of_range():
 # 40 rows: grouped by a counting sort in one bucket of rows; 1,000 rows (more than 8x the
 # occurrences): by a sort; 140,000 rows and 20,000 occurrences: a counting sort over three
 # buckets of 2^16 rows, from occurrences counted in two chunks, ids on the buckets' edges.
-@pytest.mark.parametrize(("rows", "n"), [(40, 60), (1000, 60), (140_000, 20_000)])
-def test_rowwise_adagrad_matches_plain_jnp(rows, n):
+# Dims below, past and at multiples of the 16 lanes of the sum of squares.
+@pytest.mark.parametrize(
+    ("rows", "n", "dim"), [(40, 60, 8), (1000, 60, 8), (140_000, 20_000, 8), (1000, 60, 36), (40, 60, 128)]
+)
+def test_rowwise_adagrad_matches_plain_jnp(rows, n, dim):
     rng = np.random.default_rng(1)
-    dim, m = 8, 15
+    m = 15
     table = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
     acc = jnp.asarray(rng.random(rows), jnp.float32)
     ids = rng.integers(0, min(rows, 10 + n), n).astype(np.int32)  # many repeats
@@ -207,6 +211,19 @@ def test_pairwise_dots_and_their_gradient_match_jnp(batch, features, dim):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_vjp(g), want_vjp(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_openblas_thread_timeout_is_a_default_for_loading_only(monkeypatch):
+    """OpenBLAS gets the short spin unless the user chose one, and the environment is left
+    as it was (other libraries loaded later read it too)."""
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    with cpu_kernels._environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
+        assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "20"
+    assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
+    with cpu_kernels._environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
+        assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "28"
+    assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "28"
 
 
 def test_dense_path_resolution():
