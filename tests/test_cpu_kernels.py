@@ -52,12 +52,12 @@ def test_pooled_lookup_refuses_ids_out_of_range():
         cpu_kernels.pooled_lookup(table, ids, jnp.ones((1, 1, 2))).block_until_ready()
 
 
-# 40 rows: grouped by a counting sort in one bucket of rows; 1,000 rows (more than 8x the
+# 40 rows: grouped by a counting sort in one bucket of rows; 5,000 rows (more than 32x the
 # occurrences): by a sort; 140,000 rows and 20,000 occurrences: a counting sort over three
 # buckets of 2^16 rows, from occurrences counted in two chunks, ids on the buckets' edges.
 # Dims below, past and at multiples of the 16 lanes of the sum of squares.
 @pytest.mark.parametrize(
-    ("rows", "n", "dim"), [(40, 60, 8), (1000, 60, 8), (140_000, 20_000, 8), (1000, 60, 36), (40, 60, 128)]
+    ("rows", "n", "dim"), [(40, 60, 8), (5000, 60, 8), (140_000, 20_000, 8), (5000, 60, 36), (40, 60, 128)]
 )
 def test_rowwise_adagrad_matches_plain_jnp(rows, n, dim):
     rng = np.random.default_rng(1)

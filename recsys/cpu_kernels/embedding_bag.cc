@@ -205,8 +205,11 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
   // When the table is not much larger than the batch: a counting sort in two levels, all
   // of it split over the cores. Occurrences go to buckets of 2^16 rows first, then each
   // bucket is counted out with an array that stays in L2 (one counting array over all
-  // rows took about 95 ms of a pooling-20 batch on one core, in cache misses).
-  if (rows <= 8 * n) {
+  // rows took about 95 ms of a pooling-20 batch on one core, in cache misses). Its cost
+  // grows with the rows as well; at 24x (a pooling-1 batch of the benchmark: 106,496
+  // occurrences over 2.6M rows) it still beat the one-core sort below, 23-25 ms against
+  // 26-30 for the whole update.
+  if (rows <= 32 * n) {
     const int64_t buckets = (rows >> kBucketBits) + 1;
     const int64_t chunks = std::min<int64_t>(recsys::Workers(), std::max<int64_t>(1, n / 4096));
     const int64_t chunk = (n + chunks - 1) / chunks;
