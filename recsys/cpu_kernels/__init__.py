@@ -77,8 +77,8 @@ _blas_handles: list[ctypes.CDLL] = []  # OpenBLAS, kept loaded for as long as th
 # After each call OpenBLAS's worker threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles before
 # they sleep: 2^28 by default, about 0.1 s. In a train step every sgemm is followed by
 # kernels and XLA fusions that want the same cores; on the 2-core EPYC, 2^20 cycles (about
-# 0.4 ms: still enough for the back-to-back sgemm calls of an MLP) made the pooling-20 DLRM
-# step faster in each of three alternating pairs (774, 794, 849 ms against 796, 900, 907).
+# 0.4 ms) made the pooling-20 DLRM step faster in each of three alternating pairs (774,
+# 794, 849 ms against 796, 900, 907).
 # A value the user set is kept.
 OPENBLAS_THREAD_TIMEOUT = "20"
 
