@@ -52,6 +52,8 @@ inline float SumOfSquares(const float* __restrict x, int64_t dim) {
   return total;
 }
 
+// Asks for every cache line of a row of dim floats (the lookup's next bag, the update's
+// next rows).
 inline void PrefetchRow(const float* row, int64_t dim) {
   const char* p = reinterpret_cast<const char*>(row);
   for (int64_t b = 0; b < dim * 4; b += 64) __builtin_prefetch(p + b);
@@ -108,10 +110,7 @@ ffi::Error PooledLookup(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids, 
       if (i + 1 < end) {  // the next bag's rows, while this one is summed
         for (int64_t l = 0; l < bag; ++l) {
           const int64_t ahead = id[(i + 1) * bag + l];
-          if (ahead >= 0 && ahead < rows) {
-            const char* row = reinterpret_cast<const char*>(t + ahead * dim);
-            for (int64_t b = 0; b < dim * 4; b += 64) __builtin_prefetch(row + b);
-          }
+          if (ahead >= 0 && ahead < rows) PrefetchRow(t + ahead * dim, dim);
         }
       }
       for (int64_t l = 0; l < bag; ++l) {
