@@ -118,11 +118,10 @@ def calibrate(rows: int = 1 << 20, dim: int = 128, batch: int = 1 << 16, repeats
         x = jax.device_put(
             jnp.ones((len(devices) * len(devices), chunk), jnp.float32), NamedSharding(mesh, P(axes))
         )
-        moved = jax.jit(
-            jax.shard_map(
-                lambda v: collectives.all_to_all(v, axes), mesh=mesh, in_specs=P(axes), out_specs=P(axes)
-            )
+        mapped = collectives.ordered_shard_map(
+            lambda v: collectives.all_to_all(v, axes), mesh=mesh, in_specs=P(axes), out_specs=P(axes)
         )
+        moved = jax.jit(lambda v: mapped(None, v)[1])
         intra = (len(devices) - 1) * chunk * 4 / best_of(moved, x)
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     memory = (stats or {}).get("bytes_limit") or os.sysconf("SC_PHYS_PAGES") * os.sysconf(

@@ -131,11 +131,13 @@ def place_program(layout: ShardedLayout, group: str, table: str, per_column: boo
         return (out if per_column else out[:, 0])[None]
 
     logical_spec = P("rows", "cols") if per_column else P("rows")
-    mapped = jax.shard_map(body, mesh=grid, in_specs=(P(axes), logical_spec), out_specs=P(axes))
+    mapped = collectives.ordered_shard_map(
+        body, mesh=grid, in_specs=(P(axes), logical_spec), out_specs=P(axes)
+    )
     # The storage comes out on the trainer's mesh, as the train step returns it, not on
     # `grid` (the same devices in the same order, but another sharding to jit's cache:
     # the step's second call recompiled). The two are equivalent, so nothing moves.
-    return jax.jit(mapped, donate_argnums=0, out_shardings=g.sharding(mesh))
+    return jax.jit(lambda s, x: mapped(None, s, x)[1], donate_argnums=0, out_shardings=g.sharding(mesh))
 
 
 def take_table(layout: ShardedLayout, group: str, table: str, storage: jax.Array, mesh) -> jax.Array:
@@ -165,8 +167,10 @@ def take_program(layout: ShardedLayout, group: str, table: str, per_column: bool
     logical_spec = P("rows", "cols") if per_column else P("rows")
     # The copies of a block receive identical pieces; shard_map cannot prove that, so the
     # replication check over "copies" is off.
-    mapped = jax.shard_map(body, mesh=grid, in_specs=P(axes), out_specs=logical_spec, check_vma=False)
-    return jax.jit(mapped)
+    mapped = collectives.ordered_shard_map(
+        body, mesh=grid, in_specs=P(axes), out_specs=logical_spec, check_vma=False
+    )
+    return jax.jit(lambda s: mapped(None, s)[1])
 
 
 def to_logical(

@@ -182,8 +182,8 @@ def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, 
         empty["served"] = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
         return acts, {**out, **empty}
 
-    acts, out = jax.lax.cond(fallback, via_broadcast, via_buckets)
-    return acts, {**out, "owner": a.owner, "slot": a.slot, "fallback": fallback[None]}
+    acts, out = collectives.cond(fallback, via_broadcast, via_buckets)
+    return acts, {**out, "owner": a.owner, "slot": a.slot, "fallback": fallback}
 
 
 def sharded_lookup(
@@ -195,7 +195,8 @@ def sharded_lookup(
     mesh: jax.sharding.Mesh,
     options: RoutingOptions | None = None,
     bags: Mapping[str, BagFn] | None = None,
-) -> tuple[dict[str, jax.Array], Routed]:
+    order: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], Routed, jax.Array]:
     """Pooled (or per-position) activations of every feature, batch-sharded.
 
     Args:
@@ -208,8 +209,11 @@ def sharded_lookup(
       bags: {group: embedding bag} for groups whose owners look up through a kernel
         (`mesh.routing.BagFn`); the others gather with XLA. Either way the activations
         are the same (up to float32 summation order).
+      order: the order of the program's collectives so far (`collectives.ordered_shard_map`;
+        None: the lookup starts it).
     Returns:
-      ({feature: [batch, dim] or [batch, L, dim] float32}, routed ids for the update).
+      ({feature: [batch, dim] or [batch, L, dim] float32}, routed ids for the update, the
+      order after the lookup's collectives).
     """
     axes = tuple(mesh.axis_names)
     options = options or RoutingOptions()
@@ -237,17 +241,20 @@ def sharded_lookup(
     for name, route in routes.items():
         routed_specs[name] = {"ids": batch, **({"coef": batch} if route.scaled else {})}
         if name in buckets:
-            routed_specs[name].update(served=batch, owner=batch, slot=batch, fallback=batch)
+            # The fallback verdict is the same on every device (`collectives.any_device`).
+            routed_specs[name].update(served=batch, owner=batch, slot=batch, fallback=P())
             if buckets[name].pool_at_owner:
                 routed_specs[name].update(at=batch, weight=batch)
-    mapped = jax.shard_map(
+    mapped = collectives.ordered_shard_map(
         body,
         mesh=mesh,
         in_specs=(storage_specs, {f: batch for f in names}, {f: batch for f in scaled}),
         out_specs=({f: batch for f in names}, routed_specs),
     )
-    return mapped(
+    order, (acts, routed) = mapped(
+        order,
         {g.name: storage[g.name] for g in layout.groups},
         {f: ids[f] for f in names},
         {f: coef[f] for f in scaled},
     )
+    return acts, routed, order

@@ -146,6 +146,8 @@ def _run(args, spec) -> None:
             # A step whose bucketized routing overflowed sends this instead (`mesh.bucketed`).
             "fallback_bytes_per_device": sum(fallback.values()),
             "fallback_steps": int(getattr(state, "routing_fallbacks", 0)),
+            # Scratch memory of the compiled step per device.
+            "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
             "tables": args.tables,
             "rows": args.rows,
             "dim": args.dim,

@@ -4,8 +4,10 @@ Same step as `recsys.trainer.Trainer`: lookup -> dense forward/backward -> spars
 -> optax, in one `jax.jit` with the state donated. The lookup and the sparse update run
 under `jax.shard_map` (`mesh.sharded`, `recsys.sharded_update`); the dense part is plain
 data parallelism: the batch is sharded over all mesh axes, the dense parameters and their
-optimizer state are replicated, and XLA all-reduces their gradients (the loss is the mean
-over the whole batch, so they are averaged exactly as on one device).
+optimizer state are replicated, and their gradients are all-reduced under `shard_map` too
+(the mean of the devices' mean losses is the mean over the whole batch, so they are
+averaged as on one device). Every collective of the step is thus one of
+`mesh.collectives`, and one chain orders them all (`mesh.collectives.ordering`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ class ShardedTrainer:
     `kernels` chooses how the owners look up (`recsys.lookup.owner_bags`) and update
     (`recsys.sharded_update`) their rows: the Pallas embedding bag and fused update on GPU
     and TPU, the CPU kernels on CPU, or XLA.
+
+    `loss_fn(logits, labels)` is a mean over the samples it is given: each device takes it
+    over its own share of the batch, and the devices' means are averaged.
     """
 
     def __init__(
@@ -169,6 +174,7 @@ class ShardedTrainer:
         return logical_slots(self.layout, to_host(state.slots))
 
     def _lookup(self, state: ShardedState, sparse):
+        """(activations, routed ids, the order of the collectives after the lookup)."""
         ids, coef = routing_inputs(self.config, sparse)
         bags = owner_bags(self.config, self.layout, self.kernels)
         return sharded_lookup(
@@ -182,19 +188,9 @@ class ShardedTrainer:
         return jax.nn.sigmoid(model(dense, acts))
 
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
-        acts, routed = self._lookup(state, batch.sparse)
-
-        def loss_of(params, acts):
-            model = nnx.merge(self.graphdef, self._no_tables, params, state.rest)
-            logits = model(batch.dense, Activations.from_features(self.config, acts))
-            return self.loss_fn(logits, batch.labels)
-
-        if self.routing.comm.allreduce == "fp32":
-            # XLA all-reduces the dense gradients of the global mean loss.
-            loss, (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1))(state.params, acts)
-        else:
-            loss, param_grads, act_grads = self._compressed_dense_grads(state, batch, acts)
-        tables, slots = sharded_sparse_update(
+        acts, routed, order = self._lookup(state, batch.sparse)
+        order, (loss, param_grads, act_grads) = self._dense_grads(state, batch, acts, order)
+        tables, slots, _ = sharded_sparse_update(
             self.config,
             self.layout,
             self.mesh,
@@ -206,11 +202,12 @@ class ShardedTrainer:
             state.step,
             self.routing,
             self.kernels,
+            order=order,
         )
         fell_back = jnp.zeros((), bool)  # any bucketized group took its overflow route
         for received in routed.values():
             if "fallback" in received:
-                fell_back = fell_back | received["fallback"][0]
+                fell_back = fell_back | received["fallback"]
         updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)
         new_state = ShardedState(
             step=state.step + 1,
@@ -223,21 +220,23 @@ class ShardedTrainer:
         )
         return new_state, loss
 
-    def _compressed_dense_grads(self, state: ShardedState, batch: Batch, acts):
-        """The dense backward per device, its gradients summed by `compressed_sum`.
+    def _dense_grads(self, state: ShardedState, batch: Batch, acts, order):
+        """The dense backward per device, its gradients summed by `compressed_sum` (a plain
+        float32 all-reduce unless `--comm allreduce` compresses it).
 
         Each device differentiates the mean loss of its own samples; the mean of the
         devices' means is the global mean loss (equal shares), so the dense gradients are
-        the compressed sum / devices and the activation gradients are scaled by 1/devices.
-        All dense gradients travel as one flat vector: one reduce-scatter and one
-        all-gather of the narrow payload per step, accumulated in float32.
+        the sum / devices and the activation gradients are scaled by 1/devices. All dense
+        gradients travel as one flat vector: one all-reduce per step (compressed: one
+        reduce-scatter and one all-gather of the narrow payload, accumulated in float32).
+        Returns (order, (loss, dense gradients, activation gradients)).
         """
         axes, codec = self.axes, self.routing.comm.allreduce
 
         def body(params, rest, dense, labels, acts):
             devices = jax.lax.axis_size(axes)
             # Varying: differentiating a replicated input would make autodiff psum its
-            # gradient in float32 by itself, the very all-reduce this path compresses.
+            # gradient by itself, outside the order of the step's collectives.
             params = jax.tree.map(lambda p: jax.lax.pcast(p, axes, to="varying"), params)
 
             def local_loss(params, acts):
@@ -254,17 +253,17 @@ class ShardedTrainer:
                 [p.reshape(leaf.shape).astype(leaf.dtype) for p, leaf in zip(pieces, leaves)]
             )
             act_grads = jax.tree.map(lambda g: g / devices, act_grads)
-            return jax.lax.psum(loss, axes) / devices, param_grads, act_grads
+            return collectives.sum_over(loss, axes) / devices, param_grads, act_grads
 
         batch_spec, replicated = P(self.axes), P()
         acts_spec = {f: batch_spec for f in acts}
-        mapped = jax.shard_map(
+        mapped = collectives.ordered_shard_map(
             body,
             mesh=self.mesh,
             in_specs=(replicated, replicated, batch_spec, batch_spec, acts_spec),
             out_specs=(replicated, replicated, acts_spec),
         )
-        return mapped(state.params, state.rest, batch.dense, batch.labels, acts)
+        return mapped(order, state.params, state.rest, batch.dense, batch.labels, acts)
 
 
 def to_host(tree):

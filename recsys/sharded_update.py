@@ -219,7 +219,8 @@ def sharded_sparse_update(
     step: jax.Array,
     options: RoutingOptions | None = None,
     kernels: str = "auto",
-) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
+    order: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, Slots], jax.Array]:
     """Applies every group's optimizer to the rows the batch touched, on their owners.
 
     Args:
@@ -233,8 +234,9 @@ def sharded_sparse_update(
       kernels: how owners update their rows (`owner_update_path`): "auto" takes the fused
         Pallas update on GPU and TPU and the CPU row-wise Adagrad kernel on CPU where
         they apply; "xla", "cpu" or "pallas" as in `recsys.sparse_update.sparse_update`.
+      order: the order of the step's collectives so far (`collectives.ordered_shard_map`).
     Returns:
-      new (storage, slots), sharded as given.
+      new (storage, slots), sharded as given, and the order after the update's collectives.
     """
     axes = tuple(mesh.axis_names)
     options = options or RoutingOptions()
@@ -313,8 +315,8 @@ def sharded_sparse_update(
                     )
                     return update(block, slot_block, received["served"], grads)
 
-                block, slot_block = jax.lax.cond(
-                    received["fallback"][0], broadcast, via_buckets, block, slot_block
+                block, slot_block = collectives.cond(
+                    received["fallback"], broadcast, via_buckets, block, slot_block
                 )
             else:
                 block, slot_block = broadcast(block, slot_block)
@@ -324,9 +326,12 @@ def sharded_sparse_update(
     batch_spec = P(axes)
     storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
     slot_specs = {g.name: {k: g.partition_spec(axes) for k in slots[g.name]} for g in layout.groups}
-    routed_specs = jax.tree.map(lambda _: batch_spec, routed)
+    routed_specs = {
+        name: {k: P() if k == "fallback" else batch_spec for k in received}
+        for name, received in routed.items()
+    }
     scaled = [f for f in local if f in coef]
-    mapped = jax.shard_map(
+    mapped = collectives.ordered_shard_map(
         body,
         mesh=mesh,
         in_specs=(
@@ -344,7 +349,8 @@ def sharded_sparse_update(
         # (jax 0.10); compiled kernels lower to one custom call and keep the check.
         check_vma=not (jax.default_backend() == "cpu" and "pallas" in paths.values()),
     )
-    return mapped(
+    order, (storage, slots) = mapped(
+        order,
         {g.name: storage[g.name] for g in layout.groups},
         {g.name: slots[g.name] for g in layout.groups},
         routed,
@@ -353,6 +359,7 @@ def sharded_sparse_update(
         {f: act_grads[f] for f in grad_features},
         jnp.asarray(step, jnp.int32),
     )
+    return storage, slots, order
 
 
 def logical_slots(layout: ShardedLayout, slots) -> dict[str, dict[str, np.ndarray]]:

@@ -12,12 +12,15 @@ minute on a 2-core CPU), evaluates it on held-out samples and prints a summary:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +28,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy, validate_plan
 from mesh.collectives import CODECS, CommConfig, bytes_by_purpose
 from mesh.cost import CommSettings, TableLoad
 from mesh.planner import plan_tables, topology_for_mesh
 from mesh.planner_cli import calibrate
 from mesh.sharded_lookup import ROUTES, RoutingOptions
 from mesh.topology import Topology
-from recsys import metrics
+from recsys import cli_errors, metrics
 from recsys.checkpoint import Checkpointer, CheckpointMismatch, check_compatible
+from recsys.cli_errors import TrainingFailure, UsageError
 from recsys.data import (
     ColumnOptions,
     DataSchema,
@@ -58,6 +62,7 @@ from recsys.sparse import InputPolicy, PackReport, pack_batch
 from recsys.specs import EmbeddingConfig, InitializerSpec, OptimizerKind, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig, SyntheticData
 from recsys.trainer import Batch, Trainer
+from recsys.watchdog import StepWatchdog, xla_collective_timeouts
 
 OPTIMIZERS = [k.value for k in OptimizerKind]
 # Dense optimizers by name: (learning rate, weight decay) -> optax transformation. AdamW
@@ -249,7 +254,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     g.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="newest checkpoints kept")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="end the run with an error naming the step when a train or evaluation step runs "
+        "longer than this (the devices stopped making progress); 0: wait forever",
+    )
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
+    if args.step_timeout < 0:
+        p.error(f"--step-timeout must be >= 0, got {args.step_timeout:g}")
     for flag in ("lr", "dense_lr"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
@@ -330,7 +346,13 @@ _PACK_POLICY = InputPolicy(overlong="truncate")
 
 
 def evaluate(
-    trainer: Trainer, state, config: EmbeddingConfig, data: Dataset, batch_size: int, report: PackReport
+    trainer: Trainer,
+    state,
+    config: EmbeddingConfig,
+    data: Dataset,
+    batch_size: int,
+    report: PackReport,
+    watchdog: StepWatchdog | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, labels) for every example, in order; batches prefetched."""
     probs, labels = [], []
@@ -342,8 +364,10 @@ def evaluate(
         return _device_batch(config, examples, report, place), examples.labels[:valid], valid
 
     with Prefetcher(eval_batches(data, batch_size), prepare) as batches:
-        for batch, batch_labels, valid in batches:
+        for i, (batch, batch_labels, valid) in enumerate(batches):
             predicted = trainer.predict(state, batch.dense, batch.sparse)
+            if watchdog is not None:
+                watchdog.watch(f"evaluation batch {i}", predicted)
             probs.append(np.asarray(to_host(predicted))[:valid])
             labels.append(batch_labels)
     return np.concatenate(probs), np.concatenate(labels)
@@ -453,7 +477,7 @@ def _open_checkpoints(args) -> tuple[Checkpointer | None, dict | None]:
     if latest is None:
         return ckpt, None
     if not args.resume:
-        raise SystemExit(
+        raise UsageError(
             f"{args.checkpoint_dir} already holds checkpoints (latest: step {latest}); "
             "pass --resume to continue from it, or choose another --checkpoint-dir"
         )
@@ -502,10 +526,10 @@ def _sharded(args: argparse.Namespace) -> bool:
 def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
     spec = MeshSpec.parse(args.mesh) if args.mesh else MeshSpec.flat(args.devices)
     if args.devices > 1 and args.devices != spec.size:
-        raise SystemExit(f"--devices {args.devices} but --mesh {args.mesh} has {spec.size} devices")
+        raise UsageError(f"--devices {args.devices} but --mesh {args.mesh} has {spec.size} devices")
     available = jax.devices()
     if len(available) < spec.size:
-        raise SystemExit(
+        raise UsageError(
             f"the mesh needs {spec.size} devices, {len(available)} are available"
             + (
                 " (on CPU, pass --devices N before anything else uses JAX)"
@@ -514,6 +538,28 @@ def _mesh(args: argparse.Namespace) -> jax.sharding.Mesh:
             )
         )
     return make_mesh(spec, available[: spec.size])
+
+
+def load_plan(path: str, config: EmbeddingConfig, mesh) -> ShardingPlan:
+    """The ShardingPlan in a JSON file, checked against the tables and the mesh."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        plan = ShardingPlan.from_json(text)
+        validate_plan(plan, config.tables, mesh_spec(mesh))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--plan {path} is not JSON: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: {e}") from None
+    return plan
+
+
+def run_description(args: argparse.Namespace, mesh=None) -> str:
+    """What a stalled step's error says of the run: its strategy and mesh."""
+    if mesh is None:
+        return "one device"
+    strategy = f"plan {args.plan}" if args.plan else f"strategy {args.sharding or 'table_wise'}"
+    return f"{strategy}, route {args.route}, mesh {mesh_spec(mesh)}"
 
 
 def table_loads(config: EmbeddingConfig, mean_ids: Mapping[str, float]) -> list[TableLoad]:
@@ -549,7 +595,7 @@ def auto_plan(config: EmbeddingConfig, train: Dataset, mesh, args: argparse.Name
     measured = None
     if args.plan_topology == "calibrate":
         if jax.process_count() > 1:  # each process would measure its own figures and plan apart
-            raise SystemExit(
+            raise UsageError(
                 "--plan-topology calibrate plans from one process's measurements; with several "
                 "processes pass the spec `python -m mesh.plan --calibrate` prints"
             )
@@ -575,6 +621,24 @@ def simulate_cpu_devices(count: int) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Trains and evaluates as the flags say; returns the metrics."""
+    with StepWatchdog(args.step_timeout) as watchdog:
+        return _run(args, watchdog)
+
+
+@contextlib.contextmanager
+def _failures_named(where: Callable[[], str]):
+    """Errors inside become `TrainingFailure`s that name `where()` (input errors, which
+    name their file and line, stay as they are)."""
+    try:
+        yield
+    except Exception as e:
+        if cli_errors.is_input_error(e):
+            raise
+        raise TrainingFailure(where(), e) from e
+
+
+def _run(args: argparse.Namespace, watchdog: StepWatchdog) -> dict:
     ckpt, resumed = _open_checkpoints(args)
     saved_schema = DataSchema.from_json(resumed["schema"]) if resumed and resumed["schema"] else None
     data = load_data(args, sparse_optimizer(args), saved_schema)
@@ -597,14 +661,13 @@ def run(args: argparse.Namespace) -> dict:
     if _sharded(args):
         mesh = _mesh(args)
         if args.plan:
-            with open(args.plan) as f:
-                plan = ShardingPlan.from_json(f.read())
+            plan = load_plan(args.plan, config, mesh)
         elif args.sharding == "auto":
             plan = auto_plan(config, data.train, mesh, args)
         else:
             plan = plan_for_strategy(config.tables, mesh_spec(mesh), args.sharding or "table_wise")
         if args.batch_size % mesh.devices.size:
-            raise SystemExit(
+            raise UsageError(
                 f"--batch-size {args.batch_size} must be a multiple of the {mesh.devices.size} devices"
             )
         routing = RoutingOptions(args.route, args.route_capacity, comm=args.comm)
@@ -619,6 +682,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     else:
         trainer = Trainer(build_model(args, config, data.num_dense), dense_opt, kernels=args.kernels)
+    watchdog.describe = run_description(args, None if plan is None else trainer.mesh)
     place = _batch_placer(trainer)
     state = trainer.init_state()
     start_step, position = 0, Position()
@@ -661,13 +725,17 @@ def run(args: argparse.Namespace) -> dict:
         train_batches(data.train, args.batch_size, seed=args.seed, start=position), steps - start_step
     )
     compile_s, timed_from, comm_bytes, fallback_bytes = None, time.perf_counter(), None, None
-    start = time.perf_counter()
-    with Prefetcher(
-        batches, lambda item: (_device_batch(config, item[0], train_pack, place), item[1])
-    ) as prefetched:
+    start, step = time.perf_counter(), start_step
+    with (
+        _failures_named(lambda: f"step {step}"),
+        Prefetcher(
+            batches, lambda item: (_device_batch(config, item[0], train_pack, place), item[1])
+        ) as prefetched,
+    ):
         for step in range(start_step, steps):
             batch, after = next(prefetched)
             state, loss = trainer.train_step(state, batch)
+            watchdog.watch(f"step {step}", loss)
             pending.append(loss)
             if step == start_step:
                 jax.block_until_ready(loss)
@@ -686,7 +754,7 @@ def run(args: argparse.Namespace) -> dict:
                 recent = float(np.mean(history[-20:]))
                 rate = (step - start_step) * args.batch_size / max(time.perf_counter() - timed_from, 1e-9)
                 progress.update(done, loss=recent, samples_per_s=rate)
-    jax.block_until_ready(state)
+        jax.block_until_ready(state)
     elapsed = time.perf_counter() - timed_from
     if ckpt is not None:
         if start_step < steps:
@@ -698,7 +766,8 @@ def run(args: argparse.Namespace) -> dict:
     flush()
     losses = np.asarray(history, np.float32)
 
-    probs, labels = evaluate(trainer, state, config, data.eval, args.batch_size, eval_pack)
+    with _failures_named(lambda: "evaluation"):
+        probs, labels = evaluate(trainer, state, config, data.eval, args.batch_size, eval_pack, watchdog)
     tail = losses[-max(1, steps // 10) :]
     result = {
         "auc": metrics.auc(labels, probs),
@@ -756,7 +825,7 @@ def start_processes(args: argparse.Namespace) -> None:
     --mesh) and the processes talk over gloo; on GPU/TPU each uses its local devices."""
     total = MeshSpec.parse(args.mesh).size if args.mesh else args.devices
     if total % args.num_processes:
-        raise SystemExit(f"{total} devices do not split over {args.num_processes} processes")
+        raise UsageError(f"{total} devices do not split over {args.num_processes} processes")
     simulate_cpu_devices(total // args.num_processes)
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -768,14 +837,30 @@ def start_processes(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: exit status 0, or 2 for usage and input errors and 1 for failures during
+    training, each reported as one line (`--debug`: with its traceback)."""
     args = parse_args(argv)
-    if args.coordinator:
-        start_processes(args)
-    elif _sharded(args):
-        simulate_cpu_devices(MeshSpec.parse(args.mesh).size if args.mesh else args.devices)
-    result = run(args)
-    if jax.process_index() != 0:  # one report per run
-        return 0
+    # XLA:CPU reads these when its backend starts: its own collective timeouts must come
+    # after the step watchdog's, which names the step.
+    os.environ["XLA_FLAGS"] = xla_collective_timeouts(args.step_timeout, os.environ.get("XLA_FLAGS", ""))
+    try:
+        if args.coordinator:
+            start_processes(args)
+        elif _sharded(args):
+            simulate_cpu_devices(MeshSpec.parse(args.mesh).size if args.mesh else args.devices)
+        result = run(args)
+        if jax.process_index() == 0:  # one report per run
+            report(args, result)
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"recsys-train: error: {cli_errors.message(e)}", file=sys.stderr, flush=True)
+        return cli_errors.exit_status(e)
+    return 0
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    """The run's summary on stdout, and its metrics file."""
     print(
         f"\n{args.model} on {args.data}: {result['steps']} steps of {args.batch_size}, "
         f"{result['samples_per_s'] or 0:.0f} samples/s (first step with compile {result['compile_s']:.1f}s)\n"
@@ -794,7 +879,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.metrics_out, "w") as f:
             json.dump(result, f, indent=2)
         print(f"  metrics written to {args.metrics_out}")
-    return 0
 
 
 if __name__ == "__main__":

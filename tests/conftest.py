@@ -69,3 +69,14 @@ def update_steps(config: EmbeddingConfig, kernels: str, steps: int = 2):
         grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
         tables, slots = update(config, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
     return tables, slots
+
+
+def cli_error(capsys, argv, status: int = 2) -> str:
+    """Runs `recsys-train argv`, which must fail with `status` and print one error line."""
+    from recsys import train
+
+    capsys.readouterr()
+    assert train.main(argv) == status
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("recsys-train: error: "), lines
+    return lines[0]

@@ -80,6 +80,12 @@ def _collective_types(hlo: str, op: str) -> set[str]:
     return types
 
 
+def _ordered_jit(body, mesh, out_specs):
+    """jit of `body` over the batch-sharded input, its collectives ordered."""
+    mapped = collectives.ordered_shard_map(body, mesh=mesh, in_specs=P("d"), out_specs=out_specs)
+    return jax.jit(lambda x: mapped(None, x)[1])
+
+
 @pytest.mark.parametrize("name", ["bf16", "fp16", "fp8_e4m3", "int8"])
 def test_compressed_all_to_all_travels_narrow(name):
     mesh = _mesh()
@@ -88,9 +94,7 @@ def test_compressed_all_to_all_travels_narrow(name):
     def body(x, compression):
         return collectives.all_to_all(x.reshape(8, 1, 32), ("d",), compression).reshape(8, 32)
 
-    run = lambda c: jax.jit(
-        jax.shard_map(functools.partial(body, compression=c), mesh=mesh, in_specs=P("d"), out_specs=P("d"))
-    )
+    run = lambda c: _ordered_jit(functools.partial(body, compression=c), mesh, P("d"))
     got, plain = run(name)(x), run("fp32")(x)
     c = Codec(name)
     # The plain exchange of decode(encode(x)): rows are encoded independently (up to
@@ -108,7 +112,7 @@ def test_compressed_all_to_all_travels_narrow(name):
 def test_compressed_sum_accumulates_in_float32(name):
     mesh = _mesh()
     x = jnp.asarray(np.random.default_rng(2).normal(size=(8, 1000)), jnp.float32)
-    run = lambda f: jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("d"), out_specs=P()))
+    run = lambda f: _ordered_jit(f, mesh, P())
     compressed = run(lambda x: collectives.compressed_sum(x[0], ("d",), name, row=64))
     exact = run(lambda x: jax.lax.psum(x[0], ("d",)))
     got, want = np.asarray(compressed(x)), np.asarray(exact(x))

@@ -48,7 +48,7 @@ def run_sharded(plan, mesh, tables, batch, options=None, routed=False, bags=None
     ids, coef = routing_inputs(CONFIG, batch)
     bags = bags(layout) if bags else None
     lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options, bags))
-    acts, received = lookup(sharded, ids, coef)
+    acts, received, _ = lookup(sharded, ids, coef)
     return (acts, received) if routed else acts
 
 

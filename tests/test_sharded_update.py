@@ -151,8 +151,8 @@ def check_update(case, strategy, mesh_name, options, kernels="auto"):
 
     @jax.jit
     def step_fn(t, s, b, g, i):
-        _, routed = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh, options)
-        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options, kernels)
+        _, routed, order = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh, options)
+        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options, kernels, order)[:2]
 
     for step, (batch, g) in enumerate(zip(batches, grads)):
         sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from recsys import train
+from tests.conftest import cli_error
 
 SMALL = [
     "--train-samples",
@@ -144,13 +145,34 @@ def test_cli_compression_errors(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_cli_sharding_errors(tmp_path):
-    with pytest.raises(SystemExit, match="multiple of the 8 devices"):
-        train.main([*SHARD_RUN, "--devices", "8", "--batch-size", "60"])
+def test_cli_sharding_errors(tmp_path, capsys):
+    line = cli_error(capsys, [*SHARD_RUN, "--devices", "8", "--batch-size", "60"])
+    assert line == "recsys-train: error: --batch-size 60 must be a multiple of the 8 devices"
     bad_plan = tmp_path / "plan.json"
     bad_plan.write_text(json.dumps({"tables": {"t0": {"strategy": "table_wise", "shards": []}}}))
-    with pytest.raises(ValueError, match="tables without a plan"):
-        train.main([*SHARD_RUN, "--devices", "8", "--plan", str(bad_plan)])
+    line = cli_error(capsys, [*SHARD_RUN, "--devices", "8", "--plan", str(bad_plan)])
+    assert f"--plan {bad_plan}: sharding plan: unknown tables [], tables without a plan" in line
+    bad_plan.write_text('{"tables": {')
+    line = cli_error(capsys, [*SHARD_RUN, "--devices", "8", "--plan", str(bad_plan)])
+    assert line.startswith(f"recsys-train: error: --plan {bad_plan} is not JSON: Expecting")
+    missing = tmp_path / "missing.json"
+    line = cli_error(capsys, [*SHARD_RUN, "--devices", "8", "--plan", str(missing)])
+    assert line == f"recsys-train: error: {missing}: no such file or directory"
+
+
+def test_cli_reports_input_errors_in_one_line(tmp_path, capsys):
+    """Bad data found while training is still an input error (2), located by file and line;
+    --debug adds the traceback."""
+    data = tmp_path / "bad.libfm"
+    data.write_text("".join(f"{i % 2} {i % 7}:1 {10 + i % 5}:1\n" for i in range(300)) + "1 abc:1 12:1\n")
+    argv = ["--data", f"libfm:{data}", "--batch-size", "32", "--epochs", "1", "--no-progress"]
+    line = cli_error(capsys, argv)
+    assert line == f"recsys-train: error: {data}:301: column 'position 1': 'abc:1' is not index:value"
+    line = cli_error(capsys, ["--data", f"criteo:{tmp_path / 'nothing.tsv'}", "--no-progress"])
+    assert "nothing.tsv" in line
+    assert train.main([*argv, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith("is not index:value")
 
 
 @pytest.mark.slow

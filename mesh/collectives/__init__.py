@@ -6,7 +6,8 @@ owners (`mesh.routing`); `gather_batch` and `scatter_sum_batch` move per-sample 
 data-parallel tables between "my slice of the batch" and "the whole batch"; `permute`
 moves table pieces for checkpoints (`mesh.relayout`); `sum_over` and `any_device` reduce
 statistics and flags. `codecs` holds the payload compressions; `all_to_all` and
-`compressed_sum` take one.
+`compressed_sum` take one. They run only inside `ordered_shard_map`, which gives all of a
+program's collectives one order on every device (`ordering` says why).
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from jax import lax
 from mesh.collectives.codecs import CODECS as CODECS  # re-exported
 from mesh.collectives.codecs import Codec as Codec
 from mesh.collectives.codecs import codec
+from mesh.collectives.ordering import cond as cond  # re-exported
+from mesh.collectives.ordering import ordered_shard_map as ordered_shard_map
+from mesh.collectives.ordering import run as _ordered
+from mesh.collectives.ordering import unordered_collectives as unordered_collectives
 from mesh.collectives.packing import IDS_CODECS as IDS_CODECS  # re-exported
 
 
@@ -87,7 +92,7 @@ def gather_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     as replicated outputs.
     """
     with tagged("data_parallel"):
-        return lax.all_gather(x, axes, axis=0, tiled=True, to="invarying")
+        return _ordered(lax.all_gather, x, axes, axis=0, tiled=True, to="invarying")
 
 
 def all_to_all(
@@ -103,8 +108,8 @@ def all_to_all(
     c = codec(compression)
     with tagged(purpose):
         if not c.compresses:
-            return lax.all_to_all(x, axes, 0, 0)
-        return c.decode(lax.all_to_all(c.encode(x), axes, 0, 0))
+            return _ordered(lax.all_to_all, x, axes, 0, 0)
+        return c.decode(_ordered(lax.all_to_all, c.encode(x), axes, 0, 0))
 
 
 def compressed_sum(
@@ -122,7 +127,7 @@ def compressed_sum(
     c = codec(compression)
     if not c.compresses:
         with tagged("allreduce"):
-            return lax.psum(x, axes)
+            return _ordered(lax.psum, x, axes, sums=True)
     with tagged("allreduce"):
         return _compressed_sum(x, axes, c, row)
 
@@ -133,35 +138,35 @@ def _compressed_sum(x, axes, c: Codec, row: int):
     row = max(1, min(row, -(-flat.size // k)))  # small payloads: pad to k rows, not k x row
     rows = -(-flat.size // (k * row)) * k
     pieces = jnp.pad(flat, (0, rows * row - flat.size)).reshape(k, rows // k, row)
-    received = c.decode(lax.all_to_all(c.encode(pieces), axes, 0, 0))  # [k, rows/k, row]
+    received = c.decode(_ordered(lax.all_to_all, c.encode(pieces), axes, 0, 0))  # [k, rows/k, row]
     mine = jnp.sum(received, axis=0)
-    # Invariant: every device decodes the same gathered payload.
-    gathered = lax.all_gather(c.encode(mine), axes, axis=0, tiled=False, to="invarying")  # [k, rows/k, wire]
+    # Invariant: every device decodes the same gathered payload ([k, rows/k, wire]).
+    gathered = _ordered(lax.all_gather, c.encode(mine), axes, axis=0, tiled=False, to="invarying")
     return c.decode(gathered).reshape(-1)[: flat.size].reshape(x.shape).astype(x.dtype)
 
 
 def scatter_sum_batch(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """Sums [global_batch, ...] contributions over devices; each keeps its own batch slice."""
     with tagged("data_parallel"):
-        return lax.psum_scatter(x, axes, scatter_dimension=0, tiled=True)
+        return _ordered(lax.psum_scatter, x, axes, sums=True, scatter_dimension=0, tiled=True)
 
 
 def sum_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """The sum of `x` over all devices, on every device (row-wise statistics, flags)."""
     with tagged("stats"):
-        return lax.psum(x, axes)
+        return _ordered(lax.psum, x, axes, sums=True)
 
 
 def any_device(flag: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """True on every device if `flag` is true on any (bucket overflow)."""
     with tagged("stats"):
-        return lax.psum(flag.astype(jnp.int32), axes) > 0
+        return _ordered(lax.psum, flag.astype(jnp.int32), axes, sums=True) > 0
 
 
 def permute(x: jax.Array, axes: tuple[str, ...], pairs: list[tuple[int, int]]) -> jax.Array:
     """Sends `x` from each `src` to its `dst` (global device indices); devices that
     receive nothing get zeros (`mesh.relayout`)."""
-    return lax.ppermute(x, axes, perm=pairs)
+    return _ordered(lax.ppermute, x, axes, perm=pairs)
 
 
 def device_index(axes: tuple[str, ...]) -> jax.Array:

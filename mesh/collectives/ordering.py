@@ -1,0 +1,283 @@
+"""One order for all the collectives of a program, carried by data dependencies.
+
+Why. XLA:CPU runs a compiled program as a dataflow graph of thunks on a thread pool that
+all simulated devices share (8 threads for 8 devices). It starts a collective once the
+previous one has started, not finished, and a collective holds its thread until every
+device has joined it. Collectives with no data path between them could thus be in flight
+together: all_to_alls under the bucketized route's overflow `lax.cond`
+(`mesh.sharded_lookup`) beside the dense gradients' all-reduce. Devices blocked in two
+collectives at once took every pool thread while two devices had not yet reached the
+first one, so the rendezvous timed out after 40 s and XLA aborted (`recsys-train --mesh
+host=2,device=4 --sharding grid`: 5 runs of 5). The fix: each collective's operands
+depend on the previous collective's result (`Chain.before`, `Chain.after`), so it starts
+only once that one has finished, in one order on every device. At most one thread per
+device then waits in a rendezvous.
+
+GPU (NCCL) and TPU (ICI) need the same rule: every device must issue the same
+collectives in the same order, and none may skip one. Each device runs the same
+compiled SPMD program, and the chain leaves the scheduler one order of collectives (it
+still overlaps them with independent compute). Every `lax.cond` that holds collectives
+is taken through `cond` here, on a predicate reduced over all devices (identical
+everywhere), so no device skips what another runs.
+
+Inside an ordered `jax.shard_map` (`ordered_shard_map`), each function of
+`mesh.collectives` threads the chain itself; outside one they raise. A program made of
+several shard_maps passes the chain on as an `order` array ([devices] int32, one per
+device), so the chain spans the whole train step. `unordered_collectives` checks the
+order on a compiled program's HLO.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+_CHAIN: contextvars.ContextVar[Chain | None] = contextvars.ContextVar("collective_chain", default=None)
+
+
+class Chain:
+    """The last collective's result, as an int32 scalar every next collective waits for."""
+
+    def __init__(self, axes: tuple[str, ...], token: jax.Array):
+        self.axes = axes
+        self.token = token
+        # The order array comes in varying over every axis unless the shard_map skips
+        # the varying-axes check (then nothing carries such types).
+        self.checked = bool(_vma(token))
+        # Zero that the compiler cannot see through: `token & zero` stays a real read of
+        # the previous result instead of folding to a constant.
+        self._zero = lax.optimization_barrier(jnp.zeros((), jnp.int32))
+
+    def before(self, tree):
+        """`tree` unchanged in value, made to depend on the previous collective's result."""
+        go = (self.token & self._zero) == 0  # always true
+        return jax.tree.map(lambda x: _gate(x, go), tree)
+
+    def after(self, tree):
+        """Records a collective's result as the one the next collective waits for."""
+        leaves = [x for x in jax.tree.leaves(tree) if x.size]
+        if leaves:
+            self.token = _bits(leaves[0].reshape(-1)[0])
+        return tree
+
+
+def _gate(x: jax.Array, go: jax.Array) -> jax.Array:
+    missing = tuple(sorted(_vma(go) - _vma(x)))
+    if missing:  # the value stays the same; only its type says it may differ per device
+        x = lax.pcast(x, missing, to="varying")
+    return jnp.where(go, x, jnp.zeros_like(x))
+
+
+def _vma(x) -> frozenset:
+    """The mesh axes over which `x` may differ per device (empty without the check)."""
+    aval = jax.typeof(x)
+    if hasattr(aval, "manual_axis_type"):
+        return frozenset(aval.manual_axis_type.varying)
+    return frozenset(getattr(aval, "vma", ()) or ())
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """A scalar's bits as int32 (its value never matters, only that it was read)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.int32)
+    width = jnp.dtype(x.dtype).itemsize * 8
+    as_int = lax.bitcast_convert_type(x, jnp.dtype(f"int{width}")) if x.dtype.kind == "f" else x
+    return as_int.astype(jnp.int32)
+
+
+def current() -> Chain:
+    """The chain of the ordered shard_map being traced."""
+    chain = _CHAIN.get()
+    if chain is None:
+        raise RuntimeError(
+            "mesh.collectives must run inside mesh.collectives.ordered_shard_map, which gives "
+            "the program's collectives one order on every device (mesh/collectives/ordering.py)"
+        )
+    return chain
+
+
+@contextlib.contextmanager
+def ordered(axes: tuple[str, ...], order: jax.Array) -> Iterator[Chain]:
+    """Inside a shard_map body: collectives in this scope follow one another, after the
+    collective that produced `order` (this device's [1] int32 of an order array)."""
+    chain = Chain(axes, order.reshape(()))
+    reset = _CHAIN.set(chain)
+    try:
+        yield chain
+    finally:
+        _CHAIN.reset(reset)
+
+
+def run(op: Callable, x, *args, sums: bool = False, **kwargs):
+    """`op(x, *args)` as the chain's next collective. `sums`: `op` reduces over
+    `args[0]`; a value already the same on every device there is summed without any
+    communication, so it stays as it is rather than being made per-device."""
+    chain = current()
+    if sums and chain.checked and not any(_vma(leaf) & set(args[0]) for leaf in jax.tree.leaves(x)):
+        return op(x, *args, **kwargs)
+    return chain.after(op(chain.before(x), *args, **kwargs))
+
+
+def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands):
+    """`lax.cond` whose branches continue the chain: the collectives of the branch taken
+    follow those before it, and those after the cond follow them. `pred` must be the same
+    on every device (reduced over all of them), so every device takes the same branch."""
+    chain = current()
+    if chain.checked and _vma(pred):
+        raise ValueError(
+            f"collectives.cond: the predicate may differ over mesh axes {sorted(_vma(pred))}; reduce it "
+            "over all devices first (e.g. collectives.any_device), or some device skips a collective"
+        )
+    start = chain.token
+
+    def branch(fn):
+        def body(*args):
+            chain.token = start
+            out = fn(*args)
+            return out, _as_varying(chain.token, chain.axes)  # one type from both branches
+
+        return body
+
+    out, chain.token = lax.cond(pred, branch(true_fn), branch(false_fn), *operands)
+    return out
+
+
+def ordered_shard_map(body: Callable, *, mesh: jax.sharding.Mesh, in_specs, out_specs, check_vma=True):
+    """`jax.shard_map(body)` with the body's collectives in one order, continuing the
+    collectives of the program's previous ordered shard_map.
+
+    `in_specs` has one spec per argument of `body`. Returns `mapped(order, *args) ->
+    (order, outputs)`: `order` is the previous shard_map's ([devices] int32, sharded over
+    all mesh axes) or None for a new chain.
+    """
+    axes = tuple(mesh.axis_names)
+
+    def ordered_body(order, *args):
+        with ordered(axes, order) as chain:
+            out = body(*args)
+            token = chain.token
+        return _as_varying(token, axes)[None], out
+
+    # One spec per argument; a lone PartitionSpec (itself a tuple) is one argument's.
+    specs = (in_specs,) if isinstance(in_specs, P) else tuple(in_specs)
+    mapped = jax.shard_map(
+        ordered_body,
+        mesh=mesh,
+        in_specs=(P(axes), *specs),
+        out_specs=(P(axes), out_specs),
+        check_vma=check_vma,
+    )
+
+    def call(order, *args):
+        if order is None:
+            order = jnp.zeros((mesh.devices.size,), jnp.int32)
+        return mapped(order, *args)
+
+    return call
+
+
+def _as_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    missing = tuple(a for a in axes if a not in _vma(x))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+# Checking the order in a compiled program's HLO.
+
+_COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
+_OPCODE = re.compile(r"^(?:\([^=]*?\)|[^\s(]+)\s+(?P<op>[a-z][a-z0-9-]*)\((?P<args>.*)$")
+_OPERAND = re.compile(r"%([^\s,(){}]+)")
+_CALLS = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%([^\s,]+)")
+_BRANCH_LIST = re.compile(r"branch_computations=\{([^}]*)\}")
+_COMMENT = re.compile(r"/\*.*?\*/")
+
+
+def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
+    """Pairs of collectives in a compiled program (`compiled.as_text()`) that no data
+    dependency orders: consecutive collectives (or calls of computations holding some,
+    like a conditional) in schedule order, the second not reached from the first.
+    Empty when every computation's collectives form one chain."""
+    computations = _parse(hlo_text)
+    holds: dict[str, bool] = {}
+
+    def holds_collectives(name: str) -> bool:
+        if name not in holds:
+            holds[name] = False  # recursion guard
+            holds[name] = any(
+                op in _COLLECTIVE_OPS or any(holds_collectives(c) for c in called)
+                for _, op, _, called in computations.get(name, ())
+            )
+        return holds[name]
+
+    broken = []
+    for name, instructions in computations.items():
+        if not holds_collectives(name):
+            continue
+        operands = {inst: deps for inst, _, deps, _ in instructions}
+        members = [
+            inst
+            for inst, op, _, called in instructions
+            if _base(op) in _COLLECTIVE_OPS or any(holds_collectives(c) for c in called)
+        ]
+        for first, second in zip(members, members[1:]):
+            if not _reaches(operands, second, first):
+                broken.append((first, second))
+    return broken
+
+
+def _base(op: str) -> str:
+    return op.removesuffix("-start").removesuffix("-done")
+
+
+def _parse(hlo_text: str) -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
+    """{computation: [(instruction, opcode, operands, called computations)]} in order."""
+    out: dict[str, list] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        line = _COMMENT.sub("", line)
+        if line.rstrip().endswith("{") and not line.startswith(" ") and "%" in line:
+            current = line.split("%", 1)[1].split(" ", 1)[0]
+            out[current] = []
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        match = _INSTRUCTION.match(line)
+        if current is None or not match:
+            continue
+        opcode = _OPCODE.match(match["rest"])
+        if not opcode:
+            continue
+        args = opcode["args"]
+        # Operands end where the attributes (", name=...") begin.
+        operand_text = args.split("), ", 1)[0] if "), " in args else args
+        called = _CALLS.findall(args)
+        branches = _BRANCH_LIST.search(args)
+        if branches:
+            called += [b.strip().lstrip("%") for b in branches[1].split(",")]
+        op = opcode["op"]
+        # An optimization barrier only aliases its operands: it orders nothing at run time.
+        deps = [] if op == "opt-barrier" else _OPERAND.findall(operand_text)
+        out[current].append((match["name"], op, deps, called))
+    return out
+
+
+def _reaches(operands: dict[str, list[str]], start: str, target: str) -> bool:
+    """Whether `start` depends on `target` through operands."""
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        for dep in operands.get(node, ()):
+            if dep == target:
+                return True
+            if dep not in seen:
+                seen.add(dep)
+                stack.append(dep)
+    return False
