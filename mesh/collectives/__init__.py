@@ -22,10 +22,11 @@ from jax import lax
 from mesh.collectives.codecs import CODECS as CODECS  # re-exported
 from mesh.collectives.codecs import Codec as Codec
 from mesh.collectives.codecs import codec
+from mesh.collectives.hlo import COLLECTIVE_KINDS, computations
+from mesh.collectives.hlo import unordered_collectives as unordered_collectives  # re-exported
 from mesh.collectives.ordering import cond as cond  # re-exported
 from mesh.collectives.ordering import ordered_shard_map as ordered_shard_map
 from mesh.collectives.ordering import run as _ordered
-from mesh.collectives.ordering import unordered_collectives as unordered_collectives
 from mesh.collectives.packing import IDS_CODECS as IDS_CODECS  # re-exported
 
 
@@ -188,36 +189,17 @@ _DTYPE_BYTES = {
     "s64": 8,
     "f64": 8,
 }
-_KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _LINE = re.compile(r"=\s*(?P<shapes>.+?)\s+(?P<op>[a-z-]+?)(?:-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]+\d*|pred)\[([\d,]*)\]")
 _GROUP = re.compile(r"replica_groups=\{\{([\d,]+)\}")
-_HEADER = re.compile(r"^(ENTRY )?%(?P<name>[^\s(]+) \(")
 _BRANCHES = re.compile(r"branch_computations=\{(?P<names>[^}]*)\}")
 _CALLED = re.compile(r"\b(?:calls|body|to_apply)=%(?P<name>[^\s,]+)")
 _TRUE_FALSE = re.compile(r"true_computation=%(?P<true>[^\s,]+), false_computation=%(?P<false>[^\s,]+)")
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
-    """{computation name: its instruction lines} and the entry computation's name."""
-    bodies: dict[str, list[str]] = {}
-    entry, current = "", None
-    for line in hlo_text.splitlines():
-        header = _HEADER.match(line)
-        if header and line.rstrip().endswith("{"):
-            current = header["name"]
-            bodies[current] = []
-            entry = current if header[1] else entry
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            bodies[current].append(line)
-    return bodies, entry
-
-
 def _sent(line: str, devices: int) -> tuple[str, int] | None:
     match = _LINE.search(line)
-    if not match or match["op"] not in _KINDS or "-done" in line.split("=")[1].split("(")[0]:
+    if not match or match["op"] not in COLLECTIVE_KINDS or "-done" in line.split("=")[1].split("(")[0]:
         return None
     size = 0
     for dtype, dims in _SHAPE.findall(match["shapes"]):
@@ -242,7 +224,7 @@ def _sent(line: str, devices: int) -> tuple[str, int] | None:
 
 def _walk(hlo_text: str, devices: int, branch: int, key) -> dict[str, int]:
     """Bytes sent per execution, summed under `key(op, line)` over every collective."""
-    bodies, entry = _computations(hlo_text)
+    bodies, entry = computations(hlo_text)
     if not entry:  # not a module dump: count every line
         bodies, entry = {"": hlo_text.splitlines()}, ""
     out: dict[str, int] = {}
@@ -282,7 +264,7 @@ def collective_bytes(hlo_text: str, devices: int, branch: int = 0) -> dict[str, 
     false branch. Every `lax.cond` here has its fallback route as the true branch, so the
     default counts the common path and `branch=1` the fallback (`mesh.bucketed`).
     """
-    return {**dict.fromkeys(_KINDS, 0), **_walk(hlo_text, devices, branch, lambda op, line: op)}
+    return {**dict.fromkeys(COLLECTIVE_KINDS, 0), **_walk(hlo_text, devices, branch, lambda op, line: op)}
 
 
 # What each collective carries, named by the scope it runs under (`tagged`).

@@ -23,15 +23,14 @@ everywhere), so no device skips what another runs.
 Inside an ordered `jax.shard_map` (`ordered_shard_map`), each function of
 `mesh.collectives` threads the chain itself; outside one they raise. A program made of
 several shard_maps passes the chain on as an `order` array ([devices] int32, one per
-device), so the chain spans the whole train step. `unordered_collectives` checks the
-order on a compiled program's HLO.
+device), so the chain spans the whole train step. `mesh.collectives.hlo.unordered_collectives`
+checks the order on a compiled program's HLO.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 from collections.abc import Callable, Iterator
 
 import jax
@@ -186,98 +185,3 @@ def ordered_shard_map(body: Callable, *, mesh: jax.sharding.Mesh, in_specs, out_
 def _as_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     missing = tuple(a for a in axes if a not in _vma(x))
     return lax.pcast(x, missing, to="varying") if missing else x
-
-
-# Checking the order in a compiled program's HLO.
-
-_COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[^\s=]+)\s*=\s*(?P<rest>.*)$")
-_OPCODE = re.compile(r"^(?:\([^=]*?\)|[^\s(]+)\s+(?P<op>[a-z][a-z0-9-]*)\((?P<args>.*)$")
-_OPERAND = re.compile(r"%([^\s,(){}]+)")
-_CALLS = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%([^\s,]+)")
-_BRANCH_LIST = re.compile(r"branch_computations=\{([^}]*)\}")
-_COMMENT = re.compile(r"/\*.*?\*/")
-
-
-def unordered_collectives(hlo_text: str) -> list[tuple[str, str]]:
-    """Pairs of collectives in a compiled program (`compiled.as_text()`) that no data
-    dependency orders: consecutive collectives (or calls of computations holding some,
-    like a conditional) in schedule order, the second not reached from the first.
-    Empty when every computation's collectives form one chain."""
-    computations = _parse(hlo_text)
-    holds: dict[str, bool] = {}
-
-    def holds_collectives(name: str) -> bool:
-        if name not in holds:
-            holds[name] = False  # recursion guard
-            holds[name] = any(
-                op in _COLLECTIVE_OPS or any(holds_collectives(c) for c in called)
-                for _, op, _, called in computations.get(name, ())
-            )
-        return holds[name]
-
-    broken = []
-    for name, instructions in computations.items():
-        if not holds_collectives(name):
-            continue
-        operands = {inst: deps for inst, _, deps, _ in instructions}
-        members = [
-            inst
-            for inst, op, _, called in instructions
-            if _base(op) in _COLLECTIVE_OPS or any(holds_collectives(c) for c in called)
-        ]
-        for first, second in zip(members, members[1:]):
-            if not _reaches(operands, second, first):
-                broken.append((first, second))
-    return broken
-
-
-def _base(op: str) -> str:
-    return op.removesuffix("-start").removesuffix("-done")
-
-
-def _parse(hlo_text: str) -> dict[str, list[tuple[str, str, list[str], list[str]]]]:
-    """{computation: [(instruction, opcode, operands, called computations)]} in order."""
-    out: dict[str, list] = {}
-    current = None
-    for line in hlo_text.splitlines():
-        line = _COMMENT.sub("", line)
-        if line.rstrip().endswith("{") and not line.startswith(" ") and "%" in line:
-            current = line.split("%", 1)[1].split(" ", 1)[0]
-            out[current] = []
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        match = _INSTRUCTION.match(line)
-        if current is None or not match:
-            continue
-        opcode = _OPCODE.match(match["rest"])
-        if not opcode:
-            continue
-        args = opcode["args"]
-        # Operands end where the attributes (", name=...") begin.
-        operand_text = args.split("), ", 1)[0] if "), " in args else args
-        called = _CALLS.findall(args)
-        branches = _BRANCH_LIST.search(args)
-        if branches:
-            called += [b.strip().lstrip("%") for b in branches[1].split(",")]
-        op = opcode["op"]
-        # An optimization barrier only aliases its operands: it orders nothing at run time.
-        deps = [] if op == "opt-barrier" else _OPERAND.findall(operand_text)
-        out[current].append((match["name"], op, deps, called))
-    return out
-
-
-def _reaches(operands: dict[str, list[str]], start: str, target: str) -> bool:
-    """Whether `start` depends on `target` through operands."""
-    seen, stack = set(), [start]
-    while stack:
-        node = stack.pop()
-        for dep in operands.get(node, ()):
-            if dep == target:
-                return True
-            if dep not in seen:
-                seen.add(dep)
-                stack.append(dep)
-    return False
