@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh import collectives
-from mesh.collectives import packing
+from mesh.collectives import CommConfig, packing
 from mesh.routing import BagFn, GroupRoute
 from mesh.sharded import GroupLayout, ShardedLayout
 
@@ -76,9 +76,9 @@ class BucketRoute:
     pool_at_owner: bool = False  # the "pooled" route; False: "rows"
     outputs: int = 1  # "pooled": output slots per sample at an owner (the broadcast route's)
     scaled: bool = False  # "pooled": coefficients travel with the ids
-    forward: str = "fp32"  # codec of the rows found ("rows" route; `CommConfig.fwd`)
-    backward: str = "fp32"  # codec of their gradients ("rows" route; `CommConfig.bwd`)
-    ids: str = "int32"  # how rows and positions travel (`CommConfig.ids`)
+    # Codecs: fwd of the rows found and bwd of their gradients ("rows" route), ids of the
+    # rows and positions.
+    comm: CommConfig = CommConfig()
 
     @property
     def column_split(self) -> bool:
@@ -91,11 +91,11 @@ class BucketRoute:
 
     def row_bytes(self) -> int:
         """Wire bytes of a served row (`block_rows` marks an empty slot)."""
-        return packing.packed_bytes(self.ids, self.group.block_rows + 1)
+        return packing.packed_bytes(self.comm.ids, self.group.block_rows + 1)
 
     def at_bytes(self) -> int:
         """Wire bytes of an output position at the owner ("pooled" route)."""
-        return packing.packed_bytes(self.ids, self.local_batch * self.outputs)
+        return packing.packed_bytes(self.comm.ids, self.local_batch * self.outputs)
 
 
 def bucketizable(layout: ShardedLayout, g: GroupLayout) -> bool:
@@ -185,7 +185,7 @@ def bucket_bytes(route: BucketRoute, devices: int, local_batch: int = 0) -> int:
     the optimizer."""
     share = (devices - 1) / devices
     slots = devices * route.capacity
-    row = collectives.round_trip_bytes(route.forward, route.backward, route.group.width)
+    row = collectives.round_trip_bytes(route.comm.fwd, route.comm.bwd, route.group.width)
     if not route.pool_at_owner:
         return int(share * slots * (route.row_bytes() + row))
     per_slot = route.row_bytes() + route.at_bytes() + (4 if route.scaled else 0)
@@ -250,7 +250,7 @@ def exchange_rows(
     """
     n, empty = route.group.devices, route.group.block_rows
     out = jnp.full((n + 1, route.capacity), empty, jnp.int32).at[a.owner, a.slot].set(a.row, mode="drop")
-    if route.ids == "packed":
+    if route.comm.ids == "packed":
         bound = empty + 1
         served = packing.unpack(
             collectives.all_to_all(packing.pack(out[:n], bound), axes, purpose="ids"), bound
@@ -258,7 +258,7 @@ def exchange_rows(
     else:
         served = collectives.all_to_all(out[:n], axes, purpose="ids")
     found = served_rows(block, served, None, bag)
-    return served, collectives.all_to_all(found, axes, route.forward, "fwd")
+    return served, collectives.all_to_all(found, axes, route.comm.fwd, "fwd")
 
 
 def pool_lanes(
@@ -293,7 +293,7 @@ def send_gradients(route: BucketRoute, act_grads: Mapping[str, jax.Array], owner
     n = route.group.devices
     out = jnp.zeros((n + 1, route.capacity, route.group.width), jnp.float32)
     out = out.at[owner, slot].set(grads, mode="drop")
-    return collectives.all_to_all(out[:n], axes, route.backward, "bwd")
+    return collectives.all_to_all(out[:n], axes, route.comm.bwd, "bwd")
 
 
 def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array], ids, axes):
@@ -310,7 +310,7 @@ def send_slots(route: BucketRoute, a: Assignment, coef: Mapping[str, jax.Array],
     fill = jnp.asarray([empty, 0, 0][: len(fields)], jnp.int32)
     out = jnp.broadcast_to(fill, (n + 1, route.capacity, len(fields)))
     out = out.at[a.owner, a.slot].set(jnp.stack(fields, axis=-1), mode="drop")[:n]
-    if route.ids == "packed":  # rows and positions in their fewest bytes, a weight's 4 after them
+    if route.comm.ids == "packed":  # rows and positions in their fewest bytes, a weight's 4 after them
         widths = [packing.id_bytes(empty + 1), packing.id_bytes(route.local_batch * route.outputs), 4]
         widths = widths[: len(fields)]
         payload = [packing.to_bytes(out[..., i : i + 1], w) for i, w in enumerate(widths)]

@@ -1,13 +1,13 @@
 """The planner's cost model: memory and lookups of every shard, exchanges of every group.
 
 Everything is per training step and per device, in bytes and seconds, and follows what
-`mesh.routing`, `mesh.bucketed` and `recsys.sharded_update` do in the compiled step, so
+`mesh.routing`, `mesh.bucketed` and `mesh.sharded_update` do in the compiled step, so
 the byte estimates are checked against it (`tests/test_planner.py`). Notation: B global
 batch, k devices, b = B / k samples per device, a table of R rows x D columns, a shard of
 r rows x c columns, L the feature's bag width (static shapes are padded to it), p its
 average ids per sample, e the table's bytes per element, s the optimizer state elements
 per table element and t the bytes of a state value (4, or 2 stored as bf16/fp16), W(w)
-the bytes on the wire of a w-wide result row plus its gradient row (`CommSettings`:
+the bytes on the wire of a w-wide result row plus its gradient row (`RoutingOptions.row_bytes`:
 `2 * 4w` uncompressed; each direction's codec, `Codec.wire_width`: 2w for fp16/bf16,
 w + 4 for fp8 and w + 8 for int8 with their per-row scale), i the bytes per id (4, or 8
 with a per-id coefficient for weighted or mean features), f the bucketized capacity
@@ -53,12 +53,18 @@ import dataclasses
 
 import numpy as np
 
-from mesh.collectives import round_trip_bytes
+from mesh.routing import RUNTIME_ROUTES, RoutingOptions
 from mesh.topology import Topology
+from pallas_kernels.fused_update.optimizers import KINDS, OptimizerKind
 
-ROUTES = ("broadcast", "rows", "pooled")  # see the module docstring
 MIN_ROW_BYTES = 32  # one memory transaction (a GPU sector, half a CPU cache line)
-STATE_ELEMENTS = {"sgd": 0.0, "adagrad": 1.0, "adam": 2.0, "rowwise_adagrad": 0.0}
+# Optimizer state elements per table element (row-wise Adagrad: one per row instead).
+STATE_ELEMENTS = {
+    OptimizerKind.SGD: 0.0,
+    OptimizerKind.ADAGRAD: 1.0,
+    OptimizerKind.ADAM: 2.0,
+    OptimizerKind.ROWWISE_ADAGRAD: 0.0,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ class TableLoad:
     bag_width: int  # static ids per sample per feature, summed over its features (L)
     element_bytes: int = 4  # e
     state_bytes: int = 4  # bytes per optimizer state value
-    optimizer: str = "rowwise_adagrad"
+    optimizer: OptimizerKind = OptimizerKind.ROWWISE_ADAGRAD
     scaled: bool = False  # weighted or mean pooling: coefficients travel with the ids
     outputs: int = 1  # vectors per sample looked up from it: one per pooled feature reading it
     sequence: bool = False  # some feature reading it is unpooled: no pooling at the owner
@@ -82,23 +88,24 @@ class TableLoad:
         return 8 if self.scaled else 4
 
     def __post_init__(self):
-        if self.optimizer not in STATE_ELEMENTS:
+        if self.optimizer not in KINDS:
             raise ValueError(
-                f"table {self.name!r}: optimizer {self.optimizer!r}; choose from {sorted(STATE_ELEMENTS)}"
+                f"table {self.name!r}: optimizer {self.optimizer!r}; choose from {sorted(KINDS)}"
             )
+        object.__setattr__(self, "optimizer", OptimizerKind(self.optimizer))
         if self.rows < 1 or self.dim < 1 or self.bag_width < 1 or self.ids_per_sample < 0:
             raise ValueError(f"table {self.name!r}: rows, dim, bag width must be positive")
 
     def memory(self, rows: int, cols: int) -> float:
         """Bytes of a `rows x cols` shard: weights and optimizer state."""
-        if self.optimizer == "rowwise_adagrad":
+        if self.optimizer is OptimizerKind.ROWWISE_ADAGRAD:
             return rows * cols * self.element_bytes + rows * self.state_bytes
         return rows * cols * (self.element_bytes + self.state_bytes * STATE_ELEMENTS[self.optimizer])
 
     def lookup_bytes(self, batch: int, rows: int, cols: int) -> float:
         """Bytes of memory traffic for a shard's lookups and updates in one step."""
         looked_up = batch * self.ids_per_sample * rows / self.rows
-        state = 0.0 if self.optimizer == "rowwise_adagrad" else STATE_ELEMENTS[self.optimizer]
+        state = STATE_ELEMENTS[self.optimizer]
         # A row read moves at least one memory transaction, however narrow the shard.
         row_bytes = max(cols * self.element_bytes, MIN_ROW_BYTES)
         return looked_up * row_bytes * (3 + 2 * self.state_bytes * state / self.element_bytes)
@@ -112,23 +119,6 @@ class DeviceLoad:
     lookup_bytes: float = 0.0
     sent: float = 0.0  # bytes per step, all links
     received: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CommSettings:
-    """The codecs of results (forward) and their gradients (backward), as `--comm fwd=..,
-    bwd=..` sets them (`mesh.collectives.CommConfig`), and the bucketized capacity factor."""
-
-    forward: str = "fp32"
-    backward: str = "fp32"
-    capacity_factor: float = 2.0
-
-    def __post_init__(self):
-        self.row_bytes(1)  # a clear error for an unknown codec
-
-    def row_bytes(self, width: int) -> int:
-        """W(w): wire bytes of one w-wide result row and its gradient row."""
-        return round_trip_bytes(self.forward, self.backward, width)
 
 
 def device_time(load: DeviceLoad, topo: Topology) -> float:
@@ -215,22 +205,26 @@ class GroupTraffic:
         """Ids per sample a shard of these rows expects from each source."""
         return table.bag_width * (rows[1] - rows[0]) / table.rows
 
-    def bytes(self, batch: int, comm: CommSettings) -> tuple[float, str]:
+    def bytes(self, batch: int, routing: RoutingOptions) -> tuple[float, str]:
         """(bytes each device sends per step, and receives as many; the route taken)."""
-        total, route = self.bytes_if(batch, comm, self.columns.max(), self.outputs.max(), self.expected.max())
-        return float(total), ROUTES[int(route)]
+        total, route = self.bytes_if(
+            batch, routing, self.columns.max(), self.outputs.max(), self.expected.max()
+        )
+        return float(total), RUNTIME_ROUTES[int(route)]
 
-    def bytes_with_shard_on_each(self, table: TableLoad, rows, batch: int, comm: CommSettings) -> np.ndarray:
+    def bytes_with_shard_on_each(
+        self, table: TableLoad, rows, batch: int, routing: RoutingOptions
+    ) -> np.ndarray:
         """[devices] `bytes` if one more shard of `table` (these rows; its other shards
         already counted by `add_table`) went to each device in turn."""
         columns = np.maximum(self.columns.max(), self.columns + table.bag_width)
         outputs = np.maximum(self.outputs.max(), self.outputs + table.outputs)
         expected = np.maximum(self.expected.max(), self.expected + self.share(table, rows))
-        return self.bytes_if(batch, comm, columns, outputs, expected)[0]
+        return self.bytes_if(batch, routing, columns, outputs, expected)[0]
 
-    def bytes_if(self, batch: int, comm: CommSettings, columns, outputs, expected):
+    def bytes_if(self, batch: int, routing: RoutingOptions, columns, outputs, expected):
         """`bytes` given the busiest owner's figures, as NumPy arrays of trials (one per
-        entry): (bytes, index into ROUTES of the route taken)."""
+        entry): (bytes, index into RUNTIME_ROUTES of the route taken)."""
         columns, outputs, expected = np.broadcast_arrays(*map(np.asarray, (columns, outputs, expected)))
         k = self.devices
         if self.tables == 0 or k == 1:
@@ -239,8 +233,8 @@ class GroupTraffic:
         if self.data_parallel:
             return np.full(columns.shape, (k - 1) * b * self.gathered), np.zeros(columns.shape, int)
         ids = 8 if self.scaled else 4
-        results = comm.row_bytes(self.width)
-        q = np.maximum(1, np.minimum(b * self.lanes, np.ceil(comm.capacity_factor * b * expected)))
+        results = routing.row_bytes(self.width)
+        q = np.maximum(1, np.minimum(b * self.lanes, np.ceil(routing.capacity_factor * b * expected)))
         never = np.full(columns.shape, np.inf)
         sent = np.stack(
             [

@@ -109,3 +109,12 @@ def make_mesh(spec: MeshSpec | str | int, devices: Sequence[jax.Device] | None =
 
 def mesh_spec(mesh: jax.sharding.Mesh) -> MeshSpec:
     return MeshSpec(tuple((name, int(size)) for name, size in mesh.shape.items()))
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """On CPU, asks JAX for `count` simulated devices (a mesh on one machine); a no-op once
+    JAX has started (tests set their 8 devices in conftest) or on GPU/TPU."""
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except Exception:  # backends already initialized: keep what is there
+        pass

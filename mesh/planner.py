@@ -27,7 +27,7 @@ Search (enumerate -> estimate -> place -> regroup -> re-place -> refine):
 5. Refinement: table-wise and column-wise shards move, one at a time, from the device
    with the most lookups or from a group's busiest owner, where the move lowers the step
    time, or leaves one device fewer with the most lookups (ties are common).
-Each group is costed on the route the runtime picks for it (`mesh.cost.ROUTES`:
+Each group is costed on the route the runtime picks for it (`mesh.routing.RUNTIME_ROUTES`:
 broadcast, bucketized rows, or pooled at the owner).
 The result reports the estimated step time against two lower bounds: `sum of device
 times / devices` (no placement of the chosen shards beats perfect balance) and the
@@ -44,7 +44,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from mesh.cost import (
-    CommSettings,
     DeviceLoad,
     GroupTraffic,
     TableLoad,
@@ -52,8 +51,10 @@ from mesh.cost import (
     step_seconds,
 )
 from mesh.meshes import MeshSpec
-from mesh.plan import Shard, ShardingPlan, Strategy, TablePlan, row_blocks
+from mesh.plan import Shard, ShardingPlan, Strategy, TablePlan, column_split, strategy_shards
+from mesh.routing import RoutingOptions
 from mesh.topology import PRESETS, Topology
+from pallas_kernels.fused_update.optimizers import OptimizerKind
 
 PRESET_NAMES = sorted(PRESETS)
 # How much of the least work still to place the greedy pass reserves room for (`_place_all`);
@@ -166,7 +167,7 @@ def _new_group(key: tuple, devices: int) -> GroupTraffic:
         width,
         row_sharded=strategy.row_sharded,
         data_parallel=strategy is Strategy.DATA_PARALLEL,
-        rowwise_adagrad=optimizer == "rowwise_adagrad",
+        rowwise_adagrad=optimizer is OptimizerKind.ROWWISE_ADAGRAD,
     )
 
 
@@ -184,8 +185,8 @@ class _Trial:
 class _State:
     """Per-device memory and lookups, and every group's exchanges, while placing."""
 
-    def __init__(self, topo: Topology, batch: int, comm: CommSettings):
-        self.topo, self.batch, self.comm_settings = topo, batch, comm
+    def __init__(self, topo: Topology, batch: int, routing: RoutingOptions):
+        self.topo, self.batch, self.routing = topo, batch, routing
         self.table = np.zeros((topo.devices, 2))
         self.groups: dict[tuple, GroupTraffic] = {}
         self.sent: dict[tuple, float] = {}
@@ -223,7 +224,7 @@ class _State:
         key = _group_key(table, strategy, shards)
         group = self.group(key)
         group.add(table, [s.owner for s in shards], sign)
-        sent, _ = group.bytes(self.batch, self.comm_settings)
+        sent, _ = group.bytes(self.batch, self.routing)
         return _Trial(out, key, group, sent, self.comm - self.sent.get(key, 0.0) + sent)
 
     def fits(self, trial: _Trial) -> bool:
@@ -245,7 +246,7 @@ class _State:
             if g.tables:
                 strategy, width = key[:2]
                 members = sorted(n for n, p in placed.items() if p.key == key)
-                route = g.bytes(self.batch, self.comm_settings)[1]
+                route = g.bytes(self.batch, self.routing)[1]
                 out.append(
                     {
                         "strategy": strategy.value,
@@ -268,31 +269,33 @@ class _Placed:
 def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state: _State):
     """(strategy, shards) for every placement worth trying."""
     k, per_host, hosts = topo.devices, topo.devices_per_host, topo.hosts
-    full_r, full_c = (0, table.rows), (0, table.dim)
+    mesh = mesh_for_topology(topo)
+
+    def shards(strategy: Strategy, **placement) -> list[_Shard]:
+        geometry = strategy_shards(strategy, table.rows, table.dim, mesh, **placement)
+        return [_Shard(table.name, strategy, s.device, s.rows, s.cols) for s in geometry]
 
     def spread(strategy: Strategy, count: int) -> list[_Shard]:
         """`count` column shards (one: the whole table), each on the device where the step
         grows least: its lookups and its group's busiest owner (distinct devices)."""
+        placed = shards(strategy, columns=count, devices=[-1] * count)
         width = table.dim // count
-        shards = [
-            _Shard(table.name, strategy, -1, full_r, (i * width, (i + 1) * width)) for i in range(count)
-        ]
-        key = _group_key(table, strategy, shards)
+        key = _group_key(table, strategy, placed)
         group = state.group(key)
-        group.add_table(table, [s.owner for s in shards])
+        group.add_table(table, [s.owner for s in placed])
         others = state.comm - state.sent.get(key, 0.0)
         memory, lookup = table.memory(table.rows, width), table.lookup_bytes(state.batch, table.rows, width)
         table_now = state.table.copy()
-        for s in shards:
-            sent = group.bytes_with_shard_on_each(table, s.rows, state.batch, state.comm_settings)
+        for s in placed:
+            sent = group.bytes_with_shard_on_each(table, s.rows, state.batch, state.routing)
             slowest = np.maximum(table_now[:, 1].max(), table_now[:, 1] + lookup)
             step = step_seconds(slowest, others + sent, others + sent, topo)
             step[table_now[:, 0] + memory > topo.memory] = np.inf  # would not fit
-            step[[x.device for x in shards if x.device >= 0]] = np.inf  # one shard per device
+            step[[x.device for x in placed if x.device >= 0]] = np.inf  # one shard per device
             s.device = int(np.lexsort((table_now[:, 1], step))[0])
             group.add_owners(table, [s.owner])
             table_now[s.device] += (memory, lookup)
-        return shards
+        return placed
 
     if Strategy.TABLE_WISE in allowed:
         yield Strategy.TABLE_WISE, spread(Strategy.TABLE_WISE, 1)
@@ -302,67 +305,24 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
         ):
             yield Strategy.COLUMN_WISE, spread(Strategy.COLUMN_WISE, c)
     if Strategy.ROW_WISE in allowed and k > 1:
-        yield (
-            Strategy.ROW_WISE,
-            [
-                _Shard(table.name, Strategy.ROW_WISE, d, r, full_c)
-                for d, r in enumerate(row_blocks(table.rows, k))
-                if r[1] > r[0]
-            ],
-        )
+        yield Strategy.ROW_WISE, shards(Strategy.ROW_WISE)
     if Strategy.DATA_PARALLEL in allowed:
-        yield (
-            Strategy.DATA_PARALLEL,
-            [_Shard(table.name, Strategy.DATA_PARALLEL, d, full_r, full_c) for d in range(k)],
-        )
+        yield Strategy.DATA_PARALLEL, shards(Strategy.DATA_PARALLEL)
     if hosts > 1 or per_host > 1:
         # Hosts differ only in their devices' lookups (exchanges involve every device):
         # try the least loaded few.
         load = state.table[:, 1].reshape(hosts, per_host)
         for h in np.lexsort((load.sum(axis=1), load.max(axis=1)))[:HOSTS_TRIED]:
-            base = int(h) * per_host
             if Strategy.TABLE_ROW_WISE in allowed and per_host > 1:
-                yield (
-                    Strategy.TABLE_ROW_WISE,
-                    [
-                        _Shard(table.name, Strategy.TABLE_ROW_WISE, base + d, r, full_c)
-                        for d, r in enumerate(row_blocks(table.rows, per_host))
-                        if r[1] > r[0]
-                    ],
-                )
-            c = _column_shards(table.dim, per_host)
+                yield Strategy.TABLE_ROW_WISE, shards(Strategy.TABLE_ROW_WISE, hosts=[int(h)])
+            c = column_split(table.dim, per_host, min_width=4)
             if Strategy.TABLE_COLUMN_WISE in allowed and c > 1:
-                width = table.dim // c
                 yield (
                     Strategy.TABLE_COLUMN_WISE,
-                    [
-                        _Shard(
-                            table.name,
-                            Strategy.TABLE_COLUMN_WISE,
-                            base + i,
-                            full_r,
-                            (i * width, (i + 1) * width),
-                        )
-                        for i in range(c)
-                    ],
+                    shards(Strategy.TABLE_COLUMN_WISE, columns=c, hosts=[int(h)]),
                 )
     if Strategy.GRID in allowed and hosts > 1:
-        c = _column_shards(table.dim, hosts)
-        width = table.dim // c
-        yield (
-            Strategy.GRID,
-            [
-                _Shard(table.name, Strategy.GRID, h * per_host + d, r, (h * width, (h + 1) * width))
-                for h in range(c)
-                for d, r in enumerate(row_blocks(table.rows, per_host))
-                if r[1] > r[0]
-            ],
-        )
-
-
-def _column_shards(dim: int, parts: int) -> int:
-    """Most column shards, at most `parts`, that split `dim` evenly into >= 4 columns."""
-    return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0 and (dim // c >= 4 or c == 1))
+        yield Strategy.GRID, shards(Strategy.GRID, columns=column_split(table.dim, hosts, min_width=4))
 
 
 def _score(state: _State, table: np.ndarray, comm: float) -> tuple[float, float]:
@@ -376,7 +336,7 @@ def plan_tables(
     topo: Topology,
     batch: int,
     *,
-    comm: CommSettings | None = None,
+    routing: RoutingOptions | None = None,
     strategies: dict[str, Sequence[str]] | None = None,
     refine_seconds: float = 5.0,
     max_moves: int | None = None,
@@ -393,7 +353,7 @@ def plan_tables(
         missing on which device for its most compact option.
     """
     start = time.perf_counter()
-    comm = comm or CommSettings()
+    routing = routing or RoutingOptions()
     if batch % topo.devices:
         raise PlanningError(f"batch {batch} does not split over {topo.devices} devices")
 
@@ -407,11 +367,11 @@ def plan_tables(
         t.name: {Strategy(s) for s in (strategies or {}).get(t.name, [s.value for s in Strategy])}
         for t in tables
     }
-    alone = {t.name: _alone(t, topo, allowed_of[t.name], batch, comm) for t in tables}
+    alone = {t.name: _alone(t, topo, allowed_of[t.name], batch, routing) for t in tables}
     floor = max(a[0] for a in alone.values())  # no plan beats the costliest table placed alone
     best = None
     for lookahead in LOOKAHEADS:  # a few starts; the fastest (then least total time) wins
-        state, placed = _place_all(order, allowed_of, alone, lookahead, batch, topo, comm)
+        state, placed = _place_all(order, allowed_of, alone, lookahead, batch, topo, routing)
         times = state.times()
         score = (float(times.max()), float(times.sum()))
         if best is None or score < best[0]:
@@ -463,10 +423,10 @@ def evaluate_plan(
     tables: Sequence[TableLoad],
     topo: Topology,
     batch: int,
-    comm: CommSettings | None = None,
+    routing: RoutingOptions | None = None,
 ) -> PlanResult:
     """The cost model's estimates for any plan (a hand-written one, a naive baseline)."""
-    state = _State(topo, batch, comm or CommSettings())
+    state = _State(topo, batch, routing or RoutingOptions())
     placed = _placed_from(plan, tables)
     for t in tables:
         state.apply(state.trial(t, placed[t.name].strategy, placed[t.name].shards))
@@ -478,19 +438,21 @@ def step_bytes(
     tables: Sequence[TableLoad],
     devices: int,
     batch: int,
-    comm: CommSettings | None = None,
+    routing: RoutingOptions | None = None,
 ) -> float:
     """Bytes each device sends per step over the embedding exchanges of `plan` (the dense
     layers' all-reduce not included): `evaluate_plan`'s, for a flat mesh of `devices`."""
     topo = Topology(hosts=1, devices_per_host=devices, memory=float("inf"), hbm_bandwidth=1.0,
                     intra_bandwidth=1.0, inter_bandwidth=1.0)  # fmt: skip
-    return evaluate_plan(plan, tables, topo, batch, comm).collective_bytes
+    return evaluate_plan(plan, tables, topo, batch, routing).collective_bytes
 
 
-def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSettings) -> tuple[float, float]:
+def _alone(
+    table: TableLoad, topo: Topology, allowed, batch: int, routing: RoutingOptions
+) -> tuple[float, float]:
     """`table` on an otherwise empty machine: the step time under its best strategy, and
     the least total device time (summed over devices) any strategy costs."""
-    empty = _State(topo, batch, comm)
+    empty = _State(topo, batch, routing)
     best, least = float("inf"), float("inf")
     for strategy, shards in _candidates(table, topo, allowed, empty):
         trial = empty.trial(table, strategy, shards)
@@ -500,13 +462,13 @@ def _alone(table: TableLoad, topo: Topology, allowed, batch: int, comm: CommSett
     return (0.0, 0.0) if best == float("inf") else (best, least)
 
 
-def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology, comm):
+def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology, routing):
     """The greedy pass: each table, in `order`, under the strategy and on the devices that
     give the best score. A score is the step time the placement implies: no sooner than
     the slowest device now, nor than perfect balance of the work placed plus `lookahead`
     times the least the tables still to place will add (a candidate that spreads work over
     every device must leave room for them). Returns (state, {table: placement})."""
-    state = _State(topo, batch, comm)
+    state = _State(topo, batch, routing)
     placed: dict[str, _Placed] = {}
     remaining = sum(a[1] for a in alone.values())
     for table in order:
@@ -652,7 +614,7 @@ def _refine(state: _State, placed, tables, deadline: float, max_moves: int | Non
                 without[s.device] -= delta
                 g = group.copy()
                 g.add_owners(table, [s.owner], sign=-1)
-                sent = g.bytes_with_shard_on_each(table, s.rows, state.batch, state.comm_settings)
+                sent = g.bytes_with_shard_on_each(table, s.rows, state.batch, state.routing)
                 comm = state.comm - state.sent[p.key] + sent
                 moved = without[:, 1] + delta[1]  # each destination's lookups after the move
                 new_step = step_seconds(np.maximum(without[:, 1].max(), moved), comm, comm, topo)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -10,10 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from mesh.collectives import CommConfig
-from mesh.cost import CommSettings, TableLoad
+from mesh.cost import TableLoad
 from mesh.plan import ShardingPlan, validate_plan
 from mesh.planner import PRESET_NAMES, PlanResult, evaluate_plan, mesh_for_topology, plan_tables
+from mesh.routing import RoutingOptions
 from mesh.topology import Topology
+from pallas_kernels.fused_update.optimizers import OptimizerKind
 
 
 def read_tables(data: dict) -> list[TableLoad]:
@@ -36,7 +40,7 @@ def read_tables(data: dict) -> list[TableLoad]:
                     bag_width=int(entry.get("bag_width", max(1, math.ceil(p)))),
                     element_bytes=int(entry.get("element_bytes", 4)),
                     state_bytes=int(entry.get("state_bytes", 4)),
-                    optimizer=str(entry.get("optimizer", "rowwise_adagrad")),
+                    optimizer=str(entry.get("optimizer", OptimizerKind.ROWWISE_ADAGRAD.value)),
                     scaled=bool(entry.get("scaled", False)),
                     outputs=int(entry.get("outputs", 1)),
                 )
@@ -152,9 +156,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """python -m mesh.plan --tables TABLES.json --topology SPEC --batch-size N [--json OUT] [--png OUT]
     python -m mesh.plan ... --evaluate PLAN.json   (score a given plan instead of planning)
     python -m mesh.plan --calibrate"""
-    import argparse
-    import json
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.calibrate:
+        topo = calibrate()
+        print(topo)
+        print(
+            f"hosts=1,devices={topo.devices_per_host},memory={topo.memory:.3g},hbm={topo.hbm_bandwidth:.3g},"
+            f"intra={topo.intra_bandwidth:.3g},inter={topo.inter_bandwidth:.3g}"
+        )
+        return 0
+    if not (args.tables and args.topology and args.batch_size):
+        p.error("--tables, --topology and --batch-size are required (or --calibrate)")
+    try:
+        topo = Topology.parse(args.topology)
+        result = _plan_or_evaluate(args, topo)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(topo)
+    print(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    if args.png:
+        save_png(result, args.png)
+    return 0
 
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m mesh.plan", description="Plan table sharding without devices."
     )
@@ -181,42 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="PLAN.json",
         help="score this plan (e.g. another planner's) under the cost model instead of planning",
     )
-    args = p.parse_args(argv)
-    if args.calibrate:
-        topo = calibrate()
-        print(topo)
-        print(
-            f"hosts=1,devices={topo.devices_per_host},memory={topo.memory:.3g},hbm={topo.hbm_bandwidth:.3g},"
-            f"intra={topo.intra_bandwidth:.3g},inter={topo.inter_bandwidth:.3g}"
-        )
-        return 0
-    if not (args.tables and args.topology and args.batch_size):
-        p.error("--tables, --topology and --batch-size are required (or --calibrate)")
-    try:
-        topo = Topology.parse(args.topology)
-        codecs = CommConfig.parse(args.comm)
-        comm = CommSettings(forward=codecs.fwd, backward=codecs.bwd)
-        with open(args.tables) as f:
-            tables = read_tables(json.load(f))
-        if args.evaluate:
-            with open(args.evaluate) as f:
-                given = _without_empty_shards(ShardingPlan.from_json(json.load(f)))
-            mesh = given.mesh or mesh_for_topology(topo)
-            if mesh.size != topo.devices:
-                raise ValueError(
-                    f"the plan's mesh {mesh} has {mesh.size} devices; the topology has {topo.devices}"
-                )
-            validate_plan(given, tables, mesh)
-            result = evaluate_plan(given, tables, topo, args.batch_size, comm=comm)
-        else:
-            result = plan_tables(tables, topo, args.batch_size, comm=comm, refine_seconds=args.refine_seconds)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(topo)
-    print(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result.to_json(), f, indent=1)
-    if args.png:
-        save_png(result, args.png)
-    return 0
+    return p
+
+
+def _plan_or_evaluate(args, topo: Topology) -> PlanResult:
+    routing = RoutingOptions(comm=CommConfig.parse(args.comm))
+    with open(args.tables) as f:
+        tables = read_tables(json.load(f))
+    if not args.evaluate:
+        return plan_tables(tables, topo, args.batch_size, routing=routing, refine_seconds=args.refine_seconds)
+    with open(args.evaluate) as f:
+        given = _without_empty_shards(ShardingPlan.from_json(json.load(f)))
+    mesh = given.mesh or mesh_for_topology(topo)
+    if mesh.size != topo.devices:
+        raise ValueError(f"the plan's mesh {mesh} has {mesh.size} devices; the topology has {topo.devices}")
+    validate_plan(given, tables, mesh)
+    return evaluate_plan(given, tables, topo, args.batch_size, routing=routing)

@@ -31,6 +31,7 @@ per-device parts are indexed by the traced device index.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Mapping
 
 import jax
@@ -38,8 +39,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from mesh import collectives
-from mesh.collectives import packing
+from mesh.collectives import CommConfig, packing
 from mesh.sharded import GroupLayout, Placement, ShardedLayout
+
+
+class Route(str, enum.Enum):
+    """How a sharded group's ids reach their owners."""
+
+    AUTO = "auto"  # per group, whichever of the others sends the fewest bytes
+    BROADCAST = "broadcast"  # every shard of a table sees every id of its feature (here)
+    ROWS = "rows"  # each id to its row's owner, the row back unpooled (`mesh.bucketed`)
+    POOLED = "pooled"  # each id to its row's owner, pooled there (`mesh.bucketed`)
+
+
+ROUTES = tuple(r.value for r in Route)
+# The routes a step runs ("auto" chooses among them).
+RUNTIME_ROUTES = (Route.BROADCAST.value, Route.ROWS.value, Route.POOLED.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingOptions:
+    """How row-sharded groups route ids (`mesh.routing`, `mesh.bucketed`).
+
+    route: "auto" picks, per group, the route that sends the fewest bytes; "broadcast",
+      "rows" and "pooled" force one where it applies (rows: whole-row groups; pooled:
+      groups read only by pooled features), the broadcast route elsewhere.
+    capacity_factor: slots per peer on the bucketized routes, as a multiple of the ids a
+      peer expects when ids spread like rows. A step that needs more falls back to the
+      broadcast route.
+    comm: the codecs of the pooled results (fwd), their gradients (bwd) and the ids; the
+      pooled route's results travel like the broadcast route's. Route choice counts their
+      bytes on the wire.
+    """
+
+    route: str = "auto"
+    capacity_factor: float = 2.0
+    comm: CommConfig = CommConfig()
+
+    def __post_init__(self):
+        if self.route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+
+    def row_bytes(self, width: int) -> int:
+        """Wire bytes of one `width`-wide result row and its gradient row, in this
+        setting's codecs (the cost model's W(w))."""
+        return collectives.round_trip_bytes(self.comm.fwd, self.comm.bwd, width)
+
 
 # An owner's embedding bag over its block, for a lookup through a kernel: (block [rows,
 # width], ids [bags, batch, bag] int32 rows of the block, coef [bags, batch, bag] float32, 0
@@ -89,9 +136,9 @@ class GroupRoute:
     offset: np.ndarray
     output_of: np.ndarray
     table_dim: np.ndarray  # per owner and column: the table's dim (row-wise statistics)
-    forward: str = "fp32"  # codec of the pooled results on their way back (`CommConfig.fwd`)
-    backward: str = "fp32"  # codec of their gradients on the way out (`CommConfig.bwd`)
-    ids: str = "int32"  # how the ids travel (`CommConfig.ids`)
+    # Codecs: fwd of the pooled results on their way back, bwd of their gradients on the
+    # way out, ids of the ids.
+    comm: CommConfig = CommConfig()
 
     @property
     def column_split(self) -> bool:
@@ -106,7 +153,7 @@ class GroupRoute:
 
     @property
     def id_bytes(self) -> int:
-        return packing.packed_bytes(self.ids, self.id_bound)
+        return packing.packed_bytes(self.comm.ids, self.id_bound)
 
 
 def build_routes(layout: ShardedLayout, features: Mapping[str, FeatureRoute]) -> dict[str, GroupRoute]:
@@ -159,7 +206,7 @@ def broadcast_bytes(route: GroupRoute, local_batch: int, devices: int) -> int:
     results back, their gradients out."""
     share = (devices - 1) / devices
     ids = devices * local_batch * route.columns * (route.id_bytes + (4 if route.scaled else 0))
-    row = collectives.round_trip_bytes(route.forward, route.backward, route.group.width)
+    row = collectives.round_trip_bytes(route.comm.fwd, route.comm.bwd, route.group.width)
     return int(share * (ids + devices * local_batch * route.outputs * row))
 
 
@@ -174,7 +221,7 @@ def send_ids(
     [local_batch, L] float32} for scaled features. Returns what this device received as an
     owner: ids `[sources, local_batch, columns]` and coefficients (None if unscaled).
 
-    Packed ids (`route.ids`) travel as codes of the owner's shard and come back as table
+    Packed ids (`route.comm.ids`) travel as codes of the owner's shard and come back as table
     ids, with -1 where an id was padding or outside this owner's rows (which `owner_rows`
     treats alike)."""
 
@@ -190,7 +237,7 @@ def send_ids(
         return jnp.stack(per_owner)
 
     out = stacked(lambda f: ids[f].astype(jnp.int32), -1, jnp.int32)  # [owners, local_batch, columns]
-    if route.ids == "packed":
+    if route.comm.ids == "packed":
         start, count = route.row_start[:, None, :], route.row_count[:, None, :]
         local = out - start
         codes = jnp.where((out >= 0) & (local >= 0) & (local < count), local + 1, 0)
@@ -272,7 +319,7 @@ def pool(
 def return_outputs(route: GroupRoute, pooled: jax.Array, axes: tuple[str, ...]) -> dict[str, jax.Array]:
     """Step 3: the pooled work items back to the batch owners -> {feature: activations}."""
     received = collectives.all_to_all(
-        pooled, axes, route.forward, "fwd"
+        pooled, axes, route.comm.fwd, "fwd"
     )  # [owners, local_batch, outputs, width]
     blocks: dict[str, dict[int, jax.Array]] = {f: {} for f in route.features}
     for owner, items in enumerate(route.items):
@@ -306,7 +353,7 @@ def send_gradients(route: GroupRoute, act_grads: Mapping[str, jax.Array], axes) 
         if used < route.outputs:
             parts.append(jnp.zeros((batch, route.outputs - used, width), jnp.float32))
         per_owner.append(jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
-    return collectives.all_to_all(jnp.stack(per_owner), axes, route.backward, "bwd")
+    return collectives.all_to_all(jnp.stack(per_owner), axes, route.comm.bwd, "bwd")
 
 
 def position_gradients(route: GroupRoute, grads: jax.Array, weight: jax.Array, device) -> jax.Array:

@@ -190,6 +190,18 @@ def gather_logical(layout: ShardedLayout, storage: Mapping[str, jax.Array]) -> d
     return out
 
 
+def gather_logical_slots(layout: ShardedLayout, slots) -> dict[str, dict[str, np.ndarray]]:
+    """{table: {slot: [rows, ...]}} of groups' optimizer slots ({group: {slot: storage}}),
+    gathered to the host (tests, small tables)."""
+    out: dict[str, dict[str, np.ndarray]] = {table: {} for table in layout.table_shapes}
+    for kind in sorted({k for g in layout.groups for k in slots[g.name]}):
+        groups = tuple(g for g in layout.groups if kind in slots[g.name])
+        sub = ShardedLayout(groups, layout.table_shapes, layout.group_of)
+        for table, value in gather_logical(sub, {g.name: slots[g.name][kind] for g in groups}).items():
+            out[table][kind] = value
+    return out
+
+
 def logical_sharding(rows: int, dim: int | None, mesh: jax.sharding.Mesh) -> NamedSharding:
     """How a logical `[rows, dim]` (or `[rows]`) array is held while saved, restored or
     initialized: rows split over as many devices as divide them evenly, columns over as

@@ -8,12 +8,14 @@ Data-parallel groups are looked up locally. Owners gather with XLA, or through a
 embedding-bag kernel per group (`bags`: the Pallas kernel on GPU and TPU, the CPU kernel
 for pooled bags; `recsys.lookup.owner_bags`).
 What each owner received is returned too, so the backward pass
-(`recsys.sharded_update`) updates the same rows without routing the ids again.
+(`mesh.sharded_update`) updates the same rows without routing the ids again. The routes
+of a step are planned once (`plan_routes`) for both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -22,41 +24,61 @@ from jax.sharding import PartitionSpec as P
 
 from mesh import bucketed, collectives, routing
 from mesh.bucketed import BucketRoute
-from mesh.collectives import CommConfig
-from mesh.routing import BagFn, FeatureRoute, GroupRoute
+from mesh.routing import BagFn, FeatureRoute, GroupRoute, Route, RoutingOptions
 from mesh.sharded import ShardedLayout
 
-ROUTES = ("auto", "broadcast", "rows", "pooled")
 
-# {group: {"ids", "coef": broadcast route; "served", "owner", "slot", "fallback": bucketized;
-#  "at", "weight": pooled at the owner}}
-Routed = dict[str, dict[str, jax.Array]]
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """What one sharded group's owners received in the forward pass, for the backward.
+
+    Broadcast route: `ids` (and `coef` if scaled), `[sources, local_batch, columns]`.
+    Bucketized routes add `served` (`[sources, capacity]` rows served, `block_rows` on
+    empty slots), this device's `owner` and `slot` of every id it sent, and `fallback`,
+    whether the step took the broadcast route instead (a scalar, the same on every
+    device); the pooled route adds each served slot's output position `at` and `weight`.
+    Fields a route does not use are None.
+    """
+
+    ids: jax.Array | None = None
+    coef: jax.Array | None = None
+    served: jax.Array | None = None
+    owner: jax.Array | None = None
+    slot: jax.Array | None = None
+    at: jax.Array | None = None
+    weight: jax.Array | None = None
+    fallback: jax.Array | None = None
+
+    @staticmethod
+    def specs(route: GroupRoute, bucket: BucketRoute | None, batch: P) -> Received:
+        """The `shard_map` specs of what the group receives: per device, except the
+        fallback verdict, which every device shares."""
+        specs = {"ids": batch, "coef": batch if route.scaled else None}
+        if bucket is not None:
+            specs.update(served=batch, owner=batch, slot=batch, fallback=P())
+            if bucket.pool_at_owner:
+                specs.update(at=batch, weight=batch)
+        return Received(**specs)
+
+
+Routed = dict[str, Received]  # {sharded group: what its owners received}
 
 
 @dataclasses.dataclass(frozen=True)
-class RoutingOptions:
-    """How row-sharded groups route ids (`mesh.routing`, `mesh.bucketed`).
+class StepRoutes:
+    """How a step routes every sharded group, planned once for the forward and the backward."""
 
-    route: "auto" picks, per group, the route that sends the fewest bytes; "broadcast",
-      "rows" and "pooled" force one where it applies (rows: whole-row groups; pooled:
-      groups read only by pooled features), the broadcast route elsewhere.
-    capacity_factor: slots per peer on the bucketized routes, as a multiple of the ids a
-      peer expects when ids spread like rows. A step that needs more falls back to the
-      broadcast route.
-    comm: the codecs of the pooled results (fwd), their gradients (bwd) and the ids; the
-      pooled route's results travel like the broadcast route's. Route choice counts their
-      bytes on the wire.
-    """
+    broadcast: dict[str, GroupRoute]  # every sharded group some feature reads
+    buckets: dict[str, BucketRoute]  # the groups that take a bucketized route (with fallback)
+    features: Mapping[str, FeatureRoute]
+    local_batch: int
 
-    route: str = "auto"
-    capacity_factor: float = 2.0
-    comm: CommConfig = CommConfig()
-
-    def __post_init__(self):
-        if self.route not in ROUTES:
-            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {self.route!r}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
+    def specs(self, batch: P) -> dict[str, Received]:
+        return {
+            name: Received.specs(route, self.buckets.get(name), batch)
+            for name, route in self.broadcast.items()
+        }
 
 
 def plan_routes(
@@ -64,18 +86,21 @@ def plan_routes(
     features: Mapping[str, FeatureRoute],
     local_batch: int,
     options: RoutingOptions,
-) -> tuple[dict[str, GroupRoute], dict[str, BucketRoute]]:
-    """Broadcast routes of every sharded group, and the bucketized routes chosen."""
-    codecs = {"forward": options.comm.fwd, "backward": options.comm.bwd, "ids": options.comm.ids}
-    routes = {k: dataclasses.replace(r, **codecs) for k, r in routing.build_routes(layout, features).items()}
-    if options.route == "broadcast":
-        return routes, {}
+) -> StepRoutes:
+    """Broadcast routes of every sharded group, and the bucketized routes chosen: per
+    group, the one `options.route` forces where it applies, or (auto) the route that
+    sends the fewest bytes in the step's codecs."""
+    comm = {"comm": options.comm}
+    routes = {k: dataclasses.replace(r, **comm) for k, r in routing.build_routes(layout, features).items()}
+    step = functools.partial(StepRoutes, routes, features=features, local_batch=local_batch)
+    if options.route == Route.BROADCAST:
+        return step({})
     f = options.capacity_factor
     rows = bucketed.build_bucket_routes(layout, features, local_batch, f)
-    rows = {k: dataclasses.replace(b, **codecs) for k, b in rows.items()}
     pooled = bucketed.build_bucket_routes(layout, features, local_batch, f, broadcast=routes)
-    if options.route != "auto":
-        return routes, rows if options.route == "rows" else pooled
+    rows, pooled = ({k: dataclasses.replace(b, **comm) for k, b in x.items()} for x in (rows, pooled))
+    if options.route != Route.AUTO:
+        return step(rows if options.route == Route.ROWS else pooled)
     n = layout.groups[0].devices
     buckets = {}
     for name, route in routes.items():
@@ -86,7 +111,7 @@ def plan_routes(
         best = min(sent, key=lambda b: (sent[b], b is not None))
         if best is not None:
             buckets[name] = best
-    return routes, buckets
+    return step(buckets)
 
 
 def varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -141,59 +166,56 @@ def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes, bag=No
     received_ids, received_coef = routing.send_ids(route, ids, coef, axes, device)
     rows, weight = routing.owner_rows(route, received_ids, received_coef, device)
     pooled = routing.pool(route, block, rows, weight, device, bag)
-    out = {"ids": received_ids}
-    if received_coef is not None:
-        out["coef"] = received_coef
-    return routing.return_outputs(route, pooled, axes), out
+    return routing.return_outputs(route, pooled, axes), Received(ids=received_ids, coef=received_coef)
 
 
 def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, device, axes, bag=None):
     """Bucketized routing, or the broadcast route for the whole group when any device's
-    buckets overflow this step."""
+    buckets overflow this step. Both branches return every field the group's `Received`
+    has (zeros where the branch taken does not fill it)."""
     a = bucketed.assign(bucket, ids)
     fallback = collectives.any_device(a.overflow, axes)
     n, local_batch = bucket.group.devices, next(iter(ids.values())).shape[0]
-    broadcast_shapes = {"ids": ((n, local_batch, route.columns), jnp.int32)}
-    if route.scaled:
-        broadcast_shapes["coef"] = ((n, local_batch, route.columns), jnp.float32)
-    slots = (n, bucket.capacity)
-    bucket_shapes = {"served": (slots, jnp.int32)}
-    if bucket.pool_at_owner:
-        bucket_shapes.update(at=(slots, jnp.int32), weight=(slots, jnp.float32))
+    columns, slots = (n, local_batch, route.columns), (n, bucket.capacity)
 
-    def unused(shapes):
-        return {k: varying(jnp.zeros(shape, dtype), axes) for k, (shape, dtype) in shapes.items()}
+    def zeros(shape, dtype):
+        return varying(jnp.zeros(shape, dtype), axes)
+
+    def broadcast_unused() -> dict:
+        return {
+            "ids": zeros(columns, jnp.int32),
+            "coef": zeros(columns, jnp.float32) if route.scaled else None,
+        }
 
     def via_buckets():
         if bucket.pool_at_owner:
             served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
             pooled = bucketed.pool_at_owner(bucket, block, served, at, weight, local_batch, bag)
             acts = routing.return_outputs(route, pooled, axes)
-            return acts, {"served": served, "at": at, "weight": weight, **unused(broadcast_shapes)}
+            return acts, Received(served=served, at=at, weight=weight, **broadcast_unused())
         served, values = bucketed.exchange_rows(bucket, block, a, axes, bag)
-        return bucketed.pool_lanes(bucket, values, a, coef, ids), {
-            "served": served,
-            **unused(broadcast_shapes),
-        }
+        return bucketed.pool_lanes(bucket, values, a, coef, ids), Received(
+            served=served, **broadcast_unused()
+        )
 
     def via_broadcast():
-        acts, out = _broadcast_forward(route, block, ids, coef, device, axes, bag)
-        empty = unused(bucket_shapes)
-        empty["served"] = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
-        return acts, {**out, **empty}
+        acts, got = _broadcast_forward(route, block, ids, coef, device, axes, bag)
+        served = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
+        if bucket.pool_at_owner:
+            got = dataclasses.replace(got, at=zeros(slots, jnp.int32), weight=zeros(slots, jnp.float32))
+        return acts, dataclasses.replace(got, served=served)
 
-    acts, out = collectives.cond(fallback, via_broadcast, via_buckets)
-    return acts, {**out, "owner": a.owner, "slot": a.slot, "fallback": fallback}
+    acts, got = collectives.cond(fallback, via_broadcast, via_buckets)
+    return acts, dataclasses.replace(got, owner=a.owner, slot=a.slot, fallback=fallback)
 
 
 def sharded_lookup(
     layout: ShardedLayout,
     storage: Mapping[str, jax.Array],
-    features: Mapping[str, FeatureRoute],
+    routes: StepRoutes,
     ids: Mapping[str, jax.Array],
     coef: Mapping[str, jax.Array],
     mesh: jax.sharding.Mesh,
-    options: RoutingOptions | None = None,
     bags: Mapping[str, BagFn] | None = None,
     order: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], Routed, jax.Array]:
@@ -201,35 +223,33 @@ def sharded_lookup(
 
     Args:
       layout, storage: from `mesh.sharded.sharded_layout` / `shard_logical`.
-      features: {feature: FeatureRoute}.
+      routes: the step's routes (`plan_routes`), which the backward takes too.
       ids: {feature: [batch, L] int32}, -1 on padding; batch sharded over all mesh axes.
       coef: {feature: [batch, L] float32} per-position factors of the scaled features.
       mesh: the mesh.
-      options: how row-wise groups route.
       bags: {group: embedding bag} for groups whose owners look up through a kernel
         (`mesh.routing.BagFn`); the others gather with XLA. Either way the activations
         are the same (up to float32 summation order).
       order: the order of the program's collectives so far (`collectives.ordered_shard_map`;
         None: the lookup starts it).
     Returns:
-      ({feature: [batch, dim] or [batch, L, dim] float32}, routed ids for the update, the
-      order after the lookup's collectives).
+      ({feature: [batch, dim] or [batch, L, dim] float32}, what each group's owners
+      received (for the update), the order after the lookup's collectives).
     """
     axes = tuple(mesh.axis_names)
-    options = options or RoutingOptions()
     bags = dict(bags or {})
+    features = routes.features
     names = sorted(features)
-    local_batch = ids[names[0]].shape[0] // mesh.devices.size
-    routes, buckets = plan_routes(layout, features, local_batch, options)
     scaled = sorted(f for f in names if features[f].scaled)
 
     def body(storage, ids, coef):
         d = collectives.device_index(axes)
         acts, routed = _local_lookup(layout, storage, features, ids, coef, bags), {}
-        for name, route in routes.items():
+        for name, route in routes.broadcast.items():
             block, bag = storage[name][0], bags.get(name)
-            if name in buckets:
-                acts_g, routed[name] = _bucketed_forward(buckets[name], route, block, ids, coef, d, axes, bag)
+            if name in routes.buckets:
+                bucket = routes.buckets[name]
+                acts_g, routed[name] = _bucketed_forward(bucket, route, block, ids, coef, d, axes, bag)
             else:
                 acts_g, routed[name] = _broadcast_forward(route, block, ids, coef, d, axes, bag)
             acts.update(acts_g)
@@ -237,19 +257,11 @@ def sharded_lookup(
 
     batch = P(axes)
     storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
-    routed_specs = {}
-    for name, route in routes.items():
-        routed_specs[name] = {"ids": batch, **({"coef": batch} if route.scaled else {})}
-        if name in buckets:
-            # The fallback verdict is the same on every device (`collectives.any_device`).
-            routed_specs[name].update(served=batch, owner=batch, slot=batch, fallback=P())
-            if buckets[name].pool_at_owner:
-                routed_specs[name].update(at=batch, weight=batch)
     mapped = collectives.ordered_shard_map(
         body,
         mesh=mesh,
         in_specs=(storage_specs, {f: batch for f in names}, {f: batch for f in scaled}),
-        out_specs=({f: batch for f in names}, routed_specs),
+        out_specs=({f: batch for f in names}, routes.specs(batch)),
     )
     order, (acts, routed) = mapped(
         order,

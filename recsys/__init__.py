@@ -1,11 +1,19 @@
-"""Recommendation-model training in JAX: specs, jagged batches, embedding lookups, sparse
-optimizers, models and the split train step."""
+"""Recommendation-model training in JAX with embedding tables sharded over a device mesh.
 
-# First, before any JAX computation can start XLA's worker threads: glibc malloc settings
-# that keep XLA:CPU's per-step buffers mapped (`recsys.host_malloc`).
-from recsys import host_malloc  # noqa: F401  (imported for its effect)
+What a user's own loop needs, on one device or many: specs, jagged batches, the
+embedding collection for a Flax NNX model, the trainers and checkpoints, and the mesh,
+plan and planner of the sharded path. Importing `recsys` changes nothing process-wide;
+on a CPU-only host, `tune_host_malloc()` (called first) keeps XLA:CPU's per-step buffers
+mapped (`recsys.host_malloc`).
+"""
+
+from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.routing import RoutingOptions
+from recsys.batching import Batch, process_share, to_batch
 from recsys.embedding import EmbeddingCollection, EmbeddingTable
+from recsys.host_malloc import tune as tune_host_malloc
 from recsys.lookup import Activations, init_tables, lookup, reference_lookup, stack_tables, unstack_tables
+from recsys.planning import plan_model, table_loads
 from recsys.sparse import InputPolicy, JaggedBatch, JaggedFeature, PackReport, RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import (
@@ -16,11 +24,21 @@ from recsys.specs import (
     SparseOptimizerSpec,
     TableSpec,
 )
-from recsys.trainer import Batch, Trainer, TrainState
+from recsys.training import (
+    Checkpointer,
+    CheckpointMismatch,
+    ShardedState,
+    ShardedTrainer,
+    Trainer,
+    TrainState,
+    binary_cross_entropy,
+)
 
 __all__ = [
-    "Batch",
     "Activations",
+    "Batch",
+    "CheckpointMismatch",
+    "Checkpointer",
     "EmbeddingCollection",
     "EmbeddingConfig",
     "EmbeddingTable",
@@ -29,19 +47,34 @@ __all__ = [
     "InputPolicy",
     "JaggedBatch",
     "JaggedFeature",
+    "MeshSpec",
     "PackReport",
     "Pooling",
     "RaggedIds",
+    "RoutingOptions",
+    "ShardedState",
+    "ShardedTrainer",
+    "ShardingPlan",
     "SparseOptimizerSpec",
+    "Strategy",
     "TableSpec",
     "TrainState",
     "Trainer",
+    "binary_cross_entropy",
     "init_slots",
     "init_tables",
     "lookup",
+    "make_mesh",
+    "mesh_spec",
     "pack_batch",
+    "plan_for_strategy",
+    "plan_model",
+    "process_share",
     "reference_lookup",
     "sparse_update",
     "stack_tables",
+    "table_loads",
+    "to_batch",
+    "tune_host_malloc",
     "unstack_tables",
 ]

@@ -7,7 +7,8 @@ thread asks for that does not fit its 64 MB arena) with a fresh `mmap`, and `mun
 on free, so the next step touches new pages: 48,000 page faults and 160 ms of kernel
 time per benchmark step on the 2-core development CPU, about 13% of the step.
 
-Importing `recsys` (this module runs first) therefore sets, through `mallopt`:
+`tune()` (`recsys.tune_host_malloc()`; the CLI and the benchmarks call it first) therefore
+sets, through `mallopt`:
   - one arena (M_ARENA_MAX = 1): every thread allocates from the main heap, which grows
     without a size limit, so large blocks need no `mmap`;
   - no `mmap` for large blocks (M_MMAP_MAX = 0);
@@ -17,8 +18,9 @@ The process keeps its peak heap instead of returning freed memory to the OS, as 
 training process usually does anyway (PyTorch's and XLA's GPU allocators do the same).
 
 M_ARENA_MAX only takes effect if no worker thread has allocated yet, which in a JAX
-process means before its first computation: import `recsys` before running anything on
-JAX (importing jax itself is fine). `STATE` says what happened.
+process means before its first computation: call it before running anything on JAX
+(importing jax itself is fine). Importing `recsys` changes nothing; `state()` says what
+the last call did.
 
 `RECSYS_HOST_MALLOC` chooses: "auto" (the default) tunes only where JAX will compute on
 the CPU (`JAX_PLATFORMS` is "cpu", or it is unset and no GPU/TPU plugin is installed),
@@ -47,7 +49,7 @@ _M_ARENA_MAX = -8
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest it accepts, 2 GiB
 
 # The same settings as environment variables, read by glibc when a process starts (for
-# another program, such as the TorchRec peer benchmark: `recsys.bench --peer-malloc tuned`).
+# another program, such as the TorchRec peer benchmark: `python -m benchmarks.bench --peer-malloc tuned`).
 ENVIRONMENT = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
@@ -93,10 +95,24 @@ def _jax_has_computed() -> bool:
     return bridge is not None and bridge.backends_are_initialized()
 
 
+_state = "not tuned: recsys.tune_host_malloc() was not called"
+
+
+def state() -> str:
+    """What the last `tune()` did (or that it was never called)."""
+    return _state
+
+
 def tune(environ=os.environ) -> str:
-    """Applies the settings above (at import; again is harmless) and returns `STATE`'s
-    text: "tuned", "tuned, but JAX had already computed: ...", "partly: ..." or
-    "off: <why>". Raises ValueError for an unknown `RECSYS_HOST_MALLOC`."""
+    """Applies the settings above (again is harmless) and returns what happened, also
+    kept for `state()`: "tuned", "tuned, but JAX had already computed: ...", "partly:
+    ..." or "off: <why>". Raises ValueError for an unknown `RECSYS_HOST_MALLOC`."""
+    global _state
+    _state = _tune(environ)
+    return _state
+
+
+def _tune(environ) -> str:
     choice = environ.get(ENV, "auto").strip().lower() or "auto"
     if choice not in CHOICES:
         raise ValueError(f"{ENV} must be one of {', '.join(CHOICES)}, got {environ[ENV]!r}")
@@ -113,6 +129,3 @@ def tune(environ=os.environ) -> str:
     if late:
         return "tuned, but JAX had already computed: its worker threads keep their own arenas"
     return "tuned"
-
-
-STATE = tune()

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cpu as cpu_kernels
 from pallas_kernels.embedding_bag import embedding_bag, embedding_bag_reference
-from recsys import cpu_kernels
+from recsys.kernels import table_path
 from recsys.layout import EmbeddingLayout, LookupGroup, build_layout
 from recsys.sparse import JaggedBatch, JaggedFeature
 from recsys.specs import EmbeddingConfig, FeatureSpec, InitKind, Pooling, TableSpec
@@ -133,7 +134,7 @@ def group_inputs(layout: EmbeddingLayout, group: LookupGroup, batch: JaggedBatch
     return ids, coef
 
 
-def _pooled_gather(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Array:
+def pooled_gather(table: jax.Array, ids: jax.Array, coef: jax.Array) -> jax.Array:
     """sum_l coef[..., l] * table[ids[..., l]] -> [features, batch, dim] float32."""
 
     def positions(start: int | jax.Array, count: int) -> jax.Array:
@@ -227,33 +228,6 @@ def activation_index(layout: EmbeddingLayout) -> tuple[tuple[str, str, int], ...
     )
 
 
-KERNELS = ("auto", "xla", "cpu", "pallas")
-
-
-def table_path(dtype, dim: int, kernels: str) -> str:
-    """Which implementation serves a table group: "xla", "cpu" or "pallas".
-
-    "auto" takes the Pallas kernels on GPU and TPU (on GPU only for power-of-two dims,
-    which Triton needs), the CPU kernels on CPU for float32 tables when the library was
-    built, and XLA otherwise. "cpu" requires the CPU kernel library (float32 tables; others
-    stay on XLA); "pallas" always takes Pallas, interpreted on CPU (slow: for tests).
-    """
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    backend = jax.default_backend()
-    if kernels == "pallas":
-        return "pallas"
-    if kernels == "auto" and backend in ("gpu", "tpu"):
-        return "pallas" if backend == "tpu" or (dim > 0 and dim & (dim - 1) == 0) else "xla"
-    if kernels == "xla" or jnp.dtype(dtype) != jnp.float32:
-        return "xla"
-    if kernels == "cpu":
-        if not cpu_kernels.available():
-            raise RuntimeError(f"kernels='cpu': {cpu_kernels.unavailable_reason()}")
-        return "cpu"
-    return "cpu" if backend == "cpu" and cpu_kernels.available() else "xla"
-
-
 def lookup(
     config: EmbeddingConfig, tables: dict[str, jax.Array], batch: JaggedBatch, kernels: str = "auto"
 ) -> Activations:
@@ -262,7 +236,7 @@ def lookup(
     Args:
       tables: {group: [total_rows, dim]} as made by `init_tables` / `stack_tables`.
       batch: packed ids; they must be in range (the packer guarantees it).
-      kernels: "auto", "xla", "cpu" or "pallas" (see `table_path`). "auto" takes the
+      kernels: "auto", "xla", "cpu" or "pallas" (`recsys.kernels.table_path`). "auto" takes the
         Pallas table-batched embedding bag on GPU and TPU and, on CPU, the CPU kernel
         (`recsys.cpu_kernels`) for pooled features of float32 tables when the library was
         built. On CPU the kernel and XLA forward alone run about as fast; in a train step
@@ -288,7 +262,7 @@ def lookup(
         if group.sequence:
             acts = table.at[ids].get(mode="promise_in_bounds").astype(jnp.float32) * coef[..., None]
         else:
-            acts = _pooled_gather(table, ids, coef)
+            acts = pooled_gather(table, ids, coef)
         groups[group.name] = jnp.moveaxis(acts, 0, 1)  # features-major -> batch-major
     return Activations(groups, activation_index(layout))
 

@@ -164,9 +164,28 @@ def pack_feature(
     Returns:
       numpy-backed JaggedFeature with ids [batch, max_ids] int32, lengths [batch] int32.
     """
+    values, lengths, weights = _checked_bags(spec, ragged)
+    batch, width = len(lengths), spec.max_ids
+    values = _ids_in_range(spec, rows, values, lengths, policy, report)
+    _check_bag_lengths(spec, lengths, policy, report)
+    # Scatter each id to (sample, position); positions >= max_ids are the truncated ones.
+    starts = np.cumsum(lengths) - lengths
+    sample = np.repeat(np.arange(batch), lengths)
+    position = np.arange(len(values)) - np.repeat(starts, lengths)
+    keep = position < width
+    ids = np.zeros((batch, width), np.int32)
+    ids[sample[keep], position[keep]] = values[keep]
+    packed_weights = None
+    if weights is not None:
+        packed_weights = np.zeros((batch, width), np.float32)
+        packed_weights[sample[keep], position[keep]] = weights[keep]
+    return JaggedFeature(ids=ids, lengths=np.minimum(lengths, width).astype(np.int32), weights=packed_weights)
+
+
+def _checked_bags(spec: FeatureSpec, ragged: RaggedIds):
+    """(ids, lengths, weights or None) as NumPy, or a ValueError naming what is malformed."""
     values = np.asarray(ragged.values)
     lengths = np.asarray(ragged.lengths).astype(np.int64)
-    batch, width = len(lengths), spec.max_ids
     if lengths.ndim != 1 or (lengths < 0).any():
         raise ValueError(f"feature {spec.name!r}: lengths must be a 1-D array of counts >= 0")
     if values.ndim != 1 or len(values) != lengths.sum():
@@ -185,50 +204,48 @@ def pack_feature(
         if not np.isfinite(weights).all():
             bad = _sample_of(np.flatnonzero(~np.isfinite(weights))[0], lengths)
             raise ValueError(f"feature {spec.name!r}: non-finite weight in sample {bad}")
+    return values, lengths, weights
 
+
+def _ids_in_range(spec: FeatureSpec, rows: int, values, lengths, policy: InputPolicy, report) -> np.ndarray:
+    """`values`, with ids outside [0, rows) an error or rewritten as `policy` says (counted)."""
     bad = (values < 0) | (values >= rows)
-    if bad.any():
-        if policy.out_of_range is OutOfRange.ERROR:
-            first = np.flatnonzero(bad)[0]
-            raise ValueError(
-                f"feature {spec.name!r}: id {values[first]} in sample {_sample_of(first, lengths)} "
-                f"is outside [0, {rows}) ({int(bad.sum())} such ids in this batch); "
-                "pass InputPolicy(out_of_range='modulo'|'hash') to map ids into range"
-            )
-        values = values.astype(np.int64)
-        if policy.out_of_range is OutOfRange.MODULO:
-            values = np.where(bad, values % rows, values)
-        else:
-            values = np.where(bad, hash_ids(values, rows), values)
-        if report is not None:
-            report.remapped_ids[spec.name] = report.remapped_ids.get(spec.name, 0) + int(bad.sum())
+    if not bad.any():
+        return values
+    if policy.out_of_range is OutOfRange.ERROR:
+        first = np.flatnonzero(bad)[0]
+        raise ValueError(
+            f"feature {spec.name!r}: id {values[first]} in sample {_sample_of(first, lengths)} "
+            f"is outside [0, {rows}) ({int(bad.sum())} such ids in this batch); "
+            "pass InputPolicy(out_of_range='modulo'|'hash') to map ids into range"
+        )
+    values = values.astype(np.int64)
+    if policy.out_of_range is OutOfRange.MODULO:
+        values = np.where(bad, values % rows, values)
+    else:
+        values = np.where(bad, hash_ids(values, rows), values)
+    if report is not None:
+        report.remapped_ids[spec.name] = report.remapped_ids.get(spec.name, 0) + int(bad.sum())
+    return values
 
+
+def _check_bag_lengths(spec: FeatureSpec, lengths, policy: InputPolicy, report) -> None:
+    """Bags longer than `spec.max_ids`: an error, or truncated as `policy` says (counted)."""
+    width = spec.max_ids
     over = lengths > width
-    if over.any():
-        if policy.overlong is Overlong.ERROR:
-            first = int(np.flatnonzero(over)[0])
-            raise ValueError(
-                f"feature {spec.name!r}: sample {first} has {lengths[first]} ids but max_ids is "
-                f"{width} ({int(over.sum())} such bags in this batch); raise max_ids or pass "
-                "InputPolicy(overlong='truncate')"
-            )
-        if report is not None:
-            dropped = int((lengths[over] - width).sum())
-            report.truncated_ids[spec.name] = report.truncated_ids.get(spec.name, 0) + dropped
-            report.truncated_bags[spec.name] = report.truncated_bags.get(spec.name, 0) + int(over.sum())
-
-    # Scatter each id to (sample, position); positions >= max_ids are the truncated ones.
-    starts = np.cumsum(lengths) - lengths
-    sample = np.repeat(np.arange(batch), lengths)
-    position = np.arange(len(values)) - np.repeat(starts, lengths)
-    keep = position < width
-    ids = np.zeros((batch, width), np.int32)
-    ids[sample[keep], position[keep]] = values[keep]
-    packed_weights = None
-    if weights is not None:
-        packed_weights = np.zeros((batch, width), np.float32)
-        packed_weights[sample[keep], position[keep]] = weights[keep]
-    return JaggedFeature(ids=ids, lengths=np.minimum(lengths, width).astype(np.int32), weights=packed_weights)
+    if not over.any():
+        return
+    if policy.overlong is Overlong.ERROR:
+        first = int(np.flatnonzero(over)[0])
+        raise ValueError(
+            f"feature {spec.name!r}: sample {first} has {lengths[first]} ids but max_ids is "
+            f"{width} ({int(over.sum())} such bags in this batch); raise max_ids or pass "
+            "InputPolicy(overlong='truncate')"
+        )
+    if report is not None:
+        dropped = int((lengths[over] - width).sum())
+        report.truncated_ids[spec.name] = report.truncated_ids.get(spec.name, 0) + dropped
+        report.truncated_bags[spec.name] = report.truncated_bags.get(spec.name, 0) + int(over.sum())
 
 
 def pack_batch(

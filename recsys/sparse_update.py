@@ -13,19 +13,21 @@ position of each id represents it), and a sort otherwise; both give the same slo
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import cpu as cpu_kernels
 from pallas_kernels.fused_update import RowOptimizer, fused_update, random_bits, round_state, stochastic_round
-from recsys import cpu_kernels
+from recsys.kernels import rows_update_path
 from recsys.layout import EmbeddingLayout, TableGroup, build_layout
-from recsys.lookup import Activations, group_inputs, table_path
+from recsys.lookup import Activations, group_inputs
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.specs import EmbeddingConfig, OptimizerKind, SparseOptimizerSpec
+from recsys.specs import EmbeddingConfig, SparseOptimizerSpec
 
 # Marker dedup when rows <= this x occurrences; above it the [rows] marker costs more
 # to clear than sorting the occurrences.
@@ -119,59 +121,41 @@ def _dedup_sort(local: jax.Array, valid: jax.Array, rows: int, capacity: int):
     return slot, unique_local, jnp.sum(is_first, dtype=jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class _XlaUpdate:
+    """How the XLA path deduplicates and updates (`sparse_update`'s testing and tuning hooks)."""
+
+    dedup: str
+    max_chunk: int
+    accumulator: str
+
+
 def _update_tables_scan(
-    group: TableGroup,
-    table,
-    slots,
-    ids,
-    coef,
-    src,
-    grad_rows,
-    offsets,
-    rows,
-    step,
-    dedup,
-    max_chunk,
-    accumulator,
+    group: TableGroup, table, slots, occurrences, offsets, rows, step, options: _XlaUpdate
 ):
-    """Runs dedup + gradient sum + optimizer for each table in `ids` ([tables, n])."""
-    optimizer = row_optimizer(group.optimizer)
-    seed = rounding_seed(step, group.name)
+    """Runs dedup + gradient sum + optimizer for each table of `occurrences` (ids, coef,
+    src: [tables, n]; grad_rows: [m, dim]), one table after another."""
+    ids, coef, src, grad_rows = occurrences
+    dedup, max_chunk, accumulator = options.dedup, options.max_chunk, options.accumulator
     n = ids.shape[1]
     # Unique rows are at most min(occurrences, rows); the optimizer walks them in chunks
     # and stops after the last used chunk, so its cost follows the unique count rather
-    # than this static worst case (at pooling 20 only ~22% of the ids are unique).
+    # than this static worst case (at pooling 20 most ids repeat).
     chunk = min(n, rows, max_chunk)
     capacity = -(-min(n, rows) // chunk) * chunk
     use_marker = dedup == "marker" or (dedup == "auto" and rows <= _MARKER_MAX_RATIO * n)
     find_slots = _dedup_marker if use_marker else _dedup_sort
     oob = group.total_rows  # an index past the stacked array: gathers fill, scatters drop
-
-    def apply_chunk(i, carry):
-        table, slots, unique, grad_sum = carry  # grad_sum is only read here
-        start = i * chunk
-        rows_i = jax.lax.dynamic_slice_in_dim(unique, start, chunk)
-        grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, start, chunk)
-        values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
-        slot_rows = {
-            k: v.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slots.items()
-        }
-        new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
-        table = table.at[rows_i].set(round_rows(new_values, rows_i, table.dtype, seed), mode="drop")
-        slots = {
-            k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], rows_i, v.dtype, seed, k), mode="drop")
-            for k, v in slots.items()
-        }
-        return table, slots, unique, grad_sum
+    apply_chunk = _chunk_update(row_optimizer(group.optimizer), step, rounding_seed(step, group.name), chunk)
 
     def zero_chunk(i, grad_sum):
         zeros = jnp.zeros((chunk, group.dim), jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(grad_sum, zeros, i * chunk, 0)
 
     # A large accumulator is zeroed once and carried from table to table, each table
-    # re-zeroing only the chunks it used: clearing all of it per table cost about as much
-    # as the scatter-add at pooling 20. A small one is cheaper to allocate fresh (the
-    # carry costs two buffer copies per table, which dominated at pooling 1).
+    # re-zeroing only the chunks it used (clearing all of it per table cost as much as the
+    # scatter-add). A small one is cheaper to allocate fresh (a carried buffer costs two
+    # copies per table).
     reuse_accumulator = accumulator == "reused" or (
         accumulator == "auto" and capacity * group.dim * 4 > _FRESH_ACCUMULATOR_BYTES
     )
@@ -197,6 +181,29 @@ def _update_tables_scan(
     grad_sum = jnp.zeros((capacity, group.dim), jnp.float32) if reuse_accumulator else None
     (table, slots, _), _ = jax.lax.scan(one_table, (table, slots, grad_sum), (ids, coef, src, offsets))
     return table, slots
+
+
+def _chunk_update(optimizer, step, seed, chunk: int):
+    """`optimizer` (`recsys.sparse_optim.row_optimizer`) on chunk i of the unique rows:
+    `fori_loop`'s body over (table, slots, unique rows, summed gradients)."""
+
+    def apply_chunk(i, carry):
+        table, slots, unique, grad_sum = carry  # grad_sum is only read here
+        rows_i = jax.lax.dynamic_slice_in_dim(unique, i * chunk, chunk)
+        grads_i = jax.lax.dynamic_slice_in_dim(grad_sum, i * chunk, chunk)
+        values = table.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32)
+        slot_rows = {
+            k: v.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slots.items()
+        }
+        new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
+        table = table.at[rows_i].set(round_rows(new_values, rows_i, table.dtype, seed), mode="drop")
+        slots = {
+            k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], rows_i, v.dtype, seed, k), mode="drop")
+            for k, v in slots.items()
+        }
+        return table, slots, unique, grad_sum
+
+    return apply_chunk
 
 
 def rounding_seed(step: jax.Array, group: str) -> jax.Array:
@@ -227,17 +234,8 @@ def round_slot_rows(values: jax.Array, rows: jax.Array, dtype, seed: jax.Array, 
 
 
 def update_path(group: TableGroup, kernels: str) -> str:
-    """ "pallas", "cpu" or "xla": how `group` is updated (see `sparse_update`)."""
+    """ "pallas", "cpu" or "xla": how `group` is updated (`recsys.kernels.rows_update_path`)."""
     return rows_update_path(group.dtype, group.dim, group.optimizer, kernels)
-
-
-def rows_update_path(dtype, dim: int, spec: SparseOptimizerSpec, kernels: str) -> str:
-    """`update_path` of rows `dim` wide in `dtype` under `spec`. The CPU kernel implements
-    row-wise Adagrad on float32 tables with float32 state only."""
-    path = table_path(dtype, dim, kernels)
-    if path == "cpu" and (spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or spec.state_dtype != "float32"):
-        return "xla"
-    return path
 
 
 def kernel_row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
@@ -302,7 +300,7 @@ def sparse_update(
       optimizer_chunk: unique rows the optimizer updates at a time (tuning and testing).
       accumulator: "auto", "fresh" or "reused": whether each table allocates its gradient
         accumulator or reuses one zeroed buffer ("auto" decides by size; same result).
-      kernels: "auto", "xla", "cpu" or "pallas" (`recsys.lookup.table_path`). "auto"
+      kernels: "auto", "xla", "cpu" or "pallas" (`recsys.kernels`). "auto"
         takes the Pallas fused update (`pallas_kernels.fused_update`, every optimizer;
         bfloat16/float16 tables rounded stochastically) on GPU and TPU, and on CPU runs
         row-wise Adagrad on float32 tables through the fused CPU kernel when it was built.
@@ -319,6 +317,7 @@ def sparse_update(
         raise ValueError(f"optimizer_chunk must be >= 1, got {optimizer_chunk}")
     layout = build_layout(config)
     tables, slots = dict(tables), dict(slots)
+    options = _XlaUpdate(dedup, optimizer_chunk, accumulator)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
         path = update_path(group, kernels)
@@ -342,20 +341,15 @@ def sparse_update(
         for members in buckets.values():
             index = np.stack([m[0] for m in members])  # [tables, occurrences]
             offsets = jnp.asarray([m[1] for m in members], jnp.int32)
-            rows = max(m[2] for m in members)
+            occurrences = (ids[index], coef[index], src[index], grad_rows)
             tables[group.name], slots[group.name] = _update_tables_scan(
                 group,
                 tables[group.name],
                 slots[group.name],
-                ids[index],
-                coef[index],
-                src[index],
-                grad_rows,
+                occurrences,
                 offsets,
-                rows,
+                max(m[2] for m in members),
                 step,
-                dedup,
-                optimizer_chunk,
-                accumulator,
+                options,
             )
     return tables, slots

@@ -12,7 +12,8 @@ import math
 
 import jax.numpy as jnp
 
-_TABLE_DTYPES = ("float32", "bfloat16", "float16")
+from pallas_kernels.dtypes import STORAGE_DTYPES
+from pallas_kernels.fused_update.optimizers import OptimizerKind
 
 
 def _is_dtype(value) -> bool:
@@ -29,15 +30,6 @@ class Pooling(str, enum.Enum):
     SUM = "sum"  # weighted sum of the rows: [batch, dim]
     MEAN = "mean"  # weighted sum divided by the bag length: [batch, dim]
     NONE = "none"  # no pooling, a sequence feature: [batch, max_ids, dim]
-
-
-class OptimizerKind(str, enum.Enum):
-    """Sparse row optimizers; each touches only the rows a batch looked up."""
-
-    SGD = "sgd"  # w -= lr * g
-    ADAGRAD = "adagrad"  # per-element accumulator, optax.adagrad semantics
-    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row (FBGEMM's EXACT_ROWWISE)
-    ADAM = "adam"  # lazy Adam: moments of untouched rows do not decay
 
 
 class InitKind(str, enum.Enum):
@@ -92,8 +84,8 @@ class SparseOptimizerSpec:
         state_dtype = (
             jnp.dtype(self.state_dtype).name if _is_dtype(self.state_dtype) else str(self.state_dtype)
         )
-        if state_dtype not in _TABLE_DTYPES:
-            raise ValueError(f"optimizer state_dtype {self.state_dtype!r} is not one of {_TABLE_DTYPES}")
+        if state_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"optimizer state_dtype {self.state_dtype!r} is not one of {STORAGE_DTYPES}")
         object.__setattr__(self, "state_dtype", state_dtype)
         for name in ("learning_rate", "eps", "initial_accumulator", "weight_decay"):
             value = getattr(self, name)
@@ -128,8 +120,8 @@ class TableSpec:
         if self.rows >= 2**31 - 1:
             raise ValueError(f"table {self.name!r}: rows={self.rows} does not fit int32 ids")
         dtype = jnp.dtype(self.dtype).name if _is_dtype(self.dtype) else str(self.dtype)
-        if dtype not in _TABLE_DTYPES:
-            raise ValueError(f"table {self.name!r}: dtype {self.dtype!r} is not one of {_TABLE_DTYPES}")
+        if dtype not in STORAGE_DTYPES:
+            raise ValueError(f"table {self.name!r}: dtype {self.dtype!r} is not one of {STORAGE_DTYPES}")
         object.__setattr__(self, "dtype", dtype)
         if not isinstance(self.optimizer, SparseOptimizerSpec):
             raise ValueError(f"table {self.name!r}: optimizer must be a SparseOptimizerSpec")

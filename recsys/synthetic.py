@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from recsys.data.examples import Examples
 from recsys.sparse import RaggedIds
 from recsys.specs import EmbeddingConfig, FeatureSpec, Pooling, SparseOptimizerSpec, TableSpec
 
@@ -76,16 +77,9 @@ class SyntheticData:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def slice(self, start: int, stop: int) -> SyntheticData:
-        sparse = {}
-        for name, ragged in self.sparse.items():
-            offsets = np.concatenate([[0], np.cumsum(ragged.lengths)])
-            sparse[name] = RaggedIds(
-                ragged.values[offsets[start] : offsets[stop]], ragged.lengths[start:stop]
-            )
-        return SyntheticData(
-            self.dense[start:stop], sparse, self.labels[start:stop], self.true_logits[start:stop]
-        )
+    def examples(self) -> Examples:
+        """The samples as host `Examples` (what `recsys.data` readers produce)."""
+        return Examples(dense=self.dense, sparse=self.sparse, labels=self.labels)
 
 
 class PlantedModel:

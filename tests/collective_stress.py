@@ -30,12 +30,12 @@ from flax import nnx  # noqa: E402
 
 from mesh import ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy  # noqa: E402
 from mesh.collectives import unordered_collectives  # noqa: E402
-from mesh.sharded_lookup import RoutingOptions  # noqa: E402
+from mesh.routing import RoutingOptions  # noqa: E402
+from recsys.batching import Batch  # noqa: E402
 from recsys.models import DLRM  # noqa: E402
-from recsys.sharded_trainer import ShardedTrainer  # noqa: E402
 from recsys.sparse import RaggedIds, pack_batch  # noqa: E402
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec  # noqa: E402
-from recsys.trainer import Batch  # noqa: E402
+from recsys.training import ShardedTrainer  # noqa: E402
 
 STRATEGIES = [s.value for s in Strategy]
 OPT = SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.1)

@@ -1,6 +1,6 @@
 import json
 
-from recsys import bench
+from benchmarks import bench
 
 
 def test_bench_prints_one_json_line_per_measurement(capsys):
@@ -35,7 +35,7 @@ def test_bench_prints_one_json_line_per_measurement(capsys):
 
 
 def test_input_benchmark_prints_every_path(capsys):
-    from recsys import bench_input
+    from benchmarks import input as bench_input
 
     assert bench_input.main(["--steps", "2", "--warmup", "1", "--repeats", "1"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -51,7 +51,7 @@ def test_input_benchmark_prints_every_path(capsys):
 
 
 def test_sharded_benchmark_reports_bytes_sent(capsys):
-    from recsys import bench_sharded
+    from benchmarks import sharded as bench_sharded
 
     argv = ["--tables", "2", "--rows", "100", "--dim", "8", "--batch", "64", "--steps", "1", "--warmup", "1"]
     assert bench_sharded.main([*argv, "--strategies", "row_wise", "data_parallel"]) == 0
@@ -66,7 +66,7 @@ def test_sharded_benchmark_reports_bytes_sent(capsys):
 
 
 def test_planner_benchmark_compares_with_naive_plans(capsys):
-    from recsys import bench_planner
+    from benchmarks import planner as bench_planner
 
     assert bench_planner.main(["--devices", "8", "--memory", "16GB", "--refine-seconds", "0.2"]) == 0
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -76,7 +76,7 @@ def test_planner_benchmark_compares_with_naive_plans(capsys):
 
 def test_gpu_check_reports_bandwidth_and_ratios(capsys):
     """`--smoke` runs the GPU check's code on tiny shapes (interpreted on CPU)."""
-    from recsys import bench_gpu
+    from benchmarks import gpu as bench_gpu
 
     bench_gpu.main(["--smoke"])
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

@@ -16,10 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from recsys import train
-from recsys.checkpoint import Checkpointer, CheckpointMismatch, to_logical
+from recsys.cli import build, flags
 from recsys.specs import SparseOptimizerSpec
 from recsys.synthetic import SyntheticConfig
-from recsys.trainer import Trainer
+from recsys.training import Checkpointer, CheckpointMismatch, Trainer
 from tests.conftest import cli_error
 
 SMALL = ["--train-samples", "2048", "--eval-samples", "512", "--batch-size", "64", "--num-tables", "3"]
@@ -27,11 +27,11 @@ SMALL += ["--rows", "50", "--no-progress"]
 
 
 def _trainer(rows=50, optimizer="adam", state_dtype="float32"):
-    args = train.parse_args(["--num-tables", "2"])
+    args = flags.parse(["--num-tables", "2"])
     config = SyntheticConfig(num_sparse=2, rows=rows).embedding_config(
         16, SparseOptimizerSpec(kind=optimizer, state_dtype=state_dtype)
     )
-    return Trainer(train.build_model(args, config, 13), optax.adam(1e-3))
+    return Trainer(build.build_model(args, config, 13), optax.adam(1e-3))
 
 
 def test_round_trip_is_exact(tmp_path):
@@ -43,7 +43,7 @@ def test_round_trip_is_exact(tmp_path):
     restored, metadata = ckpt.restore(trainer, _trainer().init_state())
     assert metadata == {"note": "x"}
     for a, b in zip(
-        jax.tree.leaves(to_logical(trainer, state)), jax.tree.leaves(to_logical(trainer, restored))
+        jax.tree.leaves(trainer.to_logical(state)), jax.tree.leaves(trainer.to_logical(restored))
     ):
         np.testing.assert_array_equal(a, b)
     saved = ocp.StandardCheckpointer().restore(tmp_path / "7" / "state")
@@ -73,7 +73,7 @@ def test_round_trip_keeps_narrow_optimizer_state(tmp_path):
     ckpt.save(1, trainer, state, {})
     ckpt.wait()
     restored, _ = ckpt.restore(trainer, trainer.init_state())
-    slots = jax.tree.leaves(to_logical(trainer, restored)["slots"])
+    slots = jax.tree.leaves(trainer.to_logical(restored)["slots"])
     assert slots and all(x.dtype == jax.numpy.bfloat16 for x in slots)
 
 

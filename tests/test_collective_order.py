@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh import collectives, make_mesh
-from recsys.watchdog import StepWatchdog, xla_collective_timeouts
+from recsys.cli.watchdog import StepWatchdog, xla_collective_timeouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,7 +181,7 @@ import sys
 import jax
 from jax.sharding import PartitionSpec as P
 from recsys import train
-from recsys.sharded_trainer import ShardedTrainer
+from recsys.training import ShardedTrainer
 
 built = ShardedTrainer.__init__
 

@@ -146,8 +146,8 @@ def _train(comm: str, steps: int = 8):
 
     from mesh import make_mesh, mesh_spec, plan_for_strategy
     from mesh.collectives import bytes_by_purpose
-    from mesh.sharded_lookup import RoutingOptions
-    from recsys.sharded_trainer import ShardedTrainer
+    from mesh.routing import RoutingOptions
+    from recsys.training import ShardedTrainer
     from tests.test_sharded_training import CONFIG, batches, model
 
     mesh = make_mesh("device=8")
@@ -176,7 +176,7 @@ def test_sharded_training_with_compressed_collectives_tracks_fp32():
         config = CommConfig.parse(comm)
         for purpose in ("fwd", "bwd", "allreduce"):  # ids: below
             # Rows of this model's dim 8: a scaled codec's 4-8 bytes of scale weigh heavily
-            # here (at dim 128 fp8 sends 0.26x, int8 0.27x; see recsys.bench_sharded).
+            # here (at dim 128 fp8 sends 0.26x, int8 0.27x; see benchmarks.sharded).
             width = 8 if purpose != "allreduce" else 70  # compressed_sum: 553 values in 8 rows
             ratio = Codec(getattr(config, purpose)).wire_width(width) / (4 * width)
             assert 0 < sent[purpose] <= 1.02 * ratio * fp32_sent[purpose], (comm, purpose, sent, fp32_sent)
@@ -210,7 +210,7 @@ def test_bfloat16_tables_train_sharded_with_replicas_in_step():
 
     from mesh import make_mesh, mesh_spec, plan_for_strategy
     from recsys.models import DLRM
-    from recsys.sharded_trainer import ShardedTrainer
+    from recsys.training import ShardedTrainer
     from tests.test_sharded_training import CONFIG, batches
 
     narrow = lambda t: dataclasses.replace(  # noqa: E731

@@ -1,5 +1,6 @@
 """The CPU kernels (`recsys.cpu_kernels`) against plain jnp and against the XLA path."""
 
+import ctypes
 import itertools
 import os
 
@@ -10,14 +11,20 @@ import optax
 import pytest
 from flax import nnx
 
-from recsys import cpu_kernels
+from pallas_kernels import cpu as cpu_kernels
+from pallas_kernels.cpu.reference import (
+    matmul_reference,
+    pairwise_dots_reference,
+    pooled_lookup_reference,
+    rowwise_adagrad_reference,
+)
+from recsys import kernels as kernel_paths
+from recsys.kernels import dense_path
 from recsys.layout import build_layout
 from recsys.lookup import init_tables, lookup
-from recsys.models import mlp
-from recsys.models.mlp import dense_path
 from recsys.sparse_update import update_path
 from recsys.specs import SparseOptimizerSpec
-from recsys.trainer import Trainer
+from recsys.training import Trainer
 from tests.conftest import make_config, random_batch, update_steps
 from tests.test_sharded_training import batches as dlrm_batches
 from tests.test_sharded_training import model as dlrm_model
@@ -39,8 +46,7 @@ def test_pooled_lookup_matches_jnp(rows, dim, bag):
     coef[1, 3] = 0.0  # an empty bag
     ids[coef == 0.0] = 10**6  # padding ids are never read, even out of range
     got = jax.jit(cpu_kernels.pooled_lookup)(table, jnp.asarray(ids), jnp.asarray(coef))
-    safe = np.where(coef == 0.0, 0, ids)
-    want = np.einsum("fbl,fbld->bfd", coef, np.asarray(table)[safe])  # batch-major out
+    want = pooled_lookup_reference(table, jnp.asarray(ids), jnp.asarray(coef))  # batch-major out
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
     assert not np.asarray(got[3, 1]).any()
 
@@ -75,14 +81,10 @@ def test_rowwise_adagrad_matches_plain_jnp(rows, n, dim):
     new_table, new_acc = jax.jit(
         lambda *a: cpu_kernels.rowwise_adagrad(*a, learning_rate=lr, eps=eps, weight_decay=wd)
     )(table, acc, jnp.asarray(ids), jnp.asarray(coef), jnp.asarray(src), jnp.asarray(grads))
-    want_table, want_acc = np.asarray(table).copy(), np.asarray(acc).copy()
-    valid = ids >= 0
-    g = np.zeros((rows, dim), np.float64)
-    np.add.at(g, ids[valid], coef[valid, None] * grads[src[valid]])
-    touched = np.unique(ids[valid])
-    g = g[touched] + wd * want_table[touched]
-    want_acc[touched] += np.mean(g * g, axis=1)
-    want_table[touched] -= lr * g / (np.sqrt(want_acc[touched])[:, None] + eps)
+    want_table, want_acc = rowwise_adagrad_reference(
+        table, acc, jnp.asarray(ids), jnp.asarray(coef), jnp.asarray(src), jnp.asarray(grads),
+        learning_rate=lr, eps=eps, weight_decay=wd,
+    )  # fmt: skip
     np.testing.assert_allclose(np.asarray(new_table), want_table, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new_acc), want_acc, rtol=1e-5, atol=1e-6)
     untouched = np.setdiff1d(np.arange(rows), ids)
@@ -149,12 +151,13 @@ def test_matmul_matches_numpy_in_every_transposition(m, k, n):
     rng = np.random.default_rng(m + k)
     a = rng.normal(size=(m, k)).astype(np.float32)
     b = rng.normal(size=(k, n)).astype(np.float32)
-    want = a.astype(np.float64) @ b
     for trans_a in (False, True):
         for trans_b in (False, True):
+            operands = (a.T if trans_a else a, b.T if trans_b else b)
             got = jax.jit(cpu_kernels.matmul, static_argnames=("trans_a", "trans_b"))(
-                a.T if trans_a else a, b.T if trans_b else b, trans_a=trans_a, trans_b=trans_b
+                *operands, trans_a=trans_a, trans_b=trans_b
             )
+            want = matmul_reference(*map(jnp.asarray, operands), trans_a=trans_a, trans_b=trans_b)
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"{trans_a=} {trans_b=}")
 
 
@@ -201,13 +204,8 @@ def test_pairwise_dots_and_their_gradient_match_jnp(batch, features, dim):
     emb = jnp.asarray(rng.normal(size=(batch, features, dim)), jnp.float32)
     g = jnp.asarray(rng.normal(size=(batch, (features + 1) * features // 2)), jnp.float32)
 
-    def reference(x, emb):
-        v = jnp.concatenate([x[:, None], emb], axis=1)
-        i, j = np.triu_indices(features + 1, k=1)
-        return jnp.einsum("bfd,bgd->bfg", v, v, precision="highest")[:, i, j]
-
     got, got_vjp = jax.vjp(cpu_kernels.pairwise_dots, x, emb)
-    want, want_vjp = jax.vjp(reference, x, emb)
+    want, want_vjp = jax.vjp(pairwise_dots_reference, x, emb)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
     for a, b in zip(got_vjp(g), want_vjp(g)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -217,13 +215,24 @@ def test_openblas_thread_timeout_is_a_default_for_loading_only(monkeypatch):
     """OpenBLAS gets the short spin unless the user chose one, and the environment is left
     as it was (other libraries loaded later read it too)."""
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
-    with cpu_kernels._environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
+    with cpu_kernels.environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
         assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "20"
     assert "OPENBLAS_THREAD_TIMEOUT" not in os.environ
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
-    with cpu_kernels._environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
+    with cpu_kernels.environment_default("OPENBLAS_THREAD_TIMEOUT", cpu_kernels.OPENBLAS_THREAD_TIMEOUT):
         assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "28"
     assert os.environ["OPENBLAS_THREAD_TIMEOUT"] == "28"
+
+
+def test_the_library_is_built_for_the_highest_level_this_cpu_has():
+    """No library is compiled for the building machine: on x86-64 one per level, and the
+    loader takes the highest this CPU runs."""
+    path = cpu_kernels.library_path()
+    if not path.name.startswith("_kernels_x86_64_v"):
+        pytest.skip(f"{path.name}: one library for this architecture")
+    built = sorted(int(p.stem[-1]) for p in path.parent.glob("_kernels_x86_64_v[0-9].so"))
+    cpu = ctypes.cdll.LoadLibrary(str(path)).RecsysCpuLevel()
+    assert int(path.stem[-1]) == max(level for level in built if level <= cpu)
 
 
 def test_dense_path_resolution():
@@ -240,7 +249,7 @@ def test_dlrm_steps_are_the_same_with_the_cpu_dense_kernels_and_with_xla(monkeyp
     batches = list(itertools.islice(dlrm_batches(), 3))
     small = Trainer(dlrm_model(), optax.adam(0.01), kernels="cpu")
     assert "recsys_matmul" not in small.train_step.lower(small.init_state(), batches[0]).as_text()
-    monkeypatch.setattr(mlp, "KERNEL_MIN_MACS", 0)  # this model's layers are all small
+    monkeypatch.setattr(kernel_paths, "DENSE_KERNEL_MIN_MACS", 0)  # this model's layers are all small
     runs = {}
     for kernels in ("cpu", "xla"):
         trainer = Trainer(dlrm_model(), optax.adam(0.01), kernels=kernels)

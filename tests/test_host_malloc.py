@@ -1,5 +1,5 @@
-"""recsys.host_malloc: when it tunes glibc's malloc, and that tuned, a step's large buffers
-come back without page faults."""
+"""recsys.host_malloc: importing recsys changes nothing; when `tune()` tunes glibc's malloc,
+and that tuned, a step's large buffers come back without page faults."""
 
 import os
 import subprocess
@@ -42,13 +42,14 @@ def test_rejects_an_unknown_choice():
 
 # Runs a program whose 64 MB temporary (the product, which the sine and the sum read) glibc
 # would mmap afresh on every call, and prints the fewest page faults of four calls after
-# the first, and recsys.host_malloc.STATE. XLA frees the temporary on its own thread after
+# the first, and recsys.host_malloc.state(). XLA frees the temporary on its own thread after
 # the result is ready, so each call first waits a little for that free: under load the
 # next call could otherwise allocate before it.
 _FAULTS_PER_CALL = """
 import resource, time
 import jax, jax.numpy as jnp
 import recsys
+recsys.tune_host_malloc()
 f = jax.jit(lambda a, b: jnp.sin(a @ b).sum())
 a, b = jnp.ones((4096, 64), jnp.float32), jnp.ones((64, 4096), jnp.float32)
 f(a, b).block_until_ready()
@@ -58,7 +59,7 @@ for _ in range(4):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, b).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults), recsys.host_malloc.STATE)
+print(min(faults), recsys.host_malloc.state())
 """
 
 
@@ -86,3 +87,12 @@ def test_tuned_process_reuses_large_buffers_without_page_faults():
     # 64 MB is 16,384 pages of 4 KiB: untuned, every call touches them afresh.
     assert faults_default > 8000, faults_default
     assert faults_tuned < 500, faults_tuned
+
+
+def test_importing_recsys_leaves_malloc_alone():
+    code = "import recsys; from recsys import host_malloc; print(host_malloc.state())"
+    env = {**os.environ, "RECSYS_HOST_MALLOC": "on"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "not tuned: recsys.tune_host_malloc() was not called"

@@ -90,7 +90,7 @@ def test_owner_bags_follow_the_table_path(monkeypatch):
     `table_path` on the group's dtype and shard width (columns per shard)."""
     from mesh import make_mesh, mesh_spec, plan_for_strategy
     from mesh.sharded import sharded_layout
-    from recsys import cpu_kernels
+    from pallas_kernels import cpu as cpu_kernels
     from recsys.lookup import owner_bags
 
     base = make_config()

@@ -8,12 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
+from recsys.batching import Batch
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import lookup
 from recsys.models import DLRM, DCNv2
 from recsys.sparse import pack_batch
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
-from recsys.trainer import Batch, Trainer
+from recsys.training import Trainer
 from tests.conftest import random_ragged
 
 CONFIG = EmbeddingConfig(
@@ -147,11 +148,11 @@ def test_user_model_with_its_own_architecture():
 def test_mixed_matmul_gradients_are_bf16_products():
     """The custom VJP's backward is exactly the two matmuls of the bf16-rounded cotangent
     and operands, accumulated in float32."""
-    from recsys.models.mlp import _mixed_matmul
+    from recsys.models.mlp import mixed_matmul
 
     rng = np.random.default_rng(0)
     x, w, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((3, 5, 16), (16, 8), (3, 5, 8)))
-    out, vjp = jax.vjp(_mixed_matmul, x, w)
+    out, vjp = jax.vjp(mixed_matmul, x, w)
     r = lambda a: np.asarray(a.astype(jnp.bfloat16), np.float64)  # noqa: E731
     np.testing.assert_allclose(out, r(x) @ r(w), rtol=1e-5, atol=1e-5)
     dx, dw = vjp(g)

@@ -69,13 +69,13 @@ def test_cli_on_two_processes_matches_one_device_and_its_checkpoint_restores_on_
     assert not (tmp_path / "m1.json").exists()  # one report per run
     assert two["processes"] == 2 and two["devices"] == 8
 
-    from recsys import train
+    from recsys.cli import flags, loop
 
     one_ckpt = str(tmp_path / "one")
-    one = train.run(train.parse_args([*common, "--checkpoint-dir", one_ckpt]))
+    one = loop.run(flags.parse([*common, "--checkpoint-dir", one_ckpt]))
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(two["auc"], one["auc"], rtol=1e-4)
-    restored = train.run(train.parse_args([*common, "--checkpoint-dir", ckpt, "--resume"]))
+    restored = loop.run(flags.parse([*common, "--checkpoint-dir", ckpt, "--resume"]))
     assert restored["resumed_from_step"] == 12
     np.testing.assert_allclose(restored["auc"], two["auc"], rtol=1e-5)
     one_state = _saved_state(one_ckpt, step=12)

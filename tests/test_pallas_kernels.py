@@ -39,7 +39,7 @@ FLAVOURS = ("gpu", "tpu")
 
 
 def on(flavour):
-    """Compiled where the backend runs this flavour (`examples/gpu_check.sh` on a GPU),
+    """Compiled where the backend runs this flavour (`benchmarks/gpu_check.sh` on a GPU),
     interpreted everywhere else."""
     return dict(flavour=flavour, interpret=jax.default_backend() != flavour)
 

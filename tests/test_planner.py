@@ -6,9 +6,10 @@ import json
 import pytest
 
 from mesh import validate_plan
-from mesh.cost import CommSettings, DeviceLoad, GroupTraffic, TableLoad, device_time
+from mesh.cost import DeviceLoad, GroupTraffic, TableLoad, device_time
 from mesh.planner import PlanningError, evaluate_plan, plan_tables
 from mesh.planner_cli import calibrate, main, read_tables
+from mesh.routing import RoutingOptions
 from mesh.topology import Topology, parse_bytes
 
 
@@ -49,7 +50,7 @@ def traffic(*placements, k=4, width=8, row_sharded=False, rowwise=True, comm=Non
     g = GroupTraffic(k, width, row_sharded=row_sharded, data_parallel=False, rowwise_adagrad=rowwise)
     for table, shards in placements:
         g.add(table, shards)
-    return g.bytes(8, comm or CommSettings())
+    return g.bytes(8, comm or RoutingOptions())
 
 
 def test_broadcast_route_formulas():
@@ -82,19 +83,19 @@ def test_bucketized_route_and_data_parallel_formulas():
     # a position (8 bytes) per peer, and pooled results as on the broadcast route:
     # 6 * 8 + 2 * 64 = 176 bytes per peer, against broadcast's 2 * (48 + 64) and rows' 6 * 68.
     long = TableLoad("long", rows=100, dim=8, ids_per_sample=12, bag_width=12)
-    tight = CommSettings(capacity_factor=1.0)
+    tight = RoutingOptions(capacity_factor=1.0)
     assert traffic((long, ROW_BLOCKS), row_sharded=True, comm=tight) == (3 * 176, "pooled")
     # A grid (two column blocks of two row shards): an id goes to one shard per block, and
     # row-wise Adagrad's statistic takes 2 * q * 4 more per peer. Each owner expects 6 ids
     # per sample; at capacity factor 0.5, q = 6 and the exchanges are 6 * 8 + 2 * 32 = 112
     # per peer, against broadcast's 2 * (48 + 32).
     grid = [(d, (50 * (d % 2), 50 * (d % 2 + 1)), (4 * (d // 2), 4 * (d // 2 + 1))) for d in range(4)]
-    half = CommSettings(capacity_factor=0.5)
+    half = RoutingOptions(capacity_factor=0.5)
     assert traffic((long, grid), width=4, row_sharded=True, comm=half) == (3 * (112 + 2 * 6 * 4), "pooled")
     # Data-parallel: every device gathers its peers' ids and gradients, (k - 1) * b * (L * 4 + D * 4).
     g = GroupTraffic(4, 8, row_sharded=False, data_parallel=True, rowwise_adagrad=True)
     g.add(TABLE, [])
-    assert g.bytes(8, CommSettings()) == (3 * 2 * (12 + 32), "broadcast")
+    assert g.bytes(8, RoutingOptions()) == (3 * 2 * (12 + 32), "broadcast")
 
 
 def test_device_time_takes_the_slower_link():
@@ -152,7 +153,7 @@ def test_command_line_writes_the_plan_and_estimates(tmp_path, capsys):
 
 def test_step_bytes_reproduce_the_compiled_benchmark_step():
     """`step_bytes` for the sharded benchmark's configuration (8 tables x 20,000 x 16,
-    pooling 2, batch 1024, 8 devices) against the bytes `recsys.bench_sharded` read from
+    pooling 2, batch 1024, 8 devices) against the bytes `benchmarks.sharded` read from
     the compiled steps (README table): all-to-all, statistic and gathers, dense excluded."""
     from mesh import MeshSpec
     from mesh.plan import plan_for_strategy
@@ -180,8 +181,8 @@ def test_a_planned_dlrm_sends_the_estimated_bytes():
 
     from mesh import make_mesh
     from mesh.collectives import collective_bytes
-    from recsys.sharded_trainer import ShardedTrainer
-    from recsys.train import table_loads
+    from recsys.planning import table_loads
+    from recsys.training import ShardedTrainer
     from tests.test_sharded_training import BATCH, CONFIG, batches, model
 
     loads = table_loads(CONFIG, {f.name: f.max_ids / 2 for f in CONFIG.features})

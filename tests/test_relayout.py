@@ -93,8 +93,8 @@ def test_a_model_builder_is_created_already_sharded():
     from flax import nnx
 
     from recsys.models import DLRM
-    from recsys.sharded_trainer import ShardedTrainer
     from recsys.specs import EmbeddingConfig, FeatureSpec
+    from recsys.training import ShardedTrainer
 
     config = EmbeddingConfig(
         tables=(TableSpec(name="big", rows=40_000, dim=16), TableSpec(name="small", rows=30, dim=16)),

@@ -7,9 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mesh import make_mesh, mesh_spec, plan_for_strategy
-from recsys.checkpoint import Checkpointer, CheckpointMismatch
-from recsys.sharded_trainer import ShardedTrainer
-from recsys.trainer import Trainer
+from recsys.training import Checkpointer, CheckpointMismatch, ShardedTrainer, Trainer
 from tests.test_sharded_training import CONFIG, batches, model
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
+from mesh.routing import RoutingOptions
 from mesh.sharded import gather_logical, shard_logical, sharded_layout
-from mesh.sharded_lookup import RoutingOptions, sharded_lookup
+from mesh.sharded_lookup import plan_routes, sharded_lookup
 from recsys.lookup import owner_bags, reference_lookup
 from recsys.sharded_update import feature_routes, routing_inputs
 from recsys.specs import EmbeddingConfig, FeatureSpec, TableSpec
@@ -44,10 +45,12 @@ def run_sharded(plan, mesh, tables, batch, options=None, routed=False, bags=None
     sharded = shard_logical(layout, tables, mesh)
     for name, value in gather_logical(layout, sharded).items():
         np.testing.assert_array_equal(value, tables[name])
-    features = feature_routes(CONFIG)
+    routes = plan_routes(
+        layout, feature_routes(CONFIG), batch.batch_size // mesh.devices.size, options or RoutingOptions()
+    )
     ids, coef = routing_inputs(CONFIG, batch)
     bags = bags(layout) if bags else None
-    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options, bags))
+    lookup = jax.jit(lambda s, i, c: sharded_lookup(layout, s, routes, i, c, mesh, bags))
     acts, received, _ = lookup(sharded, ids, coef)
     return (acts, received) if routed else acts
 
@@ -121,7 +124,9 @@ def test_bucketized_routing_matches_and_falls_back_on_overflow(
     got, received = run_sharded(plan, mesh, tables, batch, RoutingOptions(route, factor), routed=True)
     for name, value in expected.items():
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(value), rtol=1e-6, err_msg=name)
-    flags = {name: bool(np.asarray(r["fallback"]).all()) for name, r in received.items() if "fallback" in r}
+    flags = {
+        name: bool(np.asarray(r.fallback).all()) for name, r in received.items() if r.fallback is not None
+    }
     assert flags and all(f == overflows for f in flags.values()), flags
 
 
@@ -216,8 +221,8 @@ def test_bytes_of_the_fallback_branch_are_counted_apart():
     features, (ids, coef) = feature_routes(CONFIG), routing_inputs(CONFIG, random_batch(CONFIG, 16, seed=3))
 
     def compiled(route):
-        options = RoutingOptions(route, 2.0)
-        step = jax.jit(lambda s, i, c: sharded_lookup(layout, s, features, i, c, mesh, options)[0])
+        routes = plan_routes(layout, features, 16 // 8, RoutingOptions(route, 2.0))
+        step = jax.jit(lambda s, i, c: sharded_lookup(layout, s, routes, i, c, mesh)[0])
         return step.lower(sharded, ids, coef).compile().as_text()
 
     pooled, broadcast = compiled("pooled"), compiled("broadcast")

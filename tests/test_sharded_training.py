@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from mesh import Shard, ShardingPlan, Strategy, TablePlan, make_mesh, mesh_spec, plan_for_strategy
+from recsys.batching import Batch
 from recsys.models import DLRM
-from recsys.sharded_trainer import ShardedTrainer
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
-from recsys.trainer import Batch, Trainer
+from recsys.training import ShardedTrainer, Trainer
 from tests.conftest import random_batch
 
 OPT = SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.1, weight_decay=1e-3)

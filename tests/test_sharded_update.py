@@ -7,14 +7,14 @@ import pytest
 
 from mesh import Strategy, make_mesh, mesh_spec, plan_for_strategy
 from mesh.collectives import CommConfig
-from mesh.sharded import gather_logical, shard_logical, sharded_layout
-from mesh.sharded_lookup import RoutingOptions, sharded_lookup
+from mesh.routing import RoutingOptions
+from mesh.sharded import gather_logical, gather_logical_slots, shard_logical, sharded_layout
+from mesh.sharded_lookup import plan_routes, sharded_lookup
 from recsys.layout import build_layout
 from recsys.lookup import lookup, stack_tables, unstack_tables
 from recsys.sharded_update import (
     feature_routes,
     init_sharded_slots,
-    logical_slots,
     owner_update_path,
     routing_inputs,
     sharded_sparse_update,
@@ -147,16 +147,16 @@ def check_update(case, strategy, mesh_name, options, kernels="auto"):
     mesh = make_mesh(MESHES[mesh_name])
     layout = sharded_layout(plan_for_strategy(CONFIG.tables, mesh_spec(mesh), strategy), CONFIG.tables, mesh)
     sharded, slots = shard_logical(layout, tables, mesh), init_sharded_slots(CONFIG, layout, mesh)
-    features = feature_routes(CONFIG)
+    routes = plan_routes(layout, feature_routes(CONFIG), batches[0].batch_size // mesh.devices.size, options)
 
     @jax.jit
     def step_fn(t, s, b, g, i):
-        _, routed, order = sharded_lookup(layout, t, features, *routing_inputs(CONFIG, b), mesh, options)
-        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routed, b, g, i, options, kernels, order)[:2]
+        _, routed, order = sharded_lookup(layout, t, routes, *routing_inputs(CONFIG, b), mesh)
+        return sharded_sparse_update(CONFIG, layout, mesh, t, s, routes, routed, b, g, i, kernels, order)[:2]
 
     for step, (batch, g) in enumerate(zip(batches, grads)):
         sharded, slots = step_fn(sharded, slots, batch, g, jnp.int32(step))
-    got_tables, got_slots = gather_logical(layout, sharded), logical_slots(layout, slots)
+    got_tables, got_slots = gather_logical(layout, sharded), gather_logical_slots(layout, slots)
     for name in want_tables:
         np.testing.assert_allclose(got_tables[name], want_tables[name], rtol=1e-5, atol=1e-6, err_msg=name)
         for k in want_slots[name]:

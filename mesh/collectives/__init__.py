@@ -27,6 +27,7 @@ from mesh.collectives.hlo import unordered_collectives as unordered_collectives 
 from mesh.collectives.ordering import cond as cond  # re-exported
 from mesh.collectives.ordering import ordered_shard_map as ordered_shard_map
 from mesh.collectives.ordering import run as _ordered
+from mesh.collectives.ordering import varies
 from mesh.collectives.packing import IDS_CODECS as IDS_CODECS  # re-exported
 
 
@@ -156,6 +157,15 @@ def sum_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     """The sum of `x` over all devices, on every device (row-wise statistics, flags)."""
     with tagged("stats"):
         return _ordered(lax.psum, x, axes, sums=True)
+
+
+def mean_over(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """The mean of `x` over all devices, on every device (a replicated model's batch
+    statistics); a value already the same on every device is returned as it is."""
+    if not varies(x, axes):
+        return x
+    with tagged("stats"):
+        return _ordered(lax.psum, x, axes, sums=True) / lax.axis_size(axes)
 
 
 def any_device(flag: jax.Array, axes: tuple[str, ...]) -> jax.Array:

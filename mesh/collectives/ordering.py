@@ -114,6 +114,13 @@ def ordered(axes: tuple[str, ...], order: jax.Array) -> Iterator[Chain]:
         _CHAIN.reset(reset)
 
 
+def varies(x: jax.Array, axes: tuple[str, ...]) -> bool:
+    """Whether `x` may differ between the devices along `axes` (always, where the
+    shard_map skips the varying-axes check and types carry no such axes)."""
+    chain = current()
+    return not chain.checked or bool(_vma(x) & set(axes))
+
+
 def run(op: Callable, x, *args, sums: bool = False, **kwargs):
     """`op(x, *args)` as the chain's next collective. `sums`: `op` reduces over
     `args[0]`; a value already the same on every device there is summed without any

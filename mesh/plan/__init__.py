@@ -168,9 +168,14 @@ def row_blocks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(min(i * block, rows), min((i + 1) * block, rows)) for i in range(parts)]
 
 
-def column_split(dim: int, parts: int) -> int:
-    """The most column shards, at most `parts`, that split `dim` evenly (each >= 1 column)."""
-    return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0)
+def column_split(dim: int, parts: int, min_width: int = 1) -> int:
+    """The most column shards, at most `parts`, that split `dim` evenly into shards of at
+    least `min_width` columns (1 if none does).
+
+    >>> column_split(16, 8), column_split(12, 8), column_split(16, 8, min_width=4)
+    (8, 6, 4)
+    """
+    return max(c for c in range(1, min(parts, dim) + 1) if dim % c == 0 and (dim // c >= min_width or c == 1))
 
 
 class _Balancer:
@@ -186,6 +191,64 @@ class _Balancer:
         return best
 
 
+def strategy_shards(
+    strategy: Strategy | str,
+    rows: int,
+    dim: int,
+    mesh: MeshSpec,
+    *,
+    columns: int | None = None,
+    devices: list[int] | None = None,
+    hosts: list[int] | None = None,
+) -> list[Shard]:
+    """The shards of a `rows x dim` table under `strategy`: the one statement of every
+    strategy's geometry, which plans, the planner and validation share.
+
+    Args:
+      columns: column shards (column_wise: `column_split(dim, devices)`; table_column_wise:
+        `column_split(dim, devices per host)`; grid: `column_split(dim, hosts)`).
+      devices: table_wise: its device; column_wise and table_column_wise: the device of
+        each column shard (table_column_wise default: the host's first devices in order).
+      hosts: table_row_wise and table_column_wise: [its host]; grid: the host of each
+        column shard (default: hosts in order).
+
+    >>> [(s.device, s.rows) for s in strategy_shards("table_row_wise", 10, 4, MeshSpec.parse("host=2,device=4"), hosts=[1])]
+    [(4, (0, 3)), (5, (3, 6)), (6, (6, 9)), (7, (9, 10))]
+    """
+    strategy = Strategy(strategy)
+    n, per_host = mesh.size, mesh.devices_per_host
+    full_r, full_c = (0, rows), (0, dim)
+    if strategy is Strategy.TABLE_WISE:
+        return [Shard(devices[0], full_r, full_c)]
+    if strategy is Strategy.DATA_PARALLEL:
+        return [Shard(d, full_r, full_c) for d in range(n)]
+    if strategy is Strategy.ROW_WISE:
+        return _row_blocks(rows, full_c, range(n))
+    base = hosts[0] * per_host if hosts else 0
+    if strategy is Strategy.TABLE_ROW_WISE:
+        return _row_blocks(rows, full_c, range(base, base + per_host))
+    if strategy is Strategy.GRID:
+        c = columns or column_split(dim, mesh.hosts)
+        width, hosts = dim // c, hosts or list(range(c))
+        return [
+            shard
+            for k in range(c)
+            for shard in _row_blocks(
+                rows, (k * width, (k + 1) * width), range(hosts[k] * per_host, (hosts[k] + 1) * per_host)
+            )
+        ]
+    parts = per_host if strategy is Strategy.TABLE_COLUMN_WISE else n
+    c = columns or column_split(dim, parts)
+    width = dim // c
+    devices = devices or [base + k for k in range(c)]
+    return [Shard(devices[k], full_r, (k * width, (k + 1) * width)) for k in range(c)]
+
+
+def _row_blocks(rows: int, cols: tuple[int, int], devices: range) -> list[Shard]:
+    """Row blocks of `rows` over `devices` in order (`row_blocks`); empty blocks left out."""
+    return [Shard(d, r, cols) for d, r in zip(devices, row_blocks(rows, len(devices))) if r[1] > r[0]]
+
+
 def plan_for_strategy(tables, mesh: MeshSpec, strategy: Strategy | str) -> ShardingPlan:
     """One strategy for every table, placed with greedy size balancing.
 
@@ -195,42 +258,19 @@ def plan_for_strategy(tables, mesh: MeshSpec, strategy: Strategy | str) -> Shard
       strategy: the Strategy for all tables.
     """
     strategy = Strategy(strategy)
-    hosts, per_host, n = mesh.hosts, mesh.devices_per_host, mesh.size
-    devices, host_load = _Balancer(n), _Balancer(hosts)
+    devices, host_load = _Balancer(mesh.size), _Balancer(mesh.hosts)
     out = {}
     # Largest tables first, so greedy balancing has the most room for the small ones.
     for spec in sorted(tables, key=lambda t: (-t.rows * t.dim, t.name)):
-        rows, dim, full_r, full_c = spec.rows, spec.dim, (0, spec.rows), (0, spec.dim)
+        size, placement = spec.rows * spec.dim, {}
         if strategy is Strategy.TABLE_WISE:
-            shards = [Shard(devices.place(rows * dim), full_r, full_c)]
-        elif strategy is Strategy.ROW_WISE:
-            shards = [Shard(d, r, full_c) for d, r in enumerate(row_blocks(rows, n)) if r[1] > r[0]]
+            placement["devices"] = [devices.place(size)]
         elif strategy is Strategy.COLUMN_WISE:
-            c = column_split(dim, n)
-            width = dim // c
-            shards = [
-                Shard(devices.place(rows * width), full_r, (k * width, (k + 1) * width)) for k in range(c)
-            ]
-        elif strategy is Strategy.DATA_PARALLEL:
-            shards = [Shard(d, full_r, full_c) for d in range(n)]
-        elif strategy is Strategy.TABLE_ROW_WISE:
-            h = host_load.place(rows * dim)
-            blocks = row_blocks(rows, per_host)
-            shards = [Shard(h * per_host + d, r, full_c) for d, r in enumerate(blocks) if r[1] > r[0]]
-        elif strategy is Strategy.TABLE_COLUMN_WISE:
-            h = host_load.place(rows * dim)
-            c = column_split(dim, per_host)
-            width = dim // c
-            shards = [Shard(h * per_host + k, full_r, (k * width, (k + 1) * width)) for k in range(c)]
-        else:  # GRID
-            c = column_split(dim, hosts)
-            width = dim // c
-            shards = [
-                Shard(h * per_host + d, r, (h * width, (h + 1) * width))
-                for h in range(c)
-                for d, r in enumerate(row_blocks(rows, per_host))
-                if r[1] > r[0]
-            ]
+            c = column_split(spec.dim, mesh.size)
+            placement["devices"] = [devices.place(size // c) for _ in range(c)]
+        elif strategy in (Strategy.TABLE_ROW_WISE, Strategy.TABLE_COLUMN_WISE):
+            placement["hosts"] = [host_load.place(size)]
+        shards = strategy_shards(strategy, spec.rows, spec.dim, mesh, **placement)
         out[spec.name] = TablePlan(strategy, tuple(shards))
     return ShardingPlan({t.name: out[t.name] for t in tables}, mesh)
 
@@ -260,7 +300,7 @@ def _validate_table(name: str, p: TablePlan, spec, mesh: MeshSpec) -> None:
             f"sharding plan, table {name!r} ({spec.rows} x {spec.dim}, {p.strategy.value}): {message}"
         )
 
-    n, per_host = mesh.size, mesh.devices_per_host
+    n = mesh.size
     if not p.shards:
         fail("no shards")
     for s in p.shards:
@@ -270,57 +310,56 @@ def _validate_table(name: str, p: TablePlan, spec, mesh: MeshSpec) -> None:
             fail(f"shard on device {s.device} covers rows {list(s.rows)} cols {list(s.cols)}, past the table")
         if s.size == 0:
             fail(f"shard on device {s.device} is empty")
-    full_r, full_c = (0, spec.rows), (0, spec.dim)
     if p.strategy is Strategy.DATA_PARALLEL:
-        if sorted(s.device for s in p.shards) != list(range(n)) or any(
-            (s.rows, s.cols) != (full_r, full_c) for s in p.shards
-        ):
+        if sorted(p.shards) != strategy_shards(p.strategy, spec.rows, spec.dim, mesh):
             fail(f"a data-parallel table needs one full shard on each of the {n} devices")
         return
     if sum(s.size for s in p.shards) != spec.rows * spec.dim or not _tiles(p.shards, spec):
         fail("shards overlap or leave part of the table uncovered")
-
     by_cols: dict[tuple[int, int], list[Shard]] = {}
-    for s in p.shards:
+    for s in sorted(p.shards, key=lambda s: (s.cols, s.rows)):
         by_cols.setdefault(s.cols, []).append(s)
     widths = {c[1] - c[0] for c in by_cols}
     if len(widths) != 1:
         fail(f"column shards must have equal widths, got {sorted(widths)}")
-    host_of = lambda d: d // per_host  # noqa: E731
+    problem = _placement_problem(p.strategy, by_cols, mesh.devices_per_host)
+    if problem:
+        fail(problem)
+    placement = {
+        "columns": len(by_cols),
+        "devices": [shards[0].device for shards in by_cols.values()],
+        "hosts": [shards[0].device // mesh.devices_per_host for shards in by_cols.values()],
+    }
+    expected = strategy_shards(p.strategy, spec.rows, spec.dim, mesh, **placement)
+    if sorted(p.shards) != sorted(expected):
+        fail(_expected_layout(p.strategy, spec.rows, mesh, expected, p.shards))
 
-    def check_row_blocks(shards: list[Shard], first_device: int, parts: int, where: str):
-        expected = [(first_device + d, r) for d, r in enumerate(row_blocks(spec.rows, parts)) if r[1] > r[0]]
-        got = sorted((s.device, s.rows) for s in shards)
-        if got != expected:
-            fail(
-                f"{where} needs row blocks of {-(-spec.rows // parts)} in device order {expected}, got {got}"
-            )
 
-    if p.strategy is Strategy.TABLE_WISE:
-        if len(p.shards) != 1:
-            fail("a table-wise table is one full shard")
-    elif p.strategy is Strategy.ROW_WISE:
-        check_row_blocks(p.shards, 0, n, "row-wise")
-    elif p.strategy is Strategy.COLUMN_WISE:
-        if any(s.rows != full_r for s in p.shards):
-            fail("column-wise shards hold all rows")
-    elif p.strategy is Strategy.TABLE_ROW_WISE:
-        hosts = {host_of(s.device) for s in p.shards}
+def _placement_problem(strategy: Strategy, by_cols: dict, per_host: int) -> str | None:
+    """What breaks the hybrids' rule of hosts, if anything."""
+    hosts_of = [sorted({s.device // per_host for s in shards}) for shards in by_cols.values()]
+    if strategy in (Strategy.TABLE_ROW_WISE, Strategy.TABLE_COLUMN_WISE):
+        hosts = sorted({h for hs in hosts_of for h in hs})
         if len(hosts) != 1:
-            fail(f"a table-row-wise table lives on one host, got hosts {sorted(hosts)}")
-        check_row_blocks(p.shards, hosts.pop() * per_host, per_host, "table-row-wise")
-    elif p.strategy is Strategy.TABLE_COLUMN_WISE:
-        hosts = {host_of(s.device) for s in p.shards}
-        if len(hosts) != 1 or any(s.rows != full_r for s in p.shards):
-            fail("table-column-wise shards hold all rows on devices of one host")
-    else:  # GRID
-        for cols, shards in by_cols.items():
-            hosts = {host_of(s.device) for s in shards}
+            return f"a {strategy.value.replace('_', '-')} table lives on one host, got hosts {hosts}"
+    if strategy is Strategy.GRID:
+        for cols, hosts in zip(by_cols, hosts_of):
             if len(hosts) != 1:
-                fail(f"grid column shard {list(cols)} spans hosts {sorted(hosts)}")
-            check_row_blocks(shards, hosts.pop() * per_host, per_host, f"grid column shard {list(cols)}")
-        if len({host_of(s[0].device) for s in by_cols.values()}) != len(by_cols):
-            fail("grid column shards need one host each")
+                return f"grid column shard {list(cols)} spans hosts {hosts}"
+        if len({hosts[0] for hosts in hosts_of}) != len(hosts_of):
+            return "grid column shards need one host each"
+    return None
+
+
+def _expected_layout(strategy: Strategy, rows: int, mesh: MeshSpec, expected, got) -> str:
+    where = strategy.value.replace("_", "-")
+    if strategy.row_sharded:
+        parts = mesh.size if strategy is Strategy.ROW_WISE else mesh.devices_per_host
+        want = sorted((s.device, s.rows) for s in expected)
+        return f"{where} needs row blocks of {-(-rows // parts)} in device order {want}, got {sorted((s.device, s.rows) for s in got)}"
+    if strategy is Strategy.TABLE_WISE:
+        return "a table-wise table is one full shard"
+    return f"{where} shards hold all rows, in equal column shards: expected {sorted(expected)}, got {sorted(got)}"
 
 
 def _tiles(shards, spec) -> bool:

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import platform
+from pallas_kernels.dtypes import STORAGE_DTYPES
 from pallas_kernels.embedding_bag import kernel_gpu, kernel_tpu
 from pallas_kernels.embedding_bag.reference import embedding_bag_reference
 
-TABLE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+TABLE_DTYPES = tuple(jnp.dtype(d) for d in STORAGE_DTYPES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,13 +5,15 @@ occurrences grouped by `build_segments`; `fused_update_reference` is the plain-j
 """
 
 from pallas_kernels.fused_update.kernel import UpdateBlockSizes, fused_update
-from pallas_kernels.fused_update.optimizers import KINDS, RowOptimizer
+from pallas_kernels.fused_update.optimizers import KINDS, STATE_NAMES, OptimizerKind, RowOptimizer
 from pallas_kernels.fused_update.reference import fused_update_reference
 from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 from pallas_kernels.fused_update.segments import Segments, build_segments
 
 __all__ = [
     "KINDS",
+    "OptimizerKind",
+    "STATE_NAMES",
     "RowOptimizer",
     "Segments",
     "UpdateBlockSizes",

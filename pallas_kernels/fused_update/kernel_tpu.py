@@ -30,8 +30,8 @@ from pallas_kernels.fused_update.rounding import random_bits, round_state, stoch
 def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding, state_rounding, window):
     # count_smem, seed_smem: [1] int32 (prefetched); corr_smem: [1, 2] float32. Then in HBM:
     # [3, slots] int32 (unique rows, segment starts, segment ends), src [1, n + window] int32,
-    # coef [1, n + window] float32 (2-D: Mosaic tiles rank-1 HBM arrays), grads [m, dim], table, state...; their aliased outputs
-    # (the same buffers); then scratch.
+    # coef [1, n + window] float32 (2-D: Mosaic tiles rank-1 HBM arrays), grads [m, dim],
+    # table, state...; their aliased outputs (the same buffers); then scratch.
     n_state = len(optimizer.state_names())
     segments_hbm, src_hbm, coef_hbm, grads_hbm, table_in, *refs = refs
     state_in, refs = refs[:n_state], refs[n_state:]
@@ -46,72 +46,33 @@ def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding,
     bounds.start()
     bounds.wait()
     rows_smem, starts_smem, ends_smem = segments_smem.at[0], segments_smem.at[1], segments_smem.at[2]
+    buffers = (rows_vmem, *state_vmem)
 
-    def row_copies(r, write=False):
+    def copies(r, write=False):
         """The DMAs of row slot r and its state: HBM -> VMEM, or back when `write`."""
-        row = rows_smem[r]
-        sources = (table_in, *state_in)
-        targets = (table_out, *state_out)
-        copies = []
-        for i, buf in enumerate((rows_vmem, *state_vmem)):
-            here, there = buf.at[pl.ds(r, 1)], (targets if write else sources)[i].at[pl.ds(row, 1)]
-            copies.append(
-                pltpu.make_async_copy(here, there, row_sems.at[i])
-                if write
-                else pltpu.make_async_copy(there, here, row_sems.at[i])
-            )
-        return copies
+        return _row_copies(
+            rows_smem[r],
+            r,
+            buffers,
+            (table_out, *state_out) if write else (table_in, *state_in),
+            row_sems,
+            write,
+        )
 
     def each_live_row(body):
         jax.lax.fori_loop(0, live, lambda r, c: (body(r), c)[1], 0)
 
-    each_live_row(lambda r: [c.start() for c in row_copies(r)])
-
-    def sum_gradient(r):
-        start, end = starts_smem[r], ends_smem[r]
-
-        def one_window(w, acc):
-            offset = start + w * window
-            index_copies = [
-                pltpu.make_async_copy(src_hbm.at[:, pl.ds(offset, window)], src_window, sem.at[0]),
-                pltpu.make_async_copy(coef_hbm.at[:, pl.ds(offset, window)], coef_window, sem.at[1]),
-            ]
-            for c in index_copies:
-                c.start()
-            for c in index_copies:
-                c.wait()
-            size = jnp.minimum(window, end - offset)
-
-            def grad_copy(j):
-                return pltpu.make_async_copy(
-                    grads_hbm.at[pl.ds(src_window[0, j], 1)], window_vmem.at[pl.ds(j, 1)], sem.at[2]
-                )
-
-            jax.lax.fori_loop(0, size, lambda j, c: (grad_copy(j).start(), c)[1], 0)
-            jax.lax.fori_loop(0, size, lambda j, c: (grad_copy(j).wait(), c)[1], 0)
-            return jax.lax.fori_loop(
-                0,
-                size,
-                lambda j, acc: acc + coef_window[0, j] * window_vmem[pl.ds(j, 1), :].astype(jnp.float32),
-                acc,
-            )
-
-        windows = jax.lax.div(end - start + window - 1, window)  # lax.div: no sign fix-up
-        grad_vmem[pl.ds(r, 1), :] = jax.lax.fori_loop(
-            0, windows, one_window, jnp.zeros((1, grad_vmem.shape[1]), jnp.float32)
-        )
-
-    each_live_row(sum_gradient)
-    each_live_row(lambda r: [c.wait() for c in row_copies(r)])
+    each_live_row(lambda r: [c.start() for c in copies(r)])
+    gradients = (src_hbm, coef_hbm, grads_hbm, src_window, coef_window, window_vmem, sem)
+    each_live_row(
+        lambda r: _sum_gradient(gradients, starts_smem[r], ends_smem[r], grad_vmem.at[pl.ds(r, 1), :], window)
+    )
+    each_live_row(lambda r: [c.wait() for c in copies(r)])
 
     values = rows_vmem[...].astype(jnp.float32)
     state = tuple(s[...].astype(jnp.float32) for s in state_vmem)
     values, state = optimizer.apply(values, grad_vmem[...], state, (corr_smem[0, 0], corr_smem[0, 1]))
-    if rounding or state_rounding:
-        rows = jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-        row_ids = jnp.zeros((block, 1), jnp.int32)
-        for r in range(block):  # row ids from SMEM into a vector, one select per row
-            row_ids = jnp.where(rows == r, rows_smem[r], row_ids)
+    row_ids = _row_ids(rows_smem, block) if rounding or state_rounding else None
     if rounding:
         columns = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
         rows_vmem[...] = stochastic_round(
@@ -124,8 +85,63 @@ def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding,
             columns = jax.lax.broadcasted_iota(jnp.int32, value.shape, 1)
             value = round_state(value, seed_smem[0], name, row_ids, columns, buf.dtype)
         buf[...] = value.astype(buf.dtype)
-    each_live_row(lambda r: [c.start() for c in row_copies(r, write=True)])
-    each_live_row(lambda r: [c.wait() for c in row_copies(r, write=True)])
+    each_live_row(lambda r: [c.start() for c in copies(r, write=True)])
+    each_live_row(lambda r: [c.wait() for c in copies(r, write=True)])
+
+
+def _row_copies(row, r, buffers, hbm, sems, write: bool):
+    """DMAs between row `row` of each HBM array (table, state...) and slot r of its VMEM
+    buffer: into VMEM, or out of it when `write`."""
+    out = []
+    for i, (buf, array) in enumerate(zip(buffers, hbm)):
+        here, there = buf.at[pl.ds(r, 1)], array.at[pl.ds(row, 1)]
+        out.append(
+            pltpu.make_async_copy(here, there, sems.at[i])
+            if write
+            else pltpu.make_async_copy(there, here, sems.at[i])
+        )
+    return out
+
+
+def _sum_gradient(gradients, start, end, out, window: int):
+    """out [1, dim] = sum over occurrences [start, end) of coef * grads[src], reading the
+    occurrences' src and coef `window` at a time and their gradient rows by DMA."""
+    src_hbm, coef_hbm, grads_hbm, src_window, coef_window, window_vmem, sem = gradients
+
+    def one_window(w, acc):
+        offset = start + w * window
+        index_copies = [
+            pltpu.make_async_copy(src_hbm.at[:, pl.ds(offset, window)], src_window, sem.at[0]),
+            pltpu.make_async_copy(coef_hbm.at[:, pl.ds(offset, window)], coef_window, sem.at[1]),
+        ]
+        for c in index_copies:
+            c.start()
+        for c in index_copies:
+            c.wait()
+        size = jnp.minimum(window, end - offset)
+
+        def grad_copy(j):
+            return pltpu.make_async_copy(
+                grads_hbm.at[pl.ds(src_window[0, j], 1)], window_vmem.at[pl.ds(j, 1)], sem.at[2]
+            )
+
+        jax.lax.fori_loop(0, size, lambda j, c: (grad_copy(j).start(), c)[1], 0)
+        jax.lax.fori_loop(0, size, lambda j, c: (grad_copy(j).wait(), c)[1], 0)
+        add = lambda j, acc: acc + coef_window[0, j] * window_vmem[pl.ds(j, 1), :].astype(jnp.float32)  # noqa: E731
+        return jax.lax.fori_loop(0, size, add, acc)
+
+    windows = jax.lax.div(end - start + window - 1, window)  # lax.div: no sign fix-up
+    out[...] = jax.lax.fori_loop(0, windows, one_window, jnp.zeros(out.shape, jnp.float32))
+
+
+def _row_ids(rows_smem, block: int):
+    """[block, 1] int32: the table row of each slot, from SMEM into a vector (one select
+    per row), for the rounding bits."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+    row_ids = jnp.zeros((block, 1), jnp.int32)
+    for r in range(block):
+        row_ids = jnp.where(rows == r, rows_smem[r], row_ids)
+    return row_ids
 
 
 @functools.partial(

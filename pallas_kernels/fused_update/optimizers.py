@@ -13,11 +13,29 @@ of `recsys` (the dependency points the other way).
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 import jax.numpy as jnp
 
-KINDS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
+
+class OptimizerKind(str, enum.Enum):
+    """Sparse row optimizers; each touches only the rows a batch looked up."""
+
+    SGD = "sgd"  # w -= lr * g
+    ADAGRAD = "adagrad"  # per-element accumulator, optax.adagrad semantics
+    ROWWISE_ADAGRAD = "rowwise_adagrad"  # one accumulator per row (FBGEMM's EXACT_ROWWISE)
+    ADAM = "adam"  # lazy Adam: moments of untouched rows do not decay
+
+
+KINDS = tuple(k.value for k in OptimizerKind)
+# The state arrays each optimizer keeps per row.
+STATE_NAMES = {
+    OptimizerKind.SGD: (),
+    OptimizerKind.ADAGRAD: ("acc",),
+    OptimizerKind.ROWWISE_ADAGRAD: ("acc",),
+    OptimizerKind.ADAM: ("m", "v"),
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,7 +60,7 @@ class RowOptimizer:
             raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
 
     def state_names(self) -> tuple[str, ...]:
-        return {"sgd": (), "adagrad": ("acc",), "rowwise_adagrad": ("acc",), "adam": ("m", "v")}[self.kind]
+        return STATE_NAMES[OptimizerKind(self.kind)]
 
     def state_width(self, dim: int) -> int:
         """Columns of each state array: one per row for row-wise Adagrad, else `dim`."""

@@ -3,21 +3,20 @@ float32 matmuls run (XLA, or the CPU kernels in a single-device step on CPU)."""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recsys import cpu_kernels
-from recsys.lookup import KERNELS
+from pallas_kernels import cpu as cpu_kernels
+from pallas_kernels.dtypes import SHORT_NAMES
+from recsys.kernels import dense_kernel_takes
 
-# The command lines' short names (`--dense-dtype`) of the dense layers' dtypes.
-DENSE_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
-DENSE_DTYPES = tuple(DENSE_DTYPE_NAMES.values())
+# The dense layers' compute dtypes (`check_dense_dtype`), and their short names (`--dense-dtype`).
+DENSE_DTYPES = ("float32", "bfloat16")
+DENSE_DTYPE_NAMES = {short: name for short, name in SHORT_NAMES.items() if name in DENSE_DTYPES}
 
 
 def check_dense_dtype(dense_dtype: str) -> str:
@@ -33,59 +32,12 @@ def check_dense_dtype(dense_dtype: str) -> str:
     return dense_dtype
 
 
-# Whether float32 dense layers being traced run through the CPU kernels (`cpu_dense_kernels`).
-_CPU_DENSE_KERNELS = contextvars.ContextVar("recsys_cpu_dense_kernels", default=False)
-
-# Products smaller than this many multiply-adds stay on XLA even inside `cpu_dense_kernels`:
-# XLA fuses small layers with their neighbours, and every call out of the program has a
-# fixed cost (handing work to OpenBLAS's and the kernels' threads). Small models such as
-# the Frappe DLRM (batch 256, layers of 16-71 inputs) gained nothing from the kernels; the
-# benchmark DLRM's layers are 27M-4.3G multiply-adds.
-KERNEL_MIN_MACS = 1 << 22
-
-
-def dense_path(kernels: str) -> str:
-    """Which implementation runs a single-device step's float32 dense layers: "cpu" or "xla".
-
-    "auto" takes the CPU kernels (`recsys.cpu_kernels.dense_matmul`, `pairwise_dots`) on
-    CPU when the kernel library was built and scipy-openblas32 is installed; "cpu"
-    requires them; "xla" and "pallas" keep XLA (there are no Pallas dense kernels: on GPU
-    and TPU, XLA's own matmuls are the fast path)."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
-    if kernels == "cpu":
-        if not cpu_kernels.dense_available():
-            raise RuntimeError(f"kernels='cpu': {cpu_kernels.dense_unavailable_reason()}")
-        return "cpu"
-    on_cpu = kernels == "auto" and jax.default_backend() == "cpu"
-    return "cpu" if on_cpu and cpu_kernels.dense_available() else "xla"
-
-
-@contextlib.contextmanager
-def cpu_dense_kernels(enabled: bool = True) -> Iterator[None]:
-    """While tracing inside this context, float32 `linear` layers and `pairwise_interactions`
-    of at least `KERNEL_MIN_MACS` multiply-adds run through the CPU kernels.
-    `recsys.trainer.Trainer` enters it for its step when `dense_path` says "cpu". Only for
-    computations on one device: XLA cannot split an FFI call over a sharded batch, so the
-    sharded trainer keeps XLA's matmuls."""
-    token = _CPU_DENSE_KERNELS.set(enabled)
-    try:
-        yield
-    finally:
-        _CPU_DENSE_KERNELS.reset(token)
-
-
-def _takes_cpu_kernel(macs: int) -> bool:
-    """Whether a float32 product of `macs` multiply-adds being traced runs on the CPU kernels."""
-    return _CPU_DENSE_KERNELS.get() and macs >= KERNEL_MIN_MACS
-
-
 def _float32_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`nnx.Linear`'s dot_general: the CPU kernel inside `cpu_dense_kernels`, else XLA's."""
+    """`nnx.Linear`'s dot_general: the CPU kernel inside `recsys.kernels.cpu_dense_layers`, else XLA's."""
     (contract_lhs, contract_rhs), batch = dimension_numbers
     plain = tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not any(batch)
     float32 = plain and rhs.ndim == 2 and lhs.dtype == rhs.dtype == jnp.float32
-    if float32 and _takes_cpu_kernel(lhs.size * rhs.shape[1]):  # m * k * n
+    if float32 and dense_kernel_takes(lhs.size * rhs.shape[1]):  # m * k * n
         return cpu_kernels.dense_matmul(lhs, rhs)
     return jax.lax.dot_general(
         lhs,
@@ -102,7 +54,7 @@ def _bf16(*xs):
 
 
 @jax.custom_vjp
-def _mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+def mixed_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., k] @ w [k, n] from bfloat16 operands, float32 result."""
     return _mixed_matmul_fwd(x, w)[0]
 
@@ -134,7 +86,7 @@ def _transposed(x: jax.Array) -> jax.Array:
     return x.reshape(n, k, 1).transpose(1, 2, 0).reshape(k, n)
 
 
-_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def _mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
@@ -142,7 +94,7 @@ def _mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
     (contract_lhs, contract_rhs), batch = dimension_numbers
     if tuple(contract_lhs) != (lhs.ndim - 1,) or tuple(contract_rhs) != (0,) or any(batch):
         raise ValueError(f"mixed-precision dot_general takes [..., k] x [k, n], got {dimension_numbers}")
-    return _mixed_matmul(lhs, rhs)
+    return mixed_matmul(lhs, rhs)
 
 
 def linear(a: int, b: int, *, dense_dtype: str = "float32", rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
@@ -181,11 +133,11 @@ def pairwise_interactions(x: jax.Array, emb: jax.Array, dense_dtype: str = "floa
     """DLRM's interaction: the dot product of every pair i < j of each sample's vectors
     [x, emb[0], ..., emb[F - 1]] (x [batch, d], emb [batch, F, d]), as
     [batch, (F + 1) * F / 2] in `np.triu_indices(F + 1, 1)` order, in `dense_dtype`.
-    Inside `cpu_dense_kernels`, float32 runs through the CPU kernel: XLA:CPU computed the
+    Inside `recsys.kernels.cpu_dense_layers`, float32 runs through the CPU kernel: XLA:CPU computed the
     batch of small Gram matrices at about 10 GFLOP/s and scattered the backward's gradient."""
     batch, features, dim = emb.shape
     macs = batch * (features + 1) * features // 2 * dim
-    if check_dense_dtype(dense_dtype) == "float32" and _takes_cpu_kernel(macs):
+    if check_dense_dtype(dense_dtype) == "float32" and dense_kernel_takes(macs):
         return cpu_kernels.pairwise_dots(x, emb)
     vectors = jnp.concatenate([x[:, None], emb], axis=1)  # [batch, F + 1, d], dtypes promoted
     i, j = np.triu_indices(vectors.shape[1], k=1)

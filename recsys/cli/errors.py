@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 
 from mesh.planner import PlanningError
-from recsys.checkpoint import CheckpointMismatch
 from recsys.data.examples import DataError
 from recsys.data.formats import LineError
+from recsys.training import CheckpointMismatch
 
 USAGE, FAILURE = 2, 1
 

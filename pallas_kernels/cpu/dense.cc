@@ -1,10 +1,8 @@
-// CPU kernels for the float32 dense layers of a DLRM step, called from JAX through the
-// XLA FFI (`recsys.cpu_kernels`). On the 2-core development CPU, XLA ran the MLPs' matmuls
-// at 50-130 GFLOP/s (its backward forms the slowest) and DLRM's pairwise interaction, a
-// batch of 27x128 Gram matrices, at about 10 (176-236 ms forward and backward). OpenBLAS's
-// sgemm runs every form at 140-185, and the interaction written out here takes 31 ms.
+// CPU kernels for float32 dense layers, called from JAX through the XLA FFI
+// (`pallas_kernels.cpu`): XLA:CPU multiplies the transposed forms of a backward pass and
+// batches of small Gram matrices well below the machine's rate (docs/kernels.md).
 //
-// Semantics (the tests compare them with jnp):
+// Semantics (`reference.py` states them in jnp; the tests compare the two):
 //   matmul:             c = op(a) @ op(b), op transposing the operand when asked; the
 //                       sgemm of OpenBLAS (scipy-openblas32), whose address Python hands
 //                       over once with RecsysSetSgemm.
@@ -123,9 +121,7 @@ inline void WeightedSum(const float* c, const float* const* rows, int64_t n, int
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 // The same loops eight lanes wide, for CPUs without AVX-512 (AMD Zen 3, for one). The
-// plain C++ below them is not vectorized: its reductions would need reassociation, and
-// on a Zen 3 it took 74 ms forward and 51 backward for the benchmark DLRM's interaction
-// (4096 x 27 vectors of 128), against 12 and 16 here.
+// plain C++ below them is not vectorized: its reductions would need reassociation.
 
 // Lanes [0, n) set, for the masked loads and stores of a row's last n < 8 columns.
 inline __m256i TailMask(int64_t n) {
@@ -207,9 +203,9 @@ inline void WeightedSum(const float* c, const float* const* rows, int64_t n, int
 }
 #endif
 
-// The interaction's vectors come in two arrays, x [batch, dim] (vector 0 of each sample,
-// DLRM's bottom MLP output) and emb [batch, features, dim] (vectors 1..features), so that
-// neither direction copies them into one [batch, features + 1, dim] array first.
+// The vectors come in two arrays, x [batch, dim] (vector 0 of each sample) and emb
+// [batch, features, dim] (vectors 1..features), so that neither direction copies them
+// into one [batch, features + 1, dim] array first.
 struct Vectors {
   const float* x;
   const float* emb;
@@ -314,3 +310,23 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysPairwiseDotsGrad, PairwiseDotsGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The x86-64 level this CPU runs (4, 3 or 2; 0 on other CPUs): the loader takes the
+// library built for the highest level the CPU has (`pallas_kernels.cpu`).
+extern "C" int RecsysCpuLevel() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 4;
+  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+  if (__builtin_cpu_supports("x86-64-v2")) return 2;
+#elif defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (v4) return 4;
+  if (v3) return 3;
+  if (__builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt")) return 2;
+#endif
+  return 0;
+}

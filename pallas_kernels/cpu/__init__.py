@@ -1,26 +1,17 @@
-"""CPU kernels (XLA FFI): the embedding lookup, the fused row-wise Adagrad update, and
-the float32 dense layers of a DLRM step.
+"""CPU kernels through the XLA FFI: the pooled embedding lookup, the fused row-wise Adagrad
+update, float32 matmul (OpenBLAS's sgemm) and pairwise dot products of vectors.
 
-The C++ sources in this package are compiled by `pip install` (see `setup.py`) into one
-shared library, loaded here with ctypes and registered with `jax.ffi`.
+XLA:CPU runs a scatter-add on one thread, copies gathered rows before an in-place
+update, and multiplies small or transposed float32 matrices well below the machine's
+rate; these kernels split their loops over the cores and fuse what XLA keeps apart. The
+semantics are in the C++ files' headers and in `reference.py`, which the tests compare
+them with (`tests/test_cpu_kernels.py`); figures are in docs/kernels.md.
 
-Why C++ and not XLA, for the embeddings (`embedding_bag.cc`): on CPU, XLA runs the
-backward's scatter-add on one thread, and in a train step that updates the tables in
-place it copied every gathered row before summing; the plain jnp path reached 0.31-0.62x
-of FBGEMM's lookup + row-wise Adagrad samples/s on the 2-core development machine. These
-kernels split the work over the cores, prefetch the next bag's rows, and apply row-wise
-Adagrad to each unique row in the same pass that sums its gradient.
-
-For the dense layers (`dense.cc`): XLA:CPU multiplied the MLPs' float32 matrices at 50-130
-GFLOP/s (the backward's transposed forms slowest) and DLRM's pairwise interaction at about
-10, while OpenBLAS's sgemm runs every form at 140-185 on the same cores. `matmul` calls
-the sgemm of scipy-openblas32 (the OpenBLAS build numpy and scipy ship, as a package of
-its own); `pairwise_dots` is written out. The semantics are in the C++ files' headers;
-`tests/test_cpu_kernels.py` checks them against the XLA path.
-
-If the library is missing (no compiler at install time, another OS), `available()` is
-False and callers keep the XLA path; `unavailable_reason()` says why. Without
-scipy-openblas32, `dense_available()` is False and the dense layers stay on XLA.
+The C++ sources are compiled by `pip install` (`setup.py`): on x86-64 once per
+microarchitecture level, and `_library` loads the one for this CPU. If none is there (no
+compiler at install time, another OS), `available()` is False and callers keep the XLA
+path; `unavailable_reason()` says why. Without scipy-openblas32, `dense_available()` is
+False and dense layers stay on XLA.
 """
 
 from __future__ import annotations
@@ -46,15 +37,11 @@ _PAIRWISE_DOTS_GRAD = "recsys_pairwise_dots_grad"
 @functools.cache
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
     """Loads and registers the kernels once: (the library, None), or (None, why not)."""
-    here = Path(__file__).parent
-    libraries = sorted(here.glob("_kernels*.so")) + sorted(here.glob("_kernels*.dylib"))
-    if not libraries:
-        return (
-            None,
-            f"no compiled kernel library in {here} (reinstall with a C++17 compiler: pip install -e .)",
-        )
+    path, reason = _library_path(Path(__file__).parent)
+    if path is None:
+        return None, reason
     try:
-        lib = ctypes.cdll.LoadLibrary(str(libraries[0]))
+        lib = ctypes.cdll.LoadLibrary(str(path))
         for name, symbol in (
             (_LOOKUP, lib.RecsysPooledLookup),
             (_ROWWISE_ADAGRAD, lib.RecsysRowwiseAdagrad),
@@ -64,8 +51,34 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, AttributeError) as e:
-        return None, f"could not load {libraries[0]}: {e}"
+        return None, f"could not load {path}: {e}"
     return lib, None
+
+
+def _library_path(here: Path) -> tuple[Path | None, str | None]:
+    """The library for this CPU: on x86-64 `setup.py` builds one per microarchitecture
+    level (`_kernels_x86_64_v2.so` runs on every x86-64 CPU of the last decade), and the
+    baseline one says which level this CPU has (`RecsysCpuLevel`); elsewhere one
+    `_kernels.so`, built for the baseline of its architecture."""
+    levels = {int(p.stem.rsplit("_v", 1)[1]): p for p in here.glob("_kernels_x86_64_v[0-9].so")}
+    if levels:
+        try:
+            cpu = ctypes.cdll.LoadLibrary(str(levels[min(levels)])).RecsysCpuLevel()
+        except (OSError, AttributeError) as e:
+            return None, f"could not load {levels[min(levels)]}: {e}"
+        fitting = [level for level in levels if level <= cpu]
+        if not fitting:
+            return None, f"this CPU (x86-64 level {cpu}) runs none of the built libraries {sorted(levels)}"
+        return levels[max(fitting)], None
+    plain = sorted(here.glob("_kernels*.so")) + sorted(here.glob("_kernels*.dylib"))
+    if plain:
+        return plain[0], None
+    return None, f"no compiled kernel library in {here} (reinstall with a C++17 compiler: pip install -e .)"
+
+
+def library_path() -> Path | None:
+    """The kernel library this process runs (None: none could be loaded)."""
+    return _library_path(Path(__file__).parent)[0] if available() else None
 
 
 def _load() -> str | None:
@@ -75,16 +88,13 @@ def _load() -> str | None:
 _blas_handles: list[ctypes.CDLL] = []  # OpenBLAS, kept loaded for as long as the process
 
 # After each call OpenBLAS's worker threads spin for 2^OPENBLAS_THREAD_TIMEOUT cycles before
-# they sleep: 2^28 by default, about 0.1 s. In a train step every sgemm is followed by
-# kernels and XLA fusions that want the same cores; on the 2-core EPYC, 2^20 cycles (about
-# 0.4 ms) made the pooling-20 DLRM step faster in each of three alternating pairs (774,
-# 794, 849 ms against 796, 900, 907).
-# A value the user set is kept.
+# they sleep (2^28, about 0.1 s, by default), while the kernels and XLA fusions after an
+# sgemm want the same cores: 2^20 cycles instead (docs/kernels.md). A user's value is kept.
 OPENBLAS_THREAD_TIMEOUT = "20"
 
 
 @contextlib.contextmanager
-def _environment_default(name: str, value: str):
+def environment_default(name: str, value: str):
     """`name`=`value` in the environment inside the block unless it is set already; as
     it was afterwards (OpenBLAS reads its settings once, when it is loaded)."""
     if name in os.environ:
@@ -109,7 +119,7 @@ def _load_blas() -> str | None:
         return "scipy-openblas32 is not installed (pip install scipy-openblas32)"
     try:
         path = Path(scipy_openblas32.get_lib_dir()) / scipy_openblas32.get_library(fullname=True)
-        with _environment_default("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT):
+        with environment_default("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_THREAD_TIMEOUT):
             blas = ctypes.CDLL(str(path))
         # The package prefixes every symbol (cblas.h in its include dir) so that it can sit
         # beside another BLAS in one process.

@@ -1,7 +1,7 @@
 """Input pipeline benchmark: the train step fed from real data files vs in-memory data.
 
-    python -m recsys.bench_input                 # Criteo sample from ../shared/data if present
-    python -m recsys.bench_input --criteo day_0.tsv --steps 300
+    python -m benchmarks.input                 # Criteo sample from ../shared/data if present
+    python -m benchmarks.input --criteo day_0.tsv --steps 300
 
 One DLRM (the CLI's defaults unless --model-size large) trains on Criteo-format data
 through every path a user has, each with the same schema, batch size and step count:
@@ -32,6 +32,10 @@ import time
 import jax
 import numpy as np
 
+from recsys import host_malloc
+from recsys.batching import to_batch
+from recsys.cli import flags
+from recsys.cli.build import build_model, run_dense_optimizer, sparse_optimizer
 from recsys.data import (
     ColumnOptions,
     Dataset,
@@ -42,9 +46,8 @@ from recsys.data import (
     preprocess_criteo,
     train_batches,
 )
-from recsys.sparse import PackReport, RaggedIds
-from recsys.train import _device_batch, build_model, dense_optimizer, parse_args, sparse_optimizer
-from recsys.trainer import Trainer
+from recsys.sparse import RaggedIds
+from recsys.training import Trainer
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "kaggle_train_10k.tsv"
 
@@ -75,7 +78,7 @@ def time_training(trainer, config, dataset, batch_size, steps, warmup, prefetch)
     """samples/s over `steps` steps after `warmup` (which includes compilation)."""
     state = trainer.init_state()
     items = itertools.islice(train_batches(dataset, batch_size, seed=0), warmup + steps)
-    prepare = lambda item: _device_batch(config, item[0], PackReport())  # noqa: E731
+    prepare = lambda item: trainer.place_batch(to_batch(config, item[0]))  # noqa: E731
     batches = Prefetcher(items, prepare, depth=8) if prefetch else map(prepare, items)
     for step, batch in enumerate(batches):
         if step == warmup:
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="median over this many runs of each path")
     p.add_argument("--model-size", choices=["default", "large"], default="default")
     args = p.parse_args(argv)
+    host_malloc.tune()
     with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
         _run(args, pathlib.Path(tmp))
     return 0
@@ -118,10 +122,10 @@ def _run(args, workdir: pathlib.Path) -> None:
     model_args = ["--batch-size", str(args.batch_size)]
     if args.model_size == "large":
         model_args += ["--embedding-dim", "64", "--bottom-mlp", "512,256,64", "--top-mlp", "512,256,1"]
-    cli = parse_args(model_args)
+    cli = flags.parse(model_args)
     config = schema.embedding_config(cli.embedding_dim, sparse_optimizer(cli))
     trainer = Trainer(
-        build_model(cli, config, len(schema.dense)), dense_optimizer(cli, args.warmup + args.steps)
+        build_model(cli, config, len(schema.dense)), run_dense_optimizer(cli, args.warmup + args.steps)
     )
 
     paths = {

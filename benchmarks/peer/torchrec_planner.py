@@ -4,11 +4,11 @@ install TorchRec 1.8 + fbgemm-gpu-cpu), not in ours; it reads and writes our for
 
     TR=/tmp/torchrec-venv/bin/python
     # TorchRec's plan, in our plan schema (mesh/plan), plus its own estimate:
-    $TR examples/peer/torchrec_planner.py plan examples/configs/mlperf_dcnv2_tables.json \
+    $TR benchmarks/peer/torchrec_planner.py plan examples/configs/mlperf_dcnv2_tables.json \
         --world 128 --local 8 --hbm 80e9 --batch-size 65536 --out torchrec128.json
     # any plan in our schema (ours from `python -m mesh.plan --json`, or TorchRec's) under
     # TorchRec's estimator (EmbeddingPerfEstimator, per rank, ms):
-    $TR examples/peer/torchrec_planner.py score examples/configs/mlperf_dcnv2_tables.json \
+    $TR benchmarks/peer/torchrec_planner.py score examples/configs/mlperf_dcnv2_tables.json \
         ours128.json --world 128 --local 8 --hbm 80e9 --batch-size 65536
     # and TorchRec's plan under our cost model:
     python -m mesh.plan --tables examples/configs/mlperf_dcnv2_tables.json \

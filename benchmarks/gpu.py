@@ -1,8 +1,8 @@
 """GPU check of the Pallas kernels: achieved bandwidth against the device's, next to XLA.
 
-    python -m recsys.bench_gpu                 # on a machine with one NVIDIA GPU
-    python -m recsys.bench_gpu --smoke         # tiny shapes, any backend (CI runs this)
-    examples/gpu_check.sh                      # the kernel tests compiled, then this
+    python -m benchmarks.gpu                 # on a machine with one NVIDIA GPU
+    python -m benchmarks.gpu --smoke         # tiny shapes, any backend (CI runs this)
+    benchmarks/gpu_check.sh                      # the kernel tests compiled, then this
 
 Workload: `--features` tables of `--rows` rows x `--dim` stacked into one array, batch
 `--batch`, fixed pooling 1 and 20, sum pooling, ids uniform over each table (so rows come
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.embedding_bag import BagBlockSizes, embedding_bag
-from recsys.lookup import _pooled_gather, init_tables, lookup
+from recsys.lookup import init_tables, lookup, pooled_gather
 from recsys.sparse import JaggedBatch, JaggedFeature
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
@@ -143,7 +143,7 @@ def run(args) -> list[dict]:
             itemsize = jnp.dtype(dtype).itemsize
             useful = ids.size * (args.dim * itemsize + 8) + args.batch * args.features * args.dim * 4
 
-            xla = jax.jit(lambda t, i, c: jnp.moveaxis(_pooled_gather(t, i, c), 0, 1))
+            xla = jax.jit(lambda t, i, c: jnp.moveaxis(pooled_gather(t, i, c), 0, 1))
             xla_s = median_seconds(xla, table, ids, coef, steps=args.steps)
             emit("lookup_fwd_xla", pooling, dtype, xla_s, useful)
             best = None

@@ -1,7 +1,7 @@
 """Embedding and DLRM benchmarks on the configuration of the TorchRec peer benchmark.
 
-    python -m recsys.bench                      # ours only, one JSON line per measurement
-    python -m recsys.bench --peer /tmp/torchrec-venv/bin/python   # also TorchRec, + ratios
+    python -m benchmarks.bench                      # ours only, one JSON line per measurement
+    python -m benchmarks.bench --peer /tmp/torchrec-venv/bin/python   # also TorchRec, + ratios
 
 Workload (as ../shared/bench/torchrec_peer.py): 26 tables x 100,000 rows x 128 fp32, batch
 4096, truncated-Zipf(1.05) ids permuted per table, fixed pooling factor 1 and 20, sum
@@ -28,14 +28,16 @@ import optax
 from flax import nnx
 
 from recsys import host_malloc
-from recsys.lookup import KERNELS, init_tables, lookup
+from recsys.batching import Batch
+from recsys.kernels import KERNELS
+from recsys.lookup import init_tables, lookup
 from recsys.models import DLRM
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.sparse import RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from recsys.synthetic import ZipfSampler
-from recsys.trainer import Batch, Trainer
+from recsys.training import Trainer
 
 DENSE_IN = 13
 BOTTOM = (512, 256, 128)
@@ -104,7 +106,7 @@ def emit(name: str, pooling: int, times: list[float], args, extra: dict) -> dict
         "batch": args.batch,
         "backend": jax.default_backend(),
         "kernels": args.kernels,
-        "host_malloc": host_malloc.STATE,
+        "host_malloc": host_malloc.state(),
         **extra,
     }
     print(json.dumps(record), flush=True)
@@ -228,7 +230,7 @@ def run_peer(args) -> list[dict]:
 
 def main(argv=None) -> int:
     here = Path(__file__).resolve().parent.parent
-    p = argparse.ArgumentParser(prog="python -m recsys.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", type=int, default=26)
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--dim", type=int, default=128)
@@ -260,7 +262,7 @@ def main(argv=None) -> int:
         "(recsys.host_malloc.ENVIRONMENT); default: as TorchRec runs out of the box",
     )
     args = p.parse_args(argv)
-
+    host_malloc.tune()  # before JAX computes anything
     ours = run_ours(args)
     if args.peer:
         peer = {(r["name"], r["pooling"]): r for r in run_peer(args)}

@@ -1,7 +1,7 @@
 """The planner on a table set: planning time, estimated step, balance, memory, against naive plans.
 
-    python -m recsys.bench_planner                         # MLPerf DCNv2 tables, H100s
-    python -m recsys.bench_planner --devices 8 128 --memory 16GB --preset tpu-v5p
+    python -m benchmarks.planner                         # MLPerf DCNv2 tables, H100s
+    python -m benchmarks.planner --devices 8 128 --memory 16GB --preset tpu-v5p
 
 One JSON line per (devices, memory): our plan's estimated step time (the slowest device
 under `mesh.cost`), max/mean, both lower bounds, peak memory / capacity and bytes sent per

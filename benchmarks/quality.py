@@ -1,7 +1,7 @@
 """Quality under compression: test AUC and log-loss of compressed runs against fp32.
 
-    python -m recsys.bench_quality                                   # Frappe + synthetic
-    python -m recsys.bench_quality --datasets synthetic --seeds 0    # quick look
+    python -m benchmarks.quality                                   # Frappe + synthetic
+    python -m benchmarks.quality --datasets synthetic --seeds 0    # quick look
 
 Trains `recsys-train` on 8 simulated devices (`--mesh`, `--sharding`) once per
 configuration and seed, and prints one JSON line per run (AUC, log-loss, bytes sent per
@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from recsys.train import simulate_cpu_devices
+from mesh.meshes import simulate_cpu_devices
 
 CONFIGS = {
     "fp32": [],

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of the Pallas kernels (issue 6): on a machine with one NVIDIA GPU and JAX with
+# GPU check of the Pallas kernels: on a machine with one NVIDIA GPU and JAX with
 # CUDA installed (pip install -U "jax[cuda12]"), from the repository root:
-#   bash examples/gpu_check.sh
+#   bash benchmarks/gpu_check.sh
 # 1. the kernel tests with the GPU flavour compiled (not interpreted); the TPU flavour is
 #    covered by CI in interpret mode and skipped here;
 # 2. achieved bandwidth of the forward lookup against the device's, next to XLA, and the
-#    fused update against XLA (`python -m recsys.bench_gpu`, JSON lines).
+#    fused update against XLA (`python -m benchmarks.gpu`, JSON lines).
 # About 2-4 minutes on an H100; the whole script is bounded at 5.
 set -euo pipefail
 export JAX_PLATFORMS=cuda
 python -c 'import jax; assert jax.default_backend() == "gpu", jax.default_backend(); print(jax.devices()[0].device_kind)'
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_pallas_kernels.py tests/test_kernel_dispatch.py \
     -k "not tpu and not lower"
-timeout 140 python -m recsys.bench_gpu "$@"
+timeout 140 python -m benchmarks.gpu "$@"

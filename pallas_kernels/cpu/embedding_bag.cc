@@ -1,11 +1,11 @@
 // CPU kernels for the embedding lookup and its fused sparse update, called from JAX
-// through the XLA FFI (`recsys.cpu_kernels`). XLA:CPU runs the backward's scatter-add on
+// through the XLA FFI (`pallas_kernels.cpu`). XLA:CPU runs the backward's scatter-add on
 // one thread and, in a step that also updates the tables in place, copies every gathered
 // row before summing it; these split the work over the cores, sum each bag into its
 // output row while the next bag's rows are prefetched, and apply row-wise Adagrad to each
 // unique row in the same pass that sums that row's gradient.
 //
-// Semantics (the tests compare them with the XLA path):
+// Semantics (`reference.py` states them in jnp; the tests compare the two):
 //   pooled_lookup:   out[b, f] = sum_l coef[f, b, l] * table[ids[f, b, l]]; positions
 //                    with coef == 0 (padding) are skipped and never read.
 //   rowwise_adagrad: for every row r among the valid ids (id >= 0):
@@ -61,7 +61,7 @@ inline void PrefetchRow(const float* row, int64_t dim) {
 
 // An occurrence as rowwise_adagrad's update reads it: its gradient row and factor, copied
 // out of src and coef while those are read in order, so that the update does not chase
-// an occurrence index into them at random (it had spent a tenth of its time there).
+// an occurrence index into them at random.
 struct Occurrence {
   int32_t src;
   float coef;
@@ -203,11 +203,9 @@ ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> 
 
   // When the table is not much larger than the batch: a counting sort in two levels, all
   // of it split over the cores. Occurrences go to buckets of 2^16 rows first, then each
-  // bucket is counted out with an array that stays in L2 (one counting array over all
-  // rows took about 95 ms of a pooling-20 batch on one core, in cache misses). Its cost
-  // grows with the rows as well; at 24x (a pooling-1 batch of the benchmark: 106,496
-  // occurrences over 2.6M rows) it still beat the one-core sort below, 23-25 ms against
-  // 26-30 for the whole update.
+  // bucket is counted out with an array that stays in L2 (one array over all rows misses
+  // the cache on every count). Its cost grows with the rows too; up to 32x as many rows
+  // as occurrences it beats the one-core sort below (docs/kernels.md).
   if (rows <= 32 * n) {
     const int64_t buckets = (rows >> kBucketBits) + 1;
     const int64_t chunks = std::min<int64_t>(recsys::Workers(), std::max<int64_t>(1, n / 4096));

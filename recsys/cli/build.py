@@ -1,0 +1,185 @@
+"""What a run trains with, from its `RunConfig`: the devices, the model and its optimizers,
+the mesh and the plan (the planning adapter), and the trainer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from mesh import ShardingPlan, make_mesh, mesh_spec, plan_for_strategy, validate_plan
+from mesh.meshes import simulate_cpu_devices
+from mesh.planner_cli import calibrate
+from mesh.topology import Topology
+from pallas_kernels.dtypes import SHORT_NAMES
+from recsys.cli.config import RunConfig
+from recsys.cli.data import LoadedData
+from recsys.cli.errors import UsageError
+from recsys.data import Dataset, train_batches
+from recsys.models import DLRM, DCNv2
+from recsys.models.mlp import DENSE_DTYPE_NAMES
+from recsys.planning import plan_model
+from recsys.specs import EmbeddingConfig, InitializerSpec, SparseOptimizerSpec
+from recsys.training import ShardedTrainer, Trainer
+from recsys.training.optimizers import dense_optimizer
+
+
+def start_devices(config: RunConfig) -> None:
+    """Before anything uses JAX: joins a multi-process run, or on CPU asks for the mesh's
+    simulated devices. On CPU each process simulates its share of the devices and the
+    processes talk over gloo; on GPU/TPU each uses its local devices."""
+    if not config.coordinator:
+        if config.sharded:
+            simulate_cpu_devices(config.mesh_spec.size)
+        return
+    total = config.mesh_spec.size
+    if total % config.num_processes:
+        raise UsageError(f"{total} devices do not split over {config.num_processes} processes")
+    simulate_cpu_devices(total // config.num_processes)
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # a JAX without CPU collectives options: GPU/TPU runs do not need them
+        pass
+    jax.distributed.initialize(
+        coordinator_address=config.coordinator,
+        num_processes=config.num_processes,
+        process_id=config.process_id,
+    )
+
+
+def sparse_optimizer(config: RunConfig) -> SparseOptimizerSpec:
+    """The tables' optimizer from --optimizer, --lr, --weight-decay and --state-dtype."""
+    return SparseOptimizerSpec(
+        kind=config.optimizer,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        state_dtype=SHORT_NAMES[config.state_dtype],
+    )
+
+
+def embedding_config(config: RunConfig, data: LoadedData) -> EmbeddingConfig:
+    """The data's tables, with --init and --table-dtype. Normal init at 1/sqrt(dim) starts
+    the dot-product interactions off zero; a small uniform init left DLRM on Frappe
+    stalled for epochs."""
+    init, dtype = InitializerSpec(kind=config.init), SHORT_NAMES[config.table_dtype]
+    tables = tuple(dataclasses.replace(t, initializer=init, dtype=dtype) for t in data.config.tables)
+    return dataclasses.replace(data.config, tables=tables)
+
+
+def run_dense_optimizer(config: RunConfig, steps: int) -> optax.GradientTransformation:
+    """The dense layers' optimizer from the --dense-* flags, for a run of `steps` steps."""
+    return dense_optimizer(
+        config.dense_optimizer,
+        config.dense_lr,
+        config.dense_weight_decay,
+        schedule=config.dense_lr_schedule,
+        steps=steps,
+    )
+
+
+def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int) -> nnx.Module:
+    common = dict(
+        dense_features=dense_features,
+        bottom=config.bottom_mlp,
+        top=config.top_mlp,
+        rngs=nnx.Rngs(config.seed),
+        dense_dtype=DENSE_DTYPE_NAMES[config.dense_dtype],
+    )
+    if config.model == "dlrm":
+        return DLRM(tables, **common)
+    return DCNv2(tables, cross_layers=config.cross_layers, cross_rank=config.cross_rank, **common)
+
+
+def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, steps: int):
+    """The run's trainer: one device, or the tables sharded by the run's plan."""
+    dense_opt = run_dense_optimizer(config, steps)
+    if not config.sharded:
+        return Trainer(build_model(config, tables, data.num_dense), dense_opt, kernels=config.kernels)
+    mesh = run_mesh(config)
+    if config.batch_size % mesh.devices.size:
+        raise UsageError(
+            f"--batch-size {config.batch_size} must be a multiple of the {mesh.devices.size} devices"
+        )
+    plan = choose_plan(config, tables, mesh, data.train)
+    # A builder, not a module: the trainer creates the tables already sharded.
+    return ShardedTrainer(
+        lambda: build_model(config, tables, data.num_dense),
+        dense_opt,
+        plan,
+        mesh,
+        routing=config.routing,
+        kernels=config.kernels,
+    )
+
+
+def run_mesh(config: RunConfig) -> jax.sharding.Mesh:
+    spec = config.mesh_spec
+    if config.devices > 1 and config.devices != spec.size:
+        raise UsageError(f"--devices {config.devices} but --mesh {config.mesh} has {spec.size} devices")
+    available = jax.devices()
+    if len(available) < spec.size:
+        hint = (
+            " (on CPU, pass --devices N before anything else uses JAX)"
+            if available[0].platform == "cpu"
+            else ""
+        )
+        raise UsageError(f"the mesh needs {spec.size} devices, {len(available)} are available{hint}")
+    return make_mesh(spec, available[: spec.size])
+
+
+def choose_plan(config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset) -> ShardingPlan:
+    """--plan's file, the planner's plan (--sharding auto), or one strategy for every table."""
+    if config.plan:
+        return load_plan(config.plan, tables, mesh)
+    if config.sharding == "auto":
+        return auto_plan(config, tables, mesh, train)
+    return plan_for_strategy(tables.tables, mesh_spec(mesh), config.sharding or "table_wise")
+
+
+def load_plan(path: str, tables: EmbeddingConfig, mesh) -> ShardingPlan:
+    """The ShardingPlan in a JSON file, checked against the tables and the mesh."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        plan = ShardingPlan.from_json(text)
+        validate_plan(plan, tables.tables, mesh_spec(mesh))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--plan {path} is not JSON: {e}") from None
+    except ValueError as e:
+        raise UsageError(f"--plan {path}: {e}") from None
+    return plan
+
+
+def auto_plan(config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset) -> ShardingPlan:
+    """The planner's plan for this model on this mesh. Average ids per sample come from
+    the first training batch; memory from what the devices report, or --plan-topology."""
+    examples, _ = next(train_batches(train, config.batch_size, seed=config.seed))
+    mean_ids = {f.name: float(np.mean(examples.sparse[f.name].lengths)) for f in tables.features}
+    measured = None
+    if config.plan_topology == "calibrate":
+        if jax.process_count() > 1:  # each process would measure its own figures and plan apart
+            raise UsageError(
+                "--plan-topology calibrate plans from one process's measurements; with several "
+                "processes pass the spec `python -m mesh.plan --calibrate` prints"
+            )
+        measured = calibrate(rows=1 << 18, dim=64, batch=1 << 14, repeats=3)
+    elif config.plan_topology:
+        measured = Topology.parse(config.plan_topology)
+    result = plan_model(
+        tables, mesh, config.batch_size, mean_ids=mean_ids, topology=measured, routing=config.routing
+    )
+    if jax.process_index() == 0 and not config.no_progress:
+        print(f"planned for {result.topology}:\n{result}", flush=True)
+    return result.plan
+
+
+def run_description(config: RunConfig) -> str:
+    """What a stalled step's error says of the run: its strategy and mesh."""
+    if not config.sharded:
+        return "one device"
+    strategy = f"plan {config.plan}" if config.plan else f"strategy {config.sharding or 'table_wise'}"
+    return f"{strategy}, route {config.route}, mesh {config.mesh_spec}"

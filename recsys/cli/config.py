@@ -1,0 +1,154 @@
+"""`RunConfig`: everything a `recsys-train` run is told, as one frozen, validated value.
+
+`recsys.cli.flags` builds it from the command line; the run reads only it. The settings
+that change what a run computes (`computed()`) are stored in every checkpoint, and
+`--resume` refuses a checkpoint whose run differed in any of them. The devices, mesh,
+plan and route may change on resume: checkpoints are plan-independent, and a run resumed
+on another layout differs from the original only by float summation order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mesh.collectives import CommConfig
+from mesh.meshes import MeshSpec
+from mesh.routing import RoutingOptions
+
+# A field's metadata marks the settings that change what a run computes.
+COMPUTED = {"computed": True}
+# Settings added after checkpoints were first written: an older checkpoint's run used these.
+ADDED_DEFAULTS = {"table_dtype": "fp32", "state_dtype": "fp32", "dense_dtype": "fp32"}
+
+
+def _computed(default):
+    return dataclasses.field(default=default, metadata=COMPUTED)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """One run of `recsys-train`; field names are the flags' (`--dense-lr` -> dense_lr)."""
+
+    # Data.
+    data: str = _computed("synthetic")
+    eval_data: str | None = _computed(None)
+    holdout: float = _computed(0.2)
+    label: str = _computed("label")
+    dense: tuple[str, ...] = _computed(())
+    sparse: tuple[str, ...] | None = _computed(None)
+    ignore: tuple[str, ...] = _computed(())
+    multi_hot_sep: str | None = _computed(None)
+    delimiter: str | None = _computed(None)
+    libfm_fields: str | None = _computed(None)
+    encoding: str | None = _computed(None)
+    rows: int | None = _computed(None)
+    max_rows: int | None = _computed(None)
+    min_count: int = _computed(1)
+    max_ids: int | None = _computed(None)
+    on_error: str = _computed("raise")
+    train_samples: int = _computed(200_000)
+    eval_samples: int = _computed(20_000)
+    num_tables: int = _computed(8)
+    # Model and optimization.
+    model: str = _computed("dlrm")
+    embedding_dim: int = _computed(16)
+    bottom_mlp: tuple[int, ...] | None = _computed(None)  # None: 64, embedding_dim
+    top_mlp: tuple[int, ...] = _computed((64, 32, 1))
+    cross_layers: int = _computed(2)
+    cross_rank: int = _computed(32)
+    batch_size: int = _computed(256)
+    steps: int | None = None  # None: --epochs over the data; the total is checked on resume
+    epochs: int = 1
+    lr: float = _computed(0.1)
+    optimizer: str = _computed("rowwise_adagrad")
+    weight_decay: float = _computed(1e-3)
+    init: str = _computed("normal")
+    dense_optimizer: str = _computed("adamw")
+    dense_lr: float = _computed(1e-3)
+    dense_lr_schedule: str = _computed("cosine")
+    dense_weight_decay: float = _computed(1.0)
+    seed: int = _computed(0)
+    table_dtype: str = _computed("fp32")
+    state_dtype: str = _computed("fp32")
+    dense_dtype: str = _computed("fp32")
+    kernels: str = "auto"
+    # Sharding and processes.
+    devices: int = 1
+    mesh: str | None = None
+    sharding: str | None = None
+    plan: str | None = None
+    plan_topology: str | None = None
+    route: str = "auto"
+    route_capacity: float = 2.0
+    comm: CommConfig = CommConfig()
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # Checkpoints, output and supervision.
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    resume: bool = False
+    metrics_out: str | None = None
+    no_progress: bool = False
+    step_timeout: float = 300.0
+    debug: bool = False
+
+    def __post_init__(self):
+        if self.bottom_mlp is None:
+            object.__setattr__(self, "bottom_mlp", (64, self.embedding_dim))
+        for problem in self._problems():
+            raise ValueError(problem)
+
+    def _problems(self):
+        if self.step_timeout < 0:
+            yield f"--step-timeout must be >= 0, got {self.step_timeout:g}"
+        for flag in ("lr", "dense_lr"):
+            if getattr(self, flag) <= 0:
+                yield f"--{flag.replace('_', '-')} must be > 0, got {getattr(self, flag)}"
+        for flag in ("weight_decay", "dense_weight_decay"):
+            if getattr(self, flag) < 0:
+                yield f"--{flag.replace('_', '-')} must be >= 0, got {getattr(self, flag)}"
+        if self.bottom_mlp[-1] != self.embedding_dim:
+            yield f"--bottom-mlp must end in --embedding-dim {self.embedding_dim}, got {self.bottom_mlp}"
+        if self.top_mlp[-1] != 1:
+            yield f"--top-mlp must end in 1, got {self.top_mlp}"
+        if self.resume and self.checkpoint_dir is None:
+            yield "--resume needs --checkpoint-dir"
+        if self.plan and self.sharding:
+            yield "give --plan or --sharding, not both"
+        if self.mesh:
+            MeshSpec.parse(self.mesh)  # a ValueError naming the problem
+        if self.coordinator and (self.num_processes is None or self.process_id is None):
+            yield "--coordinator needs --num-processes and --process-id"
+        if self.route_capacity <= 0:
+            yield f"--route-capacity must be > 0, got {self.route_capacity}"
+        if self.comm != CommConfig() and not self.sharded:
+            yield "--comm compresses the collectives of a sharded run: add --devices, --mesh or --sharding"
+        if self.eval_data is not None and self.data == "synthetic":
+            yield "--eval-data needs real --data; synthetic data makes its own"
+
+    @property
+    def sharded(self) -> bool:
+        """Tables sharded over a mesh (rather than on one device)."""
+        return self.devices > 1 or bool(self.mesh or self.sharding or self.plan)
+
+    @property
+    def mesh_spec(self) -> MeshSpec:
+        return MeshSpec.parse(self.mesh) if self.mesh else MeshSpec.flat(self.devices)
+
+    @property
+    def routing(self) -> RoutingOptions:
+        return RoutingOptions(self.route, self.route_capacity, comm=self.comm)
+
+    def computed(self) -> dict:
+        """The settings that change what the run computes, as JSON (checkpoints store them)."""
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.metadata.get("computed")
+        }
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,84 @@
+"""The run's data: synthetic planted-model data, or real files through `recsys.data`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from recsys.cli.config import RunConfig
+from recsys.data import ColumnOptions, DataSchema, Dataset, ReadOptions, open_data
+from recsys.specs import EmbeddingConfig, SparseOptimizerSpec
+from recsys.synthetic import PlantedModel, SyntheticConfig
+
+
+@dataclasses.dataclass
+class LoadedData:
+    config: EmbeddingConfig
+    num_dense: int
+    train: Dataset
+    eval: Dataset
+    schema: DataSchema | None  # None for synthetic data
+    planted_eval_logits: np.ndarray | None  # synthetic data only
+    notes: list[str]
+
+
+def read_options(config: RunConfig) -> ReadOptions:
+    columns = ColumnOptions(
+        encoding=config.encoding,  # None: the format's default
+        rows=config.rows,
+        max_ids=config.max_ids,
+        min_count=config.min_count,
+        max_rows=config.max_rows or ColumnOptions().max_rows,
+    )
+    return ReadOptions(
+        label=config.label,
+        dense=config.dense,
+        sparse=config.sparse,
+        ignore=config.ignore,
+        multi_hot_sep=config.multi_hot_sep,
+        delimiter=config.delimiter,
+        libfm_fields=config.libfm_fields,
+        columns=columns,
+        on_error=config.on_error,
+        holdout=config.holdout,
+    )
+
+
+def load_data(config: RunConfig, sparse_opt: SparseOptimizerSpec, schema: DataSchema | None) -> LoadedData:
+    """The run's train and eval data and the embedding config they imply (`schema`: the
+    one a resumed run's checkpoint recorded, so ids encode as before)."""
+    if config.data == "synthetic":
+        return _synthetic(config, sparse_opt)
+    opened = open_data(config.data, config.eval_data, read_options(config), schema=schema)
+    notes = []
+    for name, report in (("training", opened.train_report), ("evaluation", opened.eval_report)):
+        if report.total():
+            notes.append(f"{name} data: {report.summary()}")
+    return LoadedData(
+        config=opened.schema.embedding_config(config.embedding_dim, sparse_opt),
+        num_dense=len(opened.schema.dense),
+        train=opened.train,
+        eval=opened.eval,
+        schema=opened.schema,
+        planted_eval_logits=None,
+        notes=notes,
+    )
+
+
+def _synthetic(config: RunConfig, sparse_opt: SparseOptimizerSpec) -> LoadedData:
+    synthetic = SyntheticConfig(
+        num_sparse=config.num_tables, rows=config.rows or 1000, max_ids=config.max_ids or 4
+    )
+    planted = PlantedModel(synthetic, seed=config.seed)
+    train_data = planted.generate(config.train_samples, seed=config.seed)
+    eval_data = planted.generate(config.eval_samples, seed=config.seed + 10_000)
+    return LoadedData(
+        config=synthetic.embedding_config(config.embedding_dim, sparse_opt),
+        num_dense=synthetic.num_dense,
+        train=Dataset.in_memory(train_data.examples(), name=f"synthetic-train-{config.seed}"),
+        eval=Dataset.in_memory(eval_data.examples(), name=f"synthetic-eval-{config.seed}"),
+        schema=None,
+        planted_eval_logits=eval_data.true_logits,
+        notes=[],
+    )
