@@ -14,20 +14,16 @@ devices are simulated.
 
 import argparse
 
-from mesh.meshes import simulate_cpu_devices
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-simulate_cpu_devices(8)  # before anything else uses JAX
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-import recsys  # noqa: E402
-from recsys import metrics  # noqa: E402
-from recsys.data import Dataset, train_batches  # noqa: E402
-from recsys.synthetic import PlantedModel, SyntheticConfig  # noqa: E402
+import recsys
+from recsys import metrics
+from recsys.data import Dataset, train_batches
+from recsys.synthetic import PlantedModel, SyntheticConfig
 
 
 class DotScorer(nnx.Module):
@@ -63,6 +59,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="a user's model on one device and on eight")
     p.add_argument("--small", action="store_true", help="a few seconds of training")
     args = p.parse_args(argv)
+    recsys.simulate_cpu_devices(8)  # on CPU, before JAX starts
     samples, steps = (4_096, 20) if args.small else (50_000, 190)
     synthetic = SyntheticConfig(num_sparse=4, rows=300)
     planted = PlantedModel(synthetic, seed=0)

@@ -4,7 +4,7 @@ A checkpoint holds every table as one logical `[rows, dim]` array split over the
 (`mesh.sharded.logical_sharding`: a grid of row x column blocks, each block on one or more
 devices). The plan's layout holds it as shards inside group blocks. Converting between
 the two with plain `jit` lets XLA's partitioner choose, and it gathered whole tables onto
-every device (measured: 2-3x a table's bytes of temporaries per device). Here the moves
+every device (2-3x a table's bytes of temporaries per device). Here the moves
 are explicit: every (logical block, shard) overlap is a rectangular piece with a static
 source, destination and size; pieces are scheduled into rounds in which each device
 sends at most one piece and receives at most one, and each round is one

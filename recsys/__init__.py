@@ -8,6 +8,7 @@ mapped (`recsys.host_malloc`).
 """
 
 from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_for_strategy
+from mesh.meshes import simulate_cpu_devices
 from mesh.routing import RoutingOptions
 from recsys.batching import Batch, process_share, to_batch
 from recsys.embedding import EmbeddingCollection, EmbeddingTable
@@ -71,6 +72,7 @@ __all__ = [
     "plan_model",
     "process_share",
     "reference_lookup",
+    "simulate_cpu_devices",
     "sparse_update",
     "stack_tables",
     "table_loads",

@@ -1,11 +1,10 @@
 """Keeps XLA:CPU's per-step buffers in the process instead of handing them back to the OS.
 
-Every run of a compiled program on the CPU backend allocates its temporary buffer (198 MB
-for the benchmark DLRM's step) and its outputs with `posix_memalign`, and frees them when
-the step ends. glibc's malloc serves any block over 32 MB (and any block a worker
-thread asks for that does not fit its 64 MB arena) with a fresh `mmap`, and `munmap`s it
-on free, so the next step touches new pages: 48,000 page faults and 160 ms of kernel
-time per benchmark step on the 2-core development CPU, about 13% of the step.
+Every run of a compiled program on the CPU backend allocates its temporary buffer and its
+outputs with `posix_memalign`, and frees them when the step ends. glibc's malloc serves
+any block over 32 MB (and any block a worker thread asks for that does not fit its 64 MB
+arena) with a fresh `mmap`, and `munmap`s it on free, so the next step faults in new
+pages (docs/kernels.md has the cost).
 
 `tune()` (`recsys.tune_host_malloc()`; the CLI and the benchmarks call it first) therefore
 sets, through `mallopt`:

@@ -64,9 +64,8 @@ def _occurrences(layout: EmbeddingLayout, group: TableGroup, batch: JaggedBatch,
         valid = jnp.stack([batch[f.name].valid_mask() for f in lookup.features])
         nf, nb, nl = ids.shape
         # [f, b, ...]: each feature's gradients contiguous, as its occurrences are. Reading
-        # the model's [b, f, ...] in place instead (src = b * nf + f) skips this copy (54 MB
-        # in the benchmark DLRM) but scatters a table's gradient reads over all of it: the
-        # CPU kernel's update took as long or 2 ms longer (80-84 ms against 80-82).
+        # the model's [b, f, ...] in place would skip this copy but scatter a table's
+        # gradient reads over all of it, which made the CPU kernel's update no faster.
         grads = jnp.moveaxis(act_grads.groups[lookup.name].astype(jnp.float32), 1, 0)
         if lookup.sequence:
             src = np.arange(nf * nb * nl, dtype=np.int32).reshape(nf, nb, nl)

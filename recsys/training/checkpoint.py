@@ -8,7 +8,7 @@ restoring into a differently configured model raises `CheckpointMismatch` naming
 difference instead of failing somewhere inside orbax.
 
 Orbax writes a step into a temporary directory and renames it into place only once it
-is complete, so a crash mid-save leaves the previous checkpoint as the latest good one
+is complete, so a crash mid-save leaves the last complete checkpoint as the latest
 (the partial directory is ignored and removed on the next save).
 """
 
