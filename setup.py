@@ -13,6 +13,7 @@ and the training step keeps the XLA path; set RECSYS_REQUIRE_CPU_KERNELS=1 to ma
 failed build an error instead.
 """
 
+import copy
 import os
 import platform
 import sys
@@ -35,22 +36,27 @@ def ffi_include_dir() -> str:
 
 class OptionalBuildExt(build_ext):
     """A failed kernel build warns (the XLA path remains) unless it is required. Each
-    level's objects go to a directory of their own: the sources are the same."""
+    level's objects go to a directory of their own (the sources are the same), so the
+    levels build side by side, one per core."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     def build_extension(self, ext):
         ext.include_dirs.append(ffi_include_dir())
-        temp = self.build_temp
-        self.build_temp = os.path.join(temp, ext.name)
+        # A copy per extension (they build in parallel threads): its own object directory.
+        own = copy.copy(self)
+        own.build_temp = os.path.join(self.build_temp, ext.name)
         try:
-            super().build_extension(ext)
+            build_ext.build_extension(own, ext)
         except Exception as e:  # compiler missing or failing
             if os.environ.get("RECSYS_REQUIRE_CPU_KERNELS") == "1":
                 raise
             print(
                 f"warning: CPU kernels {ext.name} not built ({e}); the XLA path will be used", file=sys.stderr
             )
-        finally:
-            self.build_temp = temp
 
     def get_ext_filename(self, ext_name):
         # A plain shared library (no Python module init), so no ABI tag in its name.

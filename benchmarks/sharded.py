@@ -140,7 +140,7 @@ def measure(args, spec: MeshSpec, trainer, placed, name: str, plan=None, comm=No
     times = []
     for step in range(args.warmup + args.steps):
         start = time.perf_counter()
-        state, loss = trainer.train_step(state, placed)
+        state, loss = compiled(state, placed)
         jax.block_until_ready(loss)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)

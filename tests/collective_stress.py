@@ -1,13 +1,13 @@
-"""One stress case of `tests/test_collective_order.py`, run in its own process:
+"""Stress cases of `tests/test_collective_order.py`, run in a process of their own:
 
-    python -m tests.collective_stress --mesh host=2,device=4 --route rows --steps 8
+    python -m tests.collective_stress --mesh host=2,device=4 --routes auto rows --steps 8
 
 Seven tables, one per sharding strategy, train for `--steps` steps on 8 simulated CPU
-devices. Even steps look up uniform ids; odd steps send every id of a feature to one row,
-more than a bucket holds, so bucketized routes overflow and take their fallback branch.
-Before training, the compiled step's collectives must form one chain
-(`mesh.collectives.unordered_collectives`). Prints one JSON line; a hang shows as the
-parent's timeout.
+devices, once per route. Even steps look up uniform ids; odd steps send every id of a
+feature to one row, more than a bucket holds, so bucketized routes overflow and take
+their fallback branch. The compiled step's collectives must form one chain
+(`mesh.collectives.unordered_collectives`). Prints one JSON line per route; a hang shows
+as the parent's timeout.
 """
 
 from __future__ import annotations
@@ -77,32 +77,30 @@ def batch(step: int) -> Batch:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mesh", default="host=2,device=4")
-    p.add_argument("--route", default="auto")
+    p.add_argument("--routes", nargs="+", default=["auto"])
     p.add_argument("--steps", type=int, default=8)
     args = p.parse_args()
     mesh = make_mesh(args.mesh)
     model = DLRM(CONFIG, dense_features=4, bottom=(8, 8), top=(8, 1), rngs=nnx.Rngs(0))
-    routing = RoutingOptions(args.route, capacity_factor=3.0)
-    trainer = ShardedTrainer(model, optax.adam(0.01), plan(mesh), mesh, routing=routing)
-    state = trainer.init_state()
-    first = trainer.shard_batch(batch(0))
-    unordered = unordered_collectives(trainer.train_step.lower(state, first).compile().as_text())
-    losses = []
-    for step in range(args.steps):
-        state, loss = trainer.train_step(state, first if step == 0 else trainer.shard_batch(batch(step)))
-        losses.append(float(loss))
-    print(
-        json.dumps(
-            {
-                "mesh": args.mesh,
-                "route": args.route,
-                "unordered": unordered,
-                "steps": args.steps,
-                "fallbacks": int(state.routing_fallbacks),
-                "finite": bool(np.isfinite(losses).all()),
-            }
+    for route in args.routes:
+        trainer = ShardedTrainer(
+            model, optax.adam(0.01), plan(mesh), mesh, routing=RoutingOptions(route, 3.0)
         )
-    )
+        state = trainer.init_state()
+        step = trainer.train_step.lower(state, trainer.shard_batch(batch(0))).compile()
+        losses = []
+        for i in range(args.steps):
+            state, loss = step(state, trainer.shard_batch(batch(i)))
+            losses.append(float(loss))
+        record = {
+            "mesh": args.mesh,
+            "route": route,
+            "unordered": unordered_collectives(step.as_text()),
+            "steps": args.steps,
+            "fallbacks": int(state.routing_fallbacks),
+            "finite": bool(np.isfinite(losses).all()),
+        }
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,24 @@
-"""Every test runs on CPU with 8 simulated devices, set before JAX initializes."""
+"""Every test runs on CPU with 8 simulated devices, set before JAX initializes.
 
+The suite compiles many programs more than once: in both pytest workers, in the CLI runs
+of several tests and in the subprocesses some tests start. A persistent compilation
+cache, one per test session (the workers and subprocesses inherit its directory), compiles
+each of them once.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="recsys-tests-jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -14,6 +14,7 @@ import dataclasses
 from mesh.collectives import CommConfig
 from mesh.meshes import MeshSpec
 from mesh.routing import RoutingOptions
+from recsys.specs import OptimizerKind
 
 # A field's metadata marks the settings that change what a run computes.
 COMPUTED = {"computed": True}
@@ -60,7 +61,7 @@ class RunConfig:
     steps: int | None = None  # None: --epochs over the data; the total is checked on resume
     epochs: int = 1
     lr: float = _computed(0.1)
-    optimizer: str = _computed("rowwise_adagrad")
+    optimizer: str = _computed(OptimizerKind.ROWWISE_ADAGRAD.value)
     weight_decay: float = _computed(1e-3)
     init: str = _computed("normal")
     dense_optimizer: str = _computed("adamw")

@@ -69,7 +69,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (overrides --epochs)")
     p.add_argument("--epochs", type=_positive_int, default=1)
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the embedding tables")
-    p.add_argument("--optimizer", default="rowwise_adagrad", choices=[k.value for k in OptimizerKind])
+    p.add_argument(
+        "--optimizer", default=OptimizerKind.ROWWISE_ADAGRAD.value, choices=[k.value for k in OptimizerKind]
+    )
     p.add_argument(
         "--init", default="normal", choices=["normal", "uniform"], help="table init (default scales)"
     )

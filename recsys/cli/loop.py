@@ -186,6 +186,7 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
         steps - start,
     )
     began, timed_from, step, after = time.perf_counter(), time.perf_counter(), start, prepared.position
+    step_fn = None
     with (
         failures_named(lambda: f"step {step}"),
         Prefetcher(
@@ -194,14 +195,16 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
     ):
         for step in range(start, steps):
             batch, after = next(fed)
-            prepared.state, loss = trainer.train_step(prepared.state, batch)
+            if step_fn is None:  # compiled once, ahead of time, so its HLO can be read
+                step_fn = trainer.train_step.lower(prepared.state, batch).compile()
+                read_step_bytes(prepared, step_fn, timing)
+            prepared.state, loss = step_fn(prepared.state, batch)
             watchdog.watch(f"step {step}", loss)
             pending.append(loss)
             if step == start:  # the first step includes compilation
                 jax.block_until_ready(loss)
                 timed_from = time.perf_counter()
                 timing.compile_s = timed_from - began
-                read_step_bytes(prepared, batch, timing)
             done = step + 1
             if prepared.checkpoints is not None and done % config.checkpoint_every == 0 and done < steps:
                 flush()
@@ -223,13 +226,12 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
     return timing
 
 
-def read_step_bytes(prepared: Run, batch, timing: Timing) -> None:
-    """The bytes one device sends per step, from the compiled step (cached: no second compile)."""
+def read_step_bytes(prepared: Run, compiled, timing: Timing) -> None:
+    """The bytes one device sends per step, from the compiled step's HLO."""
     if not prepared.config.sharded:
         return
-    trainer = prepared.trainer
-    hlo = trainer.train_step.lower(prepared.state, batch).compile().as_text()
-    devices = int(trainer.mesh.devices.size)
+    hlo = compiled.as_text()
+    devices = int(prepared.trainer.mesh.devices.size)
     timing.comm_bytes = bytes_by_purpose(hlo, devices)
     timing.fallback_bytes = bytes_by_purpose(hlo, devices, branch=1)
 
