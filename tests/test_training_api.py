@@ -129,3 +129,53 @@ def test_a_loss_must_give_one_value_per_sample():
         ValueError, match=r"loss_fn must return one loss per sample, shape \[batch\]; got \(\)"
     ):
         one.train_step(one.init_state(), batch)
+
+
+class DroppedTower(nnx.Module):
+    """One logit per sample: dropout on a row of ones, weighted by `w`, plus the
+    embeddings. The gradient of `w` counts the kept units over the batch."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.embedding = recsys.EmbeddingCollection(CONFIG, rngs=rngs)
+        self.w = nnx.Param(jnp.zeros(16))
+        self.dropout = nnx.Dropout(0.5, rngs=rngs)
+        self.features = [f.name for f in CONFIG.features]
+
+    def __call__(self, dense, sparse):
+        item = jnp.sum(self.embedding(sparse).stacked(self.features), axis=(1, 2))
+        kept = self.dropout(jnp.ones((dense.shape[0], 16)))
+        return kept @ self.w + item
+
+
+def kept_counts(trainer, batch) -> np.ndarray:
+    """Per unit, how many of the batch's samples kept it in one step (SGD with rate 1 on
+    the mean loss: w moves by minus the mean of the masks, and a kept unit is 2)."""
+    state, _ = trainer.train_step(trainer.init_state(), trainer.place_batch(batch))
+    w = nnx.to_pure_dict(jax.device_get(state.params))["w"]
+    return np.rint(-w * BATCH / 2).astype(int)
+
+
+@pytest.mark.slow
+def test_dropout_draws_new_masks_each_step_and_differ_per_device():
+    identity = lambda outputs, batch: outputs  # noqa: E731
+    # Eight identical shards: the same eight samples on every device.
+    batch = batches(1, weighted=False)[0]
+    batch = jax.tree.map(lambda x: np.concatenate([x[:8]] * 8), batch)
+    one = recsys.Trainer(DroppedTower(rngs=nnx.Rngs(0)), optax.sgd(1.0), loss_fn=identity)
+    state = one.init_state()
+    placed = one.place_batch(batch)
+    w = lambda s: np.asarray(nnx.to_pure_dict(s.params)["w"])  # noqa: E731
+    state, _ = one.train_step(state, placed)
+    first = w(state)  # the step donates its input state: read it before the next
+    state, _ = one.train_step(state, placed)
+    # The loss is linear in w: each step moves it by minus that step's mean mask.
+    assert not np.allclose(first, w(state) - first)
+    mesh = recsys.make_mesh("device=8")
+    plan = recsys.plan_for_strategy(CONFIG.tables, recsys.mesh_spec(mesh), "row_wise")
+    eight = recsys.ShardedTrainer(
+        lambda: DroppedTower(rngs=nnx.Rngs(0)), optax.sgd(1.0), plan, mesh, loss_fn=identity
+    )
+    counts = kept_counts(eight, batch)
+    assert 0 < counts.sum() < 16 * BATCH
+    # Had every device drawn the same masks, each count would be a multiple of eight.
+    assert np.any(counts % 8 != 0), counts

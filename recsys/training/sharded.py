@@ -298,7 +298,7 @@ class ShardedTrainer:
 
             def local_loss(params, acts):
                 # Fresh variables of this trace: the model updates its other state in place.
-                model = nnx.merge(self.graphdef, self._no_tables, params, jax.tree.map(lambda x: x, rest))
+                model = nnx.merge(self.graphdef, self._no_tables, params, _keys_per_device(rest, axes))
                 outputs = model(batch.dense, Activations.from_features(self.config, acts))
                 return objective(self.loss_fn(outputs, batch)), nnx.split(
                     model, EmbeddingTable, nnx.Param, ...
@@ -312,7 +312,7 @@ class ShardedTrainer:
             )
             act_grads = jax.tree.map(lambda g: g / divisor, act_grads)
             loss = collectives.sum_over(loss, axes) / divisor
-            return loss, param_grads, act_grads, _device_mean(new_rest, axes)
+            return loss, param_grads, act_grads, _device_mean(_keys_of(rest, new_rest), axes)
 
         batch_spec, replicated = P(self.axes), P()
         acts_spec = {f: batch_spec for f in acts}
@@ -343,6 +343,22 @@ def _unflatten_like(tree, flat: jax.Array):
     leaves, treedef = jax.tree.flatten(tree)
     pieces = jnp.split(flat, list(itertools.accumulate(leaf.size for leaf in leaves))[:-1])
     return treedef.unflatten([p.reshape(x.shape).astype(x.dtype) for p, x in zip(pieces, leaves)])
+
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_per_device(rest: nnx.State, axes) -> nnx.State:
+    """A fresh copy of the model's other state whose RNG keys are folded with the device
+    index: otherwise every device would draw the same dropout mask for its i-th sample."""
+    device = jax.lax.axis_index(axes)
+    return jax.tree.map(lambda x: jax.random.fold_in(x, device) if _is_key(x) else x, rest)
+
+
+def _keys_of(before: nnx.State, after: nnx.State) -> nnx.State:
+    """`after` with the replicated RNG keys of `before` (the folded ones are per device)."""
+    return jax.tree.map(lambda old, new: old if _is_key(old) else new, before, after)
 
 
 def _device_mean(rest: nnx.State, axes) -> nnx.State:
