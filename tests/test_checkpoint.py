@@ -118,7 +118,7 @@ def _steps(directory):
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(tmp_path):
-    steps, every = 300, 25
+    steps, every = 160, 20
     base = [*SMALL, "--epochs", "1", "--steps", str(steps), "--checkpoint-every", str(every)]
     reference = tmp_path / "reference"
     assert (
