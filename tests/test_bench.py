@@ -90,3 +90,29 @@ def test_gpu_check_reports_bandwidth_and_ratios(capsys):
     )
     assert bench_gpu.peak_bandwidth(type("D", (), {"device_kind": "NVIDIA H200"})(), None) == 4.8e12
     assert bench_gpu.peak_bandwidth(object(), 1000.0) == 1e12
+
+
+def test_cache_benchmark_prints_hit_rates_and_the_cached_step(capsys):
+    from benchmarks import cache as bench_cache
+
+    small = [
+        "--batches",
+        "30",
+        "--trace-rows",
+        "3000",
+        "--trace-ids",
+        "300",
+        "--tables",
+        "2",
+        "--rows",
+        "2000",
+    ]
+    small += ["--dim", "8", "--batch", "256", "--steps", "3", "--warmup", "4"]
+    bench_cache.main(small)
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    zipf = [r for r in records if r["name"] == "cache_hit_rate" and r["trace"] == "zipf"]
+    assert [r["cache_size"] for r in zipf] == [0.05, 0.1, 0.2, 0.5]
+    for r in zipf:
+        assert max(r["lru"], r["lfu"], r["lookahead"]) <= r["belady"] + 1e-9
+    (step,) = [r for r in records if r["name"] == "cache_step"]
+    assert step["pipelined_samples_per_s"] > 0 and 0 < step["cache_hit_rate"] < 1

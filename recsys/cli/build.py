@@ -16,6 +16,7 @@ from mesh.meshes import simulate_cpu_devices
 from mesh.planner_cli import calibrate
 from mesh.topology import Topology
 from pallas_kernels.dtypes import SHORT_NAMES
+from recsys.cache import CacheConfig, CachedTrainer, parse_load_factors
 from recsys.cli.config import RunConfig
 from recsys.cli.data import LoadedData
 from recsys.cli.errors import UsageError
@@ -97,6 +98,10 @@ def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int)
 def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, steps: int):
     """The run's trainer: one device, or the tables sharded by the run's plan."""
     dense_opt = run_dense_optimizer(config, steps)
+    if config.cache_load_factor is not None:
+        # A builder: the cached tables are drawn in host memory, never whole on the device.
+        build = lambda: build_model(config, tables, data.num_dense)  # noqa: E731
+        return CachedTrainer(build, dense_opt, run_cache(config, tables), kernels=config.kernels)
     if not config.sharded:
         return Trainer(build_model(config, tables, data.num_dense), dense_opt, kernels=config.kernels)
     mesh = run_mesh(config)
@@ -114,6 +119,14 @@ def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, s
         routing=config.routing,
         kernels=config.kernels,
     )
+
+
+def run_cache(config: RunConfig, tables: EmbeddingConfig) -> CacheConfig:
+    try:
+        factors = parse_load_factors(config.cache_load_factor, [t.name for t in tables.tables])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return CacheConfig(factors, policy=config.cache_policy, prefetch_depth=config.prefetch_depth)
 
 
 def run_mesh(config: RunConfig) -> jax.sharding.Mesh:

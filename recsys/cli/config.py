@@ -85,6 +85,10 @@ class RunConfig:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # Cache: which rows stay on the device changes no result, so none of it is computed.
+    cache_load_factor: str | None = None
+    cache_policy: str = "lookahead"
+    prefetch_depth: int = 32
     # Checkpoints, output and supervision.
     checkpoint_dir: str | None = None
     checkpoint_every: int = 1000
@@ -126,6 +130,8 @@ class RunConfig:
             yield f"--route-capacity must be > 0, got {self.route_capacity}"
         if self.comm != CommConfig() and not self.sharded:
             yield "--comm compresses the collectives of a sharded run: add --devices, --mesh or --sharding"
+        if self.cache_load_factor is not None and self.sharded:
+            yield "--cache-load-factor caches the tables of a one-device run; drop --devices, --mesh and --sharding"
         if self.eval_data is not None and self.data == "synthetic":
             yield "--eval-data needs real --data; synthetic data makes its own"
 

@@ -9,6 +9,7 @@ from mesh.collectives import CODECS, CommConfig
 from mesh.plan import Strategy
 from mesh.routing import ROUTES
 from pallas_kernels.dtypes import SHORT_NAMES
+from recsys.cache.slots import CachePolicy
 from recsys.cli.config import RunConfig
 from recsys.cli.errors import UsageError
 from recsys.data import OnError, parse_spec
@@ -58,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
     _model_flags(p)
     _data_flags(p)
     _sharding_flags(p)
+    _cache_flags(p)
     _run_flags(p)
     return p
 
@@ -194,6 +196,26 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0; starts jax.distributed")
     g.add_argument("--num-processes", type=_positive_int, default=None)
     g.add_argument("--process-id", type=int, default=None)
+
+
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cache (tables in host memory, hot rows on the device; one device)")
+    g.add_argument(
+        "--cache-load-factor",
+        default=None,
+        metavar="F|TABLE=F,...",
+        help="cache tables: the fraction of rows the device holds, for every table (0.2) or "
+        "by table (t0=0.1,t3=0.5); the others stay whole on the device",
+    )
+    g.add_argument("--cache-policy", choices=[p.value for p in CachePolicy], default="lookahead")
+    g.add_argument(
+        "--prefetch-depth",
+        type=_positive_int,
+        default=32,
+        metavar="K",
+        help="upcoming batches the lookahead policy sees (the next batch's misses are always "
+        "fetched while the current step runs)",
+    )
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from mesh import mesh_spec
 from mesh.collectives import bytes_by_purpose
 from recsys import metrics
 from recsys.batching import process_share, to_batch
+from recsys.cache import CachedTrainer
 from recsys.cli import errors
 from recsys.cli.build import embedding_config, make_trainer, run_description, sparse_optimizer
 from recsys.cli.config import ADDED_DEFAULTS, RunConfig
@@ -193,12 +194,18 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
             batches, lambda item: (prepared.device_batch(item[0], prepared.train_pack), item[1])
         ) as fed,
     ):
+        cached = isinstance(trainer, CachedTrainer)
+        # A cached run sees the next batches' ids: it prefetches and chooses victims by them.
+        stream = trainer.lookahead(fed) if cached else ((item, ()) for item in fed)
         for step in range(start, steps):
-            batch, after = next(fed)
-            if step_fn is None:  # compiled once, ahead of time, so its HLO can be read
-                step_fn = trainer.train_step.lower(prepared.state, batch).compile()
-                read_step_bytes(prepared, step_fn, timing)
-            prepared.state, loss = step_fn(prepared.state, batch)
+            (batch, after), upcoming = next(stream)
+            if cached:
+                prepared.state, loss = trainer.train_step(prepared.state, batch, upcoming)
+            else:
+                if step_fn is None:  # compiled once, ahead of time, so its HLO can be read
+                    step_fn = trainer.train_step.lower(prepared.state, batch).compile()
+                    read_step_bytes(prepared, step_fn, timing)
+                prepared.state, loss = step_fn(prepared.state, batch)
             watchdog.watch(f"step {step}", loss)
             pending.append(loss)
             if step == start:  # the first step includes compilation
@@ -284,6 +291,7 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
         **(_sharding_result(prepared, timing) if config.sharded else _one_device_result()),
+        **_cache_result(prepared),
         "notes": prepared.data.notes + _pack_notes(prepared),
     }
     if out["routing_fallbacks"]:
@@ -320,6 +328,25 @@ def _sharding_result(prepared: Run, timing: Timing) -> dict:
 def _one_device_result() -> dict:
     keys = ("mesh", "plan", "routing_fallbacks", "comm", "comm_bytes", "comm_bytes_per_step")
     return {"devices": 1, **dict.fromkeys(keys), "comm_bytes_fallback_per_step": None}
+
+
+def _cache_result(prepared: Run) -> dict:
+    """Hit rates, transfer bytes and each table's placement of a cached run."""
+    trainer = prepared.trainer
+    if not isinstance(trainer, CachedTrainer):
+        return {"cache_hit_rate": None, "cache_placement": None}
+    placement = {
+        t.name: {"cached_rows": trainer.cache.capacity(t), "rows": t.rows}
+        if t.name in trainer.cached
+        else {"device_rows": t.rows, "rows": t.rows}
+        for t in trainer.config.tables
+    }
+    return {
+        **trainer.cache_metrics(prepared.state),
+        "cache_policy": trainer.cache.policy.value,
+        "prefetch_depth": trainer.cache.prefetch_depth,
+        "cache_placement": placement,
+    }
 
 
 def _pack_notes(prepared: Run) -> list[str]:

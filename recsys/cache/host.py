@@ -1,0 +1,96 @@
+"""The host tier of a cached table: every row and its optimizer state, in host memory,
+and the rows evicted from the device on their way back.
+
+The arrays are NumPy in the process's RAM. On GPU and TPU the fills for the device are
+`jax.device_put` from them (staged through pinned buffers by the runtime) and the evicted
+rows come back with `copy_to_host_async`; on CPU the host and device buffers are both
+RAM but stay separate arrays with the same explicit copies, so this path is the one the
+accelerators run.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+
+from recsys.sparse_optim import Slots
+
+
+@dataclasses.dataclass
+class HostTable:
+    """One table's full rows [rows, dim] and optimizer state {slot: [rows, ...]}."""
+
+    rows: np.ndarray
+    state: dict[str, np.ndarray]
+
+    def row_bytes(self) -> int:
+        """Bytes one row moves with its state."""
+        return self.rows[0].nbytes + sum(v[0].nbytes for v in self.state.values())
+
+    def scatter(self, ids: np.ndarray, rows, state: Slots) -> None:
+        self.rows[ids] = rows
+        for k, v in state.items():
+            self.state[k][ids] = v
+
+
+@dataclasses.dataclass
+class _Writeback:
+    segments: list[tuple[str, np.ndarray]]  # (table, ids): their rows, in order, in `rows`
+    rows: jax.Array  # device arrays, being copied to the host
+    state: dict[str, jax.Array]
+
+
+class WritebackQueue:
+    """Evicted rows in order of eviction, written into their host tables when they have
+    arrived, or at once when a fetch needs one of their ids (an id evicted by one step
+    and fetched for a later one must be read after its write-back)."""
+
+    def __init__(self, tables: dict[str, HostTable]):
+        self.tables = tables
+        self._queue: collections.deque[_Writeback] = collections.deque()
+
+    def push(
+        self, segments: list[tuple[str, np.ndarray]], rows: jax.Array, state: dict[str, jax.Array]
+    ) -> None:
+        if not any(len(ids) for _, ids in segments):
+            return
+        for array in (rows, *state.values()):
+            array.copy_to_host_async()
+        self._queue.append(_Writeback(segments, rows, state))
+
+    def settle(self, table: str | None = None, ids: np.ndarray | None = None) -> None:
+        """Writes back every entry that has arrived, and every entry up to the last one
+        holding any of `ids` of `table` (waiting for it)."""
+        last_needed = -1
+        if ids is not None and len(ids):
+            for i, entry in enumerate(self._queue):
+                if any(t == table and np.isin(held, ids).any() for t, held in entry.segments):
+                    last_needed = i
+        done = 0
+        for i, entry in enumerate(self._queue):
+            if i > last_needed and not entry.rows.is_ready():
+                break
+            self._write(entry)
+            done += 1
+        for _ in range(done):
+            self._queue.popleft()
+
+    def drain(self) -> None:
+        """Writes back everything (a checkpoint, the end of training)."""
+        while self._queue:
+            self._write(self._queue.popleft())
+
+    def clear(self) -> None:
+        self._queue.clear()
+
+    def _write(self, entry: _Writeback) -> None:
+        rows = np.asarray(entry.rows)
+        state = {k: np.asarray(v) for k, v in entry.state.items()}
+        start = 0
+        for table, ids in entry.segments:
+            part = slice(start, start + len(ids))
+            self.tables[table].scatter(ids, rows[part], {k: v[part] for k, v in state.items()})
+            start += len(ids)
