@@ -130,7 +130,16 @@ class _XlaUpdate:
 
 
 def _update_tables_scan(
-    group: TableGroup, table, slots, occurrences, offsets, rows, step, options: _XlaUpdate
+    group: TableGroup,
+    table,
+    slots,
+    occurrences,
+    offsets,
+    rows,
+    step,
+    options: _XlaUpdate,
+    keys=None,
+    choice_rows=None,
 ):
     """Runs dedup + gradient sum + optimizer for each table of `occurrences` (ids, coef,
     src: [tables, n]; grad_rows: [m, dim]), one table after another."""
@@ -142,10 +151,15 @@ def _update_tables_scan(
     # than this static worst case (at pooling 20 most ids repeat).
     chunk = min(n, rows, max_chunk)
     capacity = -(-min(n, rows) // chunk) * chunk
-    use_marker = dedup == "marker" or (dedup == "auto" and rows <= _MARKER_MAX_RATIO * n)
+    # The two dedups may sum a row's gradients in another order: the choice follows the
+    # tables' logical sizes, so a cache's slots sum as their full table does.
+    choice_rows = rows if choice_rows is None else choice_rows
+    use_marker = dedup == "marker" or (dedup == "auto" and choice_rows <= _MARKER_MAX_RATIO * n)
     find_slots = _dedup_marker if use_marker else _dedup_sort
     oob = group.total_rows  # an index past the stacked array: gathers fill, scatters drop
-    apply_chunk = _chunk_update(row_optimizer(group.optimizer), step, rounding_seed(step, group.name), chunk)
+    apply_chunk = _chunk_update(
+        row_optimizer(group.optimizer), step, rounding_seed(step, group.name), chunk, keys
+    )
 
     def zero_chunk(i, grad_sum):
         zeros = jnp.zeros((chunk, group.dim), jnp.float32)
@@ -182,9 +196,10 @@ def _update_tables_scan(
     return table, slots
 
 
-def _chunk_update(optimizer, step, seed, chunk: int):
+def _chunk_update(optimizer, step, seed, chunk: int, keys=None):
     """`optimizer` (`recsys.sparse_optim.row_optimizer`) on chunk i of the unique rows:
-    `fori_loop`'s body over (table, slots, unique rows, summed gradients)."""
+    `fori_loop`'s body over (table, slots, unique rows, summed gradients). `keys`: the
+    row each stored row draws its rounding bits for (None: itself)."""
 
     def apply_chunk(i, carry):
         table, slots, unique, grad_sum = carry  # grad_sum is only read here
@@ -195,9 +210,10 @@ def _chunk_update(optimizer, step, seed, chunk: int):
             k: v.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slots.items()
         }
         new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
-        table = table.at[rows_i].set(round_rows(new_values, rows_i, table.dtype, seed), mode="drop")
+        bits = rows_i if keys is None else keys.at[rows_i].get(mode="fill", fill_value=0)
+        table = table.at[rows_i].set(round_rows(new_values, bits, table.dtype, seed), mode="drop")
         slots = {
-            k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], rows_i, v.dtype, seed, k), mode="drop")
+            k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], bits, v.dtype, seed, k), mode="drop")
             for k, v in slots.items()
         }
         return table, slots, unique, grad_sum
@@ -286,6 +302,8 @@ def sparse_update(
     optimizer_chunk: int = _OPTIMIZER_CHUNK,
     accumulator: str = "auto",
     kernels: str = "auto",
+    row_keys: dict[str, jax.Array] | None = None,
+    logical_rows: dict[str, int] | None = None,
 ) -> tuple[dict[str, jax.Array], dict[str, Slots]]:
     """Applies each table's optimizer to the rows `batch` touched.
 
@@ -305,6 +323,11 @@ def sparse_update(
         row-wise Adagrad on float32 tables through the fused CPU kernel when it was built.
         All paths give the same result up to float rounding (`tests/test_cpu_kernels.py`,
         `tests/test_kernel_dispatch.py`).
+      row_keys: {group: [total_rows] int32}, the row whose stochastic-rounding bits each
+        stored row draws (a cache's slots draw their ids' bits, `recsys.cache`); narrow
+        groups with keys take the XLA path. None: every row its own.
+      logical_rows: {table: rows} the "auto" dedup choice assumes (a cache's full table
+        sizes, so its slots sum gradients in the same order); None: the stored rows.
     Returns:
       new (tables, slots); only the touched rows differ.
     """
@@ -319,7 +342,10 @@ def sparse_update(
     options = _XlaUpdate(dedup, optimizer_chunk, accumulator)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
-        path = update_path(group, kernels)
+        keys = None if row_keys is None else row_keys.get(group.name)
+        narrow = group.dtype != "float32" or group.optimizer.state_dtype != "float32"
+        # The fused kernels draw rounding bits from the stored row: keyed rows take XLA.
+        path = "xla" if keys is not None and narrow else update_path(group, kernels)
         if path != "xla":
             # Narrow tables round stochastically, from bits seeded by the step and the group.
             tables[group.name], slots[group.name] = fused_rows_update(
@@ -336,7 +362,8 @@ def sparse_update(
         buckets: dict[int, list] = {}
         for spec, offset in zip(group.tables, group.row_offsets):
             index = np.concatenate([np.arange(a, b) for a, b in spans[spec.name]])
-            buckets.setdefault(len(index), []).append((index, offset, spec.rows))
+            logical = spec.rows if logical_rows is None else logical_rows.get(spec.name, spec.rows)
+            buckets.setdefault(len(index), []).append((index, offset, spec.rows, logical))
         for members in buckets.values():
             index = np.stack([m[0] for m in members])  # [tables, occurrences]
             offsets = jnp.asarray([m[1] for m in members], jnp.int32)
@@ -350,5 +377,7 @@ def sparse_update(
                 max(m[2] for m in members),
                 step,
                 options,
+                keys,
+                max(m[3] for m in members),
             )
     return tables, slots

@@ -3,6 +3,10 @@ cached training equal to uncached training bitwise (steps, predictions, checkpoi
 
 import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +28,7 @@ from recsys.cache import (
 from recsys.data import Dataset, train_batches
 from recsys.synthetic import PlantedModel, SyntheticConfig, ZipfSampler
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYNTHETIC = SyntheticConfig(num_sparse=3, rows=300, max_ids=3, num_dense=4)
 BATCH = 32
 
@@ -114,8 +119,10 @@ class Tower(nnx.Module):
         return self.out(jax.nn.relu(joined))[:, 0]
 
 
-def embedding_config(kind: str, dtype: str = "float32") -> recsys.EmbeddingConfig:
-    optimizer = recsys.SparseOptimizerSpec(kind=kind, learning_rate=0.05)
+def embedding_config(
+    kind: str, dtype: str = "float32", state_dtype: str = "float32"
+) -> recsys.EmbeddingConfig:
+    optimizer = recsys.SparseOptimizerSpec(kind=kind, learning_rate=0.05, state_dtype=state_dtype)
     config = SYNTHETIC.embedding_config(8, optimizer)
     return dataclasses.replace(
         config, tables=tuple(dataclasses.replace(t, dtype=dtype) for t in config.tables)
@@ -182,6 +189,35 @@ def test_cached_training_equals_uncached_bitwise(kind):
         cached.predict(state, batch.dense, batch.sparse),
         plain.predict(plain_state, jnp.asarray(batch.dense), jax.tree.map(jnp.asarray, batch.sparse)),
     )
+
+
+def check_narrow_tables_bitwise(kind: str, state_dtype: str) -> None:
+    config = embedding_config(kind, "bfloat16", state_dtype)
+    batches = host_batches(config, 6)
+    plain, plain_state, plain_losses = run_uncached(config, batches)
+    cached = cached_trainer(config, {"t0": 0.3, "t2": 0.6})
+    state, losses = run_cached(cached, batches)
+    np.testing.assert_array_equal(losses, plain_losses)
+    assert_trees_equal(cached.to_logical(state), plain.to_logical(plain_state))
+
+
+_NARROW_RUN = """
+from tests import test_cache
+for kind, state_dtype in (("rowwise_adagrad", "float32"), ("adam", "bfloat16")):
+    test_cache.check_narrow_tables_bitwise(kind, state_dtype)
+"""
+
+
+def test_bfloat16_tables_round_alike_cached_and_uncached():
+    """Stochastic rounding draws its bits from the row an id names, never from its slot.
+    Run at XLA's default optimization, as users run: the suite's unoptimized LLVM
+    (tests/conftest.py) may compile a row's float math differently in the two programs,
+    one bfloat16 step apart in a rare element."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run(
+        [sys.executable, "-c", _NARROW_RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_lru_trains_exactly():

@@ -105,11 +105,13 @@ class CachedTrainer:
         self.config: EmbeddingConfig = find_collection(abstract).config
         self.device_config = cache.device_config(self.config)  # a slot per cached row
         self.layout = build_layout(self.device_config)
+        self._full_layout = build_layout(self.config)
         self.cached = {t.name: t for t in self.config.tables if t.name in cache.load_factors}
         device_model, self._initial_host = self._split_tiers(model, abstract)
-        self.trainer = Trainer(device_model, dense_optimizer, **trainer_options)
+        logical_rows = {t: spec.rows for t, spec in self.cached.items()}
+        self.trainer = Trainer(device_model, dense_optimizer, logical_rows=logical_rows, **trainer_options)
         self._evict = jax.jit(self._evict_fn)
-        self._fill_slots = jax.jit(self._fill_fn, donate_argnums=(0, 1))
+        self._fill_slots = jax.jit(self._fill_fn, donate_argnums=(0, 1, 2))
 
     def _split_tiers(self, model, abstract) -> tuple[nnx.Module, Callable[[], dict[str, np.ndarray]]]:
         """The model as the device holds it (cached tables as empty slots) and a function
@@ -163,7 +165,7 @@ class CachedTrainer:
             spec = self.cached[name]
             host[name] = HostTable(rows, _initial_row_state(spec))
         return CachedState(
-            device=self.trainer.init_state(),
+            device=dataclasses.replace(self.trainer.init_state(), row_keys=self._initial_row_keys()),
             host=host,
             maps={
                 n: SlotMap(n, t.rows, self.cache.capacity(t), self.cache.policy)
@@ -172,6 +174,23 @@ class CachedTrainer:
             writebacks=WritebackQueue(host),
             counts={n: TableCounts() for n in self.cached},
         )
+
+    def _initial_row_keys(self) -> dict[str, jax.Array]:
+        """{group holding a cached table: the row each stored row rounds as}: uncached
+        rows as in the uncached layout; slots as their ids once filled (`_fill_fn`)."""
+        keys = {}
+        for group in self.layout.table_groups:
+            if not any(t.name in self.cached for t in group.tables):
+                continue
+            start = self._full_layout.group(group.name).offset_of
+            parts = [
+                np.zeros(t.rows, np.int32)
+                if t.name in self.cached
+                else np.arange(t.rows, dtype=np.int32) + start(t.name)
+                for t in group.tables
+            ]
+            keys[group.name] = jnp.asarray(np.concatenate(parts))
+        return keys
 
     def place_batch(self, batch: Batch) -> Batch:
         """The batch stays on the host: its ids become slots only when its step comes."""
@@ -276,12 +295,13 @@ class CachedTrainer:
         return out
 
     def _fill(self, host: dict[str, HostTable], group: str, members, size: int):
-        """(fill rows, evict rows, rows, state) of a group's cached tables for `_apply`,
+        """(fill rows, evict rows, rows, state, rounding keys) of a group's cached tables for `_apply`,
         in member order, padded to `size` (padding indexes past the group: dropped)."""
-        layout = self.layout.group(group)
-        fill_at, evict_at, rows, state = [], [], [], {}
+        layout, full = self.layout.group(group), self._full_layout.group(group)
+        fill_at, evict_at, rows, state, keys = [], [], [], {}, []
         for table, admission in members:
             offset = layout.offset_of(table)
+            keys.append(admission.fill_ids + full.offset_of(table))
             fill_at.append(admission.fill_slots + offset)
             evict_at.append(admission.fill_slots[admission.evicted_ids >= 0] + offset)
             rows.append(host[table].rows[admission.fill_ids])
@@ -293,6 +313,7 @@ class CachedTrainer:
             _padded(np.concatenate(evict_at), size, end),
             _padded(np.concatenate(rows), size, 0),
             {k: _padded(np.concatenate(v), size, 0) for k, v in state.items()},
+            _padded(np.concatenate(keys), size, 0),
         )
 
     def _apply(self, state: CachedState, admitted: _Admitted) -> None:
@@ -301,8 +322,8 @@ class CachedTrainer:
             return
         device = state.device
         evicted = self._evict(device.tables, device.slots, admitted.fills)
-        tables, slots = self._fill_slots(device.tables, device.slots, admitted.fills)
-        state.device = dataclasses.replace(device, tables=tables, slots=slots)
+        tables, slots, keys = self._fill_slots(device.tables, device.slots, device.row_keys, admitted.fills)
+        state.device = dataclasses.replace(device, tables=tables, slots=slots, row_keys=keys)
         for group, members in self._by_group(admitted.admissions).items():
             gone = [(t, a.evicted_ids[a.evicted_ids >= 0]) for t, a in members]
             state.writebacks.push(gone, *evicted[group])
@@ -313,23 +334,24 @@ class CachedTrainer:
         tables = _groups_in(nnx.to_pure_dict(tables_state), {g.name for g in self.layout.table_groups})
         return {
             g: (_rows_at(tables[g], evict_at), {k: _rows_at(slots[g][k], evict_at) for k in state})
-            for g, (_, evict_at, _, state) in fills.items()
+            for g, (_, evict_at, _, state, _) in fills.items()
         }
 
-    def _fill_fn(self, tables_state: nnx.State, slots: dict, fills: dict):
+    def _fill_fn(self, tables_state: nnx.State, slots: dict, row_keys: dict, fills: dict):
         """Writes the misses into their slots, in place (the tables and slots are donated;
         a read of them in the same program would make XLA copy the whole stacked table,
         so `_evict_fn` reads the victims before)."""
         pure = nnx.to_pure_dict(tables_state)
         tables = _groups_in(pure, {g.name for g in self.layout.table_groups})
-        slots = {g: dict(s) for g, s in slots.items()}
-        for group, (fill_at, _, rows, state) in fills.items():
+        slots, row_keys = {g: dict(s) for g, s in slots.items()}, dict(row_keys)
+        for group, (fill_at, _, rows, state, keys) in fills.items():
             tables[group] = tables[group].at[fill_at].set(rows, mode="drop")
+            row_keys[group] = row_keys[group].at[fill_at].set(keys, mode="drop")
             for k, v in state.items():
                 slots[group][k] = slots[group][k].at[fill_at].set(v, mode="drop")
         out = jax.tree.map(lambda x: x, tables_state)
         nnx.replace_by_pure_dict(out, pure)
-        return out, slots
+        return out, slots, row_keys
 
     def _remapped(self, state: CachedState, batch: Batch, admitted: _Admitted) -> Batch:
         """The batch on the device with each cached feature's ids replaced by slots."""
@@ -389,7 +411,8 @@ class CachedTrainer:
             device_tree["tables"][table] = empty["tables"][table]
             device_tree["slots"][table] = empty["slots"][table]
         state = self.init_state_like(template)
-        state.device = self.trainer.from_logical(template.device, device_tree)
+        device = self.trainer.from_logical(template.device, device_tree)
+        state.device = dataclasses.replace(device, row_keys=self._initial_row_keys())
         for table, host in state.host.items():
             host.rows[...] = np.asarray(tree["tables"][table], host.rows.dtype)
             for k, v in host.state.items():

@@ -41,6 +41,9 @@ class TrainState:
     rest: nnx.State  # the model's other state (batch statistics, RNG counts)
     slots: dict  # {table group: sparse optimizer slot arrays}
     opt_state: optax.OptState
+    # {table group: [rows] int32}: the row each stored row rounds as (`sparse_update`'s
+    # row_keys; a cached table's slots round as their ids). Empty: every row itself.
+    row_keys: dict = dataclasses.field(default_factory=dict)
 
 
 class Trainer:
@@ -61,6 +64,8 @@ class Trainer:
       dedup: the sparse update's dedup ("auto", "marker", "sort"; `sparse_update`).
       kernels: "auto", "xla", "cpu" or "pallas" (`recsys.kernels`): the lookup, the sparse
         update and, on CPU, the float32 dense layers.
+      logical_rows: {table: rows} when the model's tables hold fewer rows than the tables
+        they stand for (`recsys.cache`: slots); `sparse_update` decides as for those.
     """
 
     def __init__(
@@ -72,8 +77,10 @@ class Trainer:
         predict_fn: Callable = jax.nn.sigmoid,
         dedup: str = "auto",
         kernels: str = "auto",
+        logical_rows: dict[str, int] | None = None,
     ):
         self.config: EmbeddingConfig = find_collection(model).config
+        self.logical_rows = logical_rows
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
         self._initial = (tables, params, rest)
         self.dense_optimizer = dense_optimizer
@@ -183,6 +190,8 @@ class Trainer:
             state.step,
             dedup=self.dedup,
             kernels=self.kernels,
+            row_keys=state.row_keys or None,
+            logical_rows=self.logical_rows,
         )
         collection.set_stacked_tables(new_tables)
         updates, opt_state = self.dense_optimizer.update(param_grads, state.opt_state, state.params)
@@ -193,6 +202,7 @@ class Trainer:
             rest=rest,
             slots=slots,
             opt_state=opt_state,
+            row_keys=state.row_keys,
         )
         return new_state, loss
 
