@@ -290,6 +290,34 @@ def fused_rows_update(path: str, spec: SparseOptimizerSpec, table, slots: Slots,
     return table, {"acc": acc}
 
 
+def _xla_group_update(group: TableGroup, table, slots, occurrences, step, options, keys, logical_rows):
+    """One group's update on the XLA path; tables with the same occurrence count share one
+    scan (no padding needed). Returns (table, slots)."""
+    ids, coef, src, grad_rows, spans = occurrences
+    buckets: dict[int, list] = {}
+    for spec, offset in zip(group.tables, group.row_offsets):
+        index = np.concatenate([np.arange(a, b) for a, b in spans[spec.name]])
+        buckets.setdefault(len(index), []).append(
+            (index, offset, spec.rows, logical_rows.get(spec.name, spec.rows))
+        )
+    for members in buckets.values():
+        index = np.stack([m[0] for m in members])  # [tables, occurrences]
+        offsets = jnp.asarray([m[1] for m in members], jnp.int32)
+        table, slots = _update_tables_scan(
+            group,
+            table,
+            slots,
+            (ids[index], coef[index], src[index], grad_rows),
+            offsets,
+            max(m[2] for m in members),
+            step,
+            options,
+            keys,
+            max(m[3] for m in members),
+        )
+    return table, slots
+
+
 def sparse_update(
     config: EmbeddingConfig,
     tables: dict[str, jax.Array],
@@ -358,26 +386,14 @@ def sparse_update(
                 rounding_seed(step, group.name),
             )
             continue
-        # Tables with the same occurrence count share one scan (no padding needed).
-        buckets: dict[int, list] = {}
-        for spec, offset in zip(group.tables, group.row_offsets):
-            index = np.concatenate([np.arange(a, b) for a, b in spans[spec.name]])
-            logical = spec.rows if logical_rows is None else logical_rows.get(spec.name, spec.rows)
-            buckets.setdefault(len(index), []).append((index, offset, spec.rows, logical))
-        for members in buckets.values():
-            index = np.stack([m[0] for m in members])  # [tables, occurrences]
-            offsets = jnp.asarray([m[1] for m in members], jnp.int32)
-            occurrences = (ids[index], coef[index], src[index], grad_rows)
-            tables[group.name], slots[group.name] = _update_tables_scan(
-                group,
-                tables[group.name],
-                slots[group.name],
-                occurrences,
-                offsets,
-                max(m[2] for m in members),
-                step,
-                options,
-                keys,
-                max(m[3] for m in members),
-            )
+        tables[group.name], slots[group.name] = _xla_group_update(
+            group,
+            tables[group.name],
+            slots[group.name],
+            (ids, coef, src, grad_rows, spans),
+            step,
+            options,
+            keys,
+            logical_rows or {},
+        )
     return tables, slots
