@@ -170,16 +170,25 @@ def assert_trees_equal(got, want):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(value), err_msg=jax.tree_util.keystr(path))
 
 
+def assert_cached_matches_uncached(config, batches, factors, policy="lookahead"):
+    """Trains `batches` uncached and cached at `factors`: the same losses, tables and
+    slots, bit for bit. Returns (cached trainer, its state, plain trainer, its state)."""
+    plain, plain_state, plain_losses = run_uncached(config, batches)
+    cached = cached_trainer(config, factors, policy=policy)
+    state, losses = run_cached(cached, batches)
+    np.testing.assert_array_equal(losses, plain_losses)
+    assert_trees_equal(cached.to_logical(state), plain.to_logical(plain_state))
+    return cached, state, plain, plain_state
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adagrad", "rowwise_adagrad", "adam"])
 def test_cached_training_equals_uncached_bitwise(kind):
     config = embedding_config(kind)
     batches = host_batches(config, 8)
-    plain, plain_state, plain_losses = run_uncached(config, batches)
     # t0 at 30% (evicting every step), t2 at 60%; t1 stays on the device.
-    cached = cached_trainer(config, {"t0": 0.3, "t2": 0.6})
-    state, losses = run_cached(cached, batches)
-    np.testing.assert_array_equal(losses, plain_losses)
-    assert_trees_equal(cached.to_logical(state), plain.to_logical(plain_state))
+    cached, state, plain, plain_state = assert_cached_matches_uncached(
+        config, batches, {"t0": 0.3, "t2": 0.6}
+    )
     metrics = cached.cache_metrics(state)
     assert 0 < metrics["cache_hit_rates"]["t0"] < metrics["cache_hit_rates"]["t2"] < 1
     assert metrics["cache_device_to_host_bytes_per_step"] > 0
@@ -193,12 +202,7 @@ def test_cached_training_equals_uncached_bitwise(kind):
 
 def check_narrow_tables_bitwise(kind: str, state_dtype: str) -> None:
     config = embedding_config(kind, "bfloat16", state_dtype)
-    batches = host_batches(config, 6)
-    plain, plain_state, plain_losses = run_uncached(config, batches)
-    cached = cached_trainer(config, {"t0": 0.3, "t2": 0.6})
-    state, losses = run_cached(cached, batches)
-    np.testing.assert_array_equal(losses, plain_losses)
-    assert_trees_equal(cached.to_logical(state), plain.to_logical(plain_state))
+    assert_cached_matches_uncached(config, host_batches(config, 6), {"t0": 0.3, "t2": 0.6})
 
 
 _NARROW_RUN = """
@@ -222,14 +226,10 @@ def test_bfloat16_tables_round_alike_cached_and_uncached():
 
 def test_lru_trains_exactly():
     """LRU evicts rows the next batches need, so written-back rows are fetched again."""
-    policy = "lru"
     config = embedding_config("rowwise_adagrad")
-    batches = host_batches(config, 6)
-    plain, plain_state, plain_losses = run_uncached(config, batches)
-    cached = cached_trainer(config, {"t0": 0.3, "t1": 0.3, "t2": 0.3}, policy=policy)
-    state, losses = run_cached(cached, batches)
-    np.testing.assert_array_equal(losses, plain_losses)
-    assert_trees_equal(cached.to_logical(state), plain.to_logical(plain_state))
+    assert_cached_matches_uncached(
+        config, host_batches(config, 6), {"t0": 0.3, "t1": 0.3, "t2": 0.3}, policy="lru"
+    )
 
 
 def test_a_checkpoint_of_a_cached_run_restores_with_or_without_a_cache(tmp_path):
