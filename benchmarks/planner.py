@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from mesh.topology import PRESETS, Topology
 
     with open(args.tables) as f:
-        tables = read_tables(json.load(f))
+        tables, _ = read_tables(json.load(f))
     per_host = PRESETS[args.preset]["devices_per_host"]
     for memory in args.memory:
         for devices in args.devices:

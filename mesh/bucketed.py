@@ -132,7 +132,6 @@ def build_bucket_routes(
         lanes, expected = [], np.zeros(g.devices)
         for f in names:
             r = features[f]
-            rows = layout.table_shapes[r.table][0]
             blocks: dict[tuple[int, int], list] = {}
             for p in g.placements_of(r.table):
                 blocks.setdefault(p.cols, []).append(p)
@@ -153,7 +152,7 @@ def build_bucket_routes(
                     )
                 )
                 for p in shards:  # ids spread like rows: the share of ids each owner expects
-                    expected[p.device] += local_batch * r.ids_per_sample * p.row_count / rows
+                    expected[p.device] += local_batch * r.ids_per_sample * layout.id_share(p)
         positions = local_batch * sum(lane.ids for lane in lanes)
         capacity = min(positions, max(1, math.ceil(capacity_factor * expected.max())))
         routes[g.name] = BucketRoute(

@@ -50,6 +50,8 @@ inter bandwidth`; the step time estimate is the slowest device's.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -82,6 +84,10 @@ class TableLoad:
     scaled: bool = False  # weighted or mean pooling: coefficients travel with the ids
     outputs: int = 1  # vectors per sample looked up from it: one per pooled feature reading it
     sequence: bool = False  # some feature reading it is unpooled: no pooling at the owner
+    # A cached table (`recsys.cache`): the share of its rows each owner's device cache
+    # holds, and the share of its lookups expected to hit (from the data's ids).
+    cache_factor: float = 1.0
+    hit_rate: float = 1.0
 
     @property
     def id_bytes(self) -> int:
@@ -96,11 +102,32 @@ class TableLoad:
         if self.rows < 1 or self.dim < 1 or self.bag_width < 1 or self.ids_per_sample < 0:
             raise ValueError(f"table {self.name!r}: rows, dim, bag width must be positive")
 
-    def memory(self, rows: int, cols: int) -> float:
-        """Bytes of a `rows x cols` shard: weights and optimizer state."""
+    @property
+    def cached(self) -> bool:
+        return self.cache_factor < 1.0
+
+    def memory(self, rows: int, cols: int, batch: int = 0) -> float:
+        """Device bytes of a `rows x cols` shard: weights and optimizer state; cached, its
+        slots and the staging buffers of one step's fills and victims (`batch`)."""
+        if not self.cached:
+            return self.host_memory(rows, cols)
+        slots = math.ceil(self.cache_factor * rows)
+        return self.host_memory(slots, cols) + 2 * self.host_memory(self.misses(batch, rows), cols)
+
+    def host_memory(self, rows: int, cols: int) -> float:
+        """Bytes of `rows x cols` of the table with their optimizer state."""
         if self.optimizer is OptimizerKind.ROWWISE_ADAGRAD:
             return rows * cols * self.element_bytes + rows * self.state_bytes
         return rows * cols * (self.element_bytes + self.state_bytes * STATE_ELEMENTS[self.optimizer])
+
+    def misses(self, batch: int, rows: int) -> float:
+        """Rows a shard of `rows` rows fetches per step (at most its rows)."""
+        return min(rows, batch * self.ids_per_sample * (1.0 - self.hit_rate) * rows / self.rows)
+
+    def host_bytes(self, batch: int, rows: int, cols: int) -> float:
+        """Bytes a cached shard moves per step over its host link: each miss comes in and
+        a victim goes back, each a row with its optimizer state."""
+        return 2 * self.host_memory(1, cols) * self.misses(batch, rows) if self.cached else 0.0
 
     def lookup_bytes(self, batch: int, rows: int, cols: int) -> float:
         """Bytes of memory traffic for a shard's lookups and updates in one step."""
@@ -119,21 +146,31 @@ class DeviceLoad:
     lookup_bytes: float = 0.0
     sent: float = 0.0  # bytes per step, all links
     received: float = 0.0
+    host_bytes: float = 0.0  # cached tables' misses and write-backs per step
 
 
 def device_time(load: DeviceLoad, topo: Topology) -> float:
     """Seconds one device spends per step: lookups, then the slower link level."""
-    return float(step_seconds(load.lookup_bytes, load.sent, load.received, topo))
+    return float(step_seconds(load.lookup_bytes, load.sent, load.received, topo, load.host_bytes))
 
 
-def step_seconds(lookup_bytes, sent, received, topo: Topology):
-    """`device_time` on NumPy arrays (or floats) of per-device figures."""
+def step_seconds(lookup_bytes, sent, received, topo: Topology, host_bytes=0.0):
+    """`device_time` on NumPy arrays (or floats) of per-device figures. A cached table's
+    host traffic is charged in full: the pipeline overlaps it with the step on an
+    accelerator, but a step that waits for its misses waits for all of them."""
     k, per_host = topo.devices, topo.devices_per_host
     traffic = np.maximum(sent, received)
     intra_share = (per_host - 1) / (k - 1) if k > 1 else 0.0
     intra = traffic * intra_share / topo.intra_bandwidth
     inter = traffic * (1 - intra_share) / topo.inter_bandwidth if topo.hosts > 1 else 0.0 * traffic
-    return lookup_bytes / topo.hbm_bandwidth + np.maximum(intra, inter)
+    return lookup_bytes / topo.hbm_bandwidth + host_bytes / topo.host_bandwidth + np.maximum(intra, inter)
+
+
+def activation_bytes(tables: Sequence[TableLoad], batch: int, devices: int) -> float:
+    """Device memory per device of the batch's embedding activations and their gradients
+    (float32; the dense layers' own activations are the model's and not counted)."""
+    per_sample = sum(t.outputs * t.dim for t in tables)
+    return 2 * 4 * per_sample * batch / devices
 
 
 def data_parallel_lookup_bytes(table: TableLoad, batch: int) -> float:

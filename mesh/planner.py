@@ -53,7 +53,7 @@ from mesh.cost import (
 from mesh.meshes import MeshSpec
 from mesh.plan import Shard, ShardingPlan, Strategy, TablePlan, column_split, strategy_shards
 from mesh.routing import RoutingOptions
-from mesh.topology import PRESETS, Topology
+from mesh.topology import PRESETS, Topology, format_bytes
 from pallas_kernels.fused_update.optimizers import OptimizerKind
 
 PRESET_NAMES = sorted(PRESETS)
@@ -93,6 +93,11 @@ class PlanResult:
     collective_bytes: float = 0.0  # per device and step: every device sends (and receives) this
     table_floor: float = 0.0  # the fastest the costliest table alone can run: also a bound
     groups: list[dict] = dataclasses.field(default_factory=list)  # per group: tables, route, bytes
+    # Cached tables: {table: {"load_factor", "hit_rate"}} (`plan_with_cache`), and the bytes
+    # each host's memory holds of them (whole rows and optimizer state).
+    cache: dict[str, dict] = dataclasses.field(default_factory=dict)
+    host_memory: list[float] = dataclasses.field(default_factory=list)
+    reserved_bytes: float = 0.0  # per device: the batch's activations
 
     @property
     def step_time(self) -> float:
@@ -113,6 +118,9 @@ class PlanResult:
             "max_over_mean": self.balance,
             "collective_bytes_per_device": self.collective_bytes,
             "groups": self.groups,
+            "cache": self.cache,
+            "host_memory_bytes": self.host_memory,
+            "activation_bytes_per_device": self.reserved_bytes,
             "devices": [
                 {
                     "device": d,
@@ -121,6 +129,7 @@ class PlanResult:
                     "time_s": t,
                     "sent_bytes": load.sent,
                     "received_bytes": load.received,
+                    "host_link_bytes": load.host_bytes,
                 }
                 for d, (load, t) in enumerate(zip(self.loads, self.times))
             ],
@@ -132,7 +141,7 @@ class PlanResult:
         for g in self.groups:
             name = f"{g['strategy']} w{g['width']}"
             lines.append(f"{name:<28} {g['route']:<10} {g['bytes'] / 1e6:>10.2f}  {' '.join(g['tables'])}")
-        lines += ["", f"{'device':>6} {'memory / capacity':>24} {'time (ms)':>10}"]
+        lines += ["", f"{'device':>6} {'memory / capacity':>24} {'':>4} {'time (ms)':>9}"]
         shown = (
             range(len(self.loads))
             if len(self.loads) <= 64
@@ -141,8 +150,17 @@ class PlanResult:
         for d in shown:
             load = self.loads[d]
             lines.append(
-                f"{d:>6} {load.memory / 1e9:>10.2f} / {self.topology.memory / 1e9:>7.1f} GB "
+                f"{d:>6} {format_bytes(load.memory):>12} / {format_bytes(self.topology.memory):>9} "
                 f"{100 * load.memory / self.topology.memory:>3.0f}% {1e3 * self.times[d]:>9.3f}"
+            )
+        if self.cache:
+            lines += ["", f"{'cached table':<20} {'on device':>9} {'hit rate (est.)':>16}"]
+            for name, c in sorted(self.cache.items()):
+                lines.append(f"{name:<20} {100 * c['load_factor']:>8.1f}% {c['hit_rate']:>16.3f}")
+            per_host = ", ".join(f"host {h}: {format_bytes(m)}" for h, m in enumerate(self.host_memory))
+            link = max(load.host_bytes for load in self.loads)
+            lines.append(
+                f"host memory of cached tables: {per_host}; {format_bytes(link)} per step on the busiest host link"
             )
         floor = f", {1e3 * self.table_floor:.3f} ms (costliest table alone)" if self.table_floor else ""
         timing = f", planned in {self.seconds:.2f} s" if self.seconds else ""
@@ -185,8 +203,9 @@ class _Trial:
 class _State:
     """Per-device memory and lookups, and every group's exchanges, while placing."""
 
-    def __init__(self, topo: Topology, batch: int, routing: RoutingOptions):
+    def __init__(self, topo: Topology, batch: int, routing: RoutingOptions, reserved: float = 0.0):
         self.topo, self.batch, self.routing = topo, batch, routing
+        self.reserved = reserved  # bytes per device the batch's activations take
         self.table = np.zeros((topo.devices, 2))
         self.groups: dict[tuple, GroupTraffic] = {}
         self.sent: dict[tuple, float] = {}
@@ -211,14 +230,21 @@ class _State:
         out = self.table.copy()
         if strategy is Strategy.DATA_PARALLEL:
             out += sign * np.array(
-                [table.memory(table.rows, table.dim), data_parallel_lookup_bytes(table, self.batch)]
+                [
+                    table.memory(table.rows, table.dim, self.batch),
+                    data_parallel_lookup_bytes(table, self.batch)
+                    + _host_work(table, self.batch, table.rows, table.dim, self.topo),
+                ]
             )
         else:
             cost: dict[tuple[int, int], tuple[float, float]] = {}  # shards of one shape cost alike
             for s in shards:
                 shape = (s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])
                 if shape not in cost:
-                    cost[shape] = (table.memory(*shape), table.lookup_bytes(self.batch, *shape))
+                    cost[shape] = (
+                        table.memory(*shape, self.batch),
+                        _work(table, self.batch, *shape, self.topo),
+                    )
             rows = np.array([cost[(s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])] for s in shards])
             np.add.at(out, np.array([s.device for s in shards]), sign * rows)
         key = _group_key(table, strategy, shards)
@@ -227,9 +253,15 @@ class _State:
         sent, _ = group.bytes(self.batch, self.routing)
         return _Trial(out, key, group, sent, self.comm - self.sent.get(key, 0.0) + sent)
 
+    @property
+    def capacity(self) -> float:
+        """Bytes per device left for tables: the batch's activations and the exchanges'
+        send and receive buffers take the rest."""
+        return self.topo.memory - self.reserved - 2 * self.comm
+
     def fits(self, trial: _Trial) -> bool:
         """No device holds more than its memory."""
-        return not (trial.table[:, 0] > self.topo.memory).any()
+        return not (trial.table[:, 0] + self.reserved + 2 * trial.comm > self.topo.memory).any()
 
     def apply(self, trial: _Trial) -> None:
         self.table = trial.table
@@ -238,7 +270,8 @@ class _State:
 
     def loads(self) -> list[DeviceLoad]:
         c = self.comm
-        return [DeviceLoad(m, lookup, c, c) for m, lookup in self.table.tolist()]
+        extra = self.reserved + 2 * c
+        return [DeviceLoad(m + extra, lookup, c, c) for m, lookup in self.table.tolist()]
 
     def group_report(self, placed) -> list[dict]:
         out = []
@@ -284,13 +317,16 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
         group = state.group(key)
         group.add_table(table, [s.owner for s in placed])
         others = state.comm - state.sent.get(key, 0.0)
-        memory, lookup = table.memory(table.rows, width), table.lookup_bytes(state.batch, table.rows, width)
+        memory, lookup = (
+            table.memory(table.rows, width, state.batch),
+            _work(table, state.batch, table.rows, width, topo),
+        )
         table_now = state.table.copy()
         for s in placed:
             sent = group.bytes_with_shard_on_each(table, s.rows, state.batch, state.routing)
             slowest = np.maximum(table_now[:, 1].max(), table_now[:, 1] + lookup)
             step = step_seconds(slowest, others + sent, others + sent, topo)
-            step[table_now[:, 0] + memory > topo.memory] = np.inf  # would not fit
+            step[table_now[:, 0] + memory > state.capacity] = np.inf  # would not fit
             step[[x.device for x in placed if x.device >= 0]] = np.inf  # one shard per device
             s.device = int(np.lexsort((table_now[:, 1], step))[0])
             group.add_owners(table, [s.owner])
@@ -325,6 +361,16 @@ def _candidates(table: TableLoad, topo: Topology, allowed: set[Strategy], state:
         yield Strategy.GRID, shards(Strategy.GRID, columns=column_split(table.dim, hosts, min_width=4))
 
 
+def _work(table: TableLoad, batch: int, rows: int, cols: int, topo: Topology) -> float:
+    """A shard's lookups and, cached, its host traffic, as bytes of device memory traffic
+    taking as long (so every placement decision weighs both)."""
+    return table.lookup_bytes(batch, rows, cols) + _host_work(table, batch, rows, cols, topo)
+
+
+def _host_work(table: TableLoad, batch: int, rows: int, cols: int, topo: Topology) -> float:
+    return table.host_bytes(batch, rows, cols) * topo.hbm_bandwidth / topo.host_bandwidth
+
+
 def _score(state: _State, table: np.ndarray, comm: float) -> tuple[float, float]:
     """(step time, total device time) of per-device loads and exchanges."""
     times = state.times(table, comm)
@@ -340,6 +386,7 @@ def plan_tables(
     strategies: dict[str, Sequence[str]] | None = None,
     refine_seconds: float = 5.0,
     max_moves: int | None = None,
+    reserved_bytes: float = 0.0,
 ) -> PlanResult:
     """Plans `tables` for `topo` at global batch `batch`.
 
@@ -348,6 +395,8 @@ def plan_tables(
       refine_seconds: time budget of the refinement pass.
       max_moves: a cap on refinement moves instead, for plans that must not depend on
         timing (several processes planning the same run must agree).
+      reserved_bytes: device memory per device the batch's activations take
+        (`activation_bytes`); the exchanges' buffers are counted as placed.
     Raises:
       PlanningError: a table fits under no allowed strategy; says how much memory is
         missing on which device for its most compact option.
@@ -367,11 +416,11 @@ def plan_tables(
         t.name: {Strategy(s) for s in (strategies or {}).get(t.name, [s.value for s in Strategy])}
         for t in tables
     }
-    alone = {t.name: _alone(t, topo, allowed_of[t.name], batch, routing) for t in tables}
+    alone = {t.name: _alone(t, topo, allowed_of[t.name], batch, routing, reserved_bytes) for t in tables}
     floor = max(a[0] for a in alone.values())  # no plan beats the costliest table placed alone
     best = None
     for lookahead in LOOKAHEADS:  # a few starts; the fastest (then least total time) wins
-        state, placed = _place_all(order, allowed_of, alone, lookahead, batch, topo, routing)
+        state, placed = _place_all(order, allowed_of, alone, lookahead, batch, topo, routing, reserved_bytes)
         times = state.times()
         score = (float(times.max()), float(times.sum()))
         if best is None or score < best[0]:
@@ -396,16 +445,40 @@ def _result(state: _State, placed: dict[str, _Placed], tables, floor: float, sec
         },
         mesh_for_topology(state.topo),
     )
+    topo, host = state.topo, np.zeros(state.topo.devices)
+    host_memory = np.zeros(topo.hosts)
+    for t in tables:
+        if not t.cached:
+            continue
+        held: dict[int, list] = {}  # host -> the shards its devices cache
+        for s in placed[t.name].shards:
+            rows, cols = s.rows[1] - s.rows[0], s.cols[1] - s.cols[0]
+            devices = range(topo.devices) if s.device < 0 else [s.device]
+            for d in devices:
+                host[d] += t.host_bytes(state.batch, rows, cols)
+                held.setdefault(topo.host_of(d), []).append(s)
+        # A host keeps the rows and columns its devices cache once, with their state.
+        for h, shards in held.items():
+            rows = max(s.rows[1] for s in shards) - min(s.rows[0] for s in shards)
+            cols = max(s.cols[1] for s in shards) - min(s.cols[0] for s in shards)
+            host_memory[h] += t.host_memory(rows, cols)
+    loads = state.loads()
+    for d, load in enumerate(loads):
+        load.lookup_bytes -= host[d] * topo.hbm_bandwidth / topo.host_bandwidth
+        load.host_bytes = float(host[d])
     return PlanResult(
         plan,
-        state.topo,
-        state.loads(),
+        topo,
+        loads,
         times,
-        sum(times) / state.topo.devices,
+        sum(times) / topo.devices,
         seconds,
         state.comm,
         floor,
         state.group_report(placed),
+        cache={t.name: {"load_factor": t.cache_factor, "hit_rate": t.hit_rate} for t in tables if t.cached},
+        host_memory=[float(m) for m in host_memory],
+        reserved_bytes=state.reserved,
     )
 
 
@@ -424,9 +497,10 @@ def evaluate_plan(
     topo: Topology,
     batch: int,
     routing: RoutingOptions | None = None,
+    reserved_bytes: float = 0.0,
 ) -> PlanResult:
     """The cost model's estimates for any plan (a hand-written one, a naive baseline)."""
-    state = _State(topo, batch, routing or RoutingOptions())
+    state = _State(topo, batch, routing or RoutingOptions(), reserved_bytes)
     placed = _placed_from(plan, tables)
     for t in tables:
         state.apply(state.trial(t, placed[t.name].strategy, placed[t.name].shards))
@@ -448,11 +522,11 @@ def step_bytes(
 
 
 def _alone(
-    table: TableLoad, topo: Topology, allowed, batch: int, routing: RoutingOptions
+    table: TableLoad, topo: Topology, allowed, batch: int, routing: RoutingOptions, reserved: float
 ) -> tuple[float, float]:
     """`table` on an otherwise empty machine: the step time under its best strategy, and
     the least total device time (summed over devices) any strategy costs."""
-    empty = _State(topo, batch, routing)
+    empty = _State(topo, batch, routing, reserved)
     best, least = float("inf"), float("inf")
     for strategy, shards in _candidates(table, topo, allowed, empty):
         trial = empty.trial(table, strategy, shards)
@@ -462,13 +536,13 @@ def _alone(
     return (0.0, 0.0) if best == float("inf") else (best, least)
 
 
-def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology, routing):
+def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology, routing, reserved: float):
     """The greedy pass: each table, in `order`, under the strategy and on the devices that
     give the best score. A score is the step time the placement implies: no sooner than
     the slowest device now, nor than perfect balance of the work placed plus `lookahead`
     times the least the tables still to place will add (a candidate that spreads work over
     every device must leave room for them). Returns (state, {table: placement})."""
-    state = _State(topo, batch, routing)
+    state = _State(topo, batch, routing, reserved)
     placed: dict[str, _Placed] = {}
     remaining = sum(a[1] for a in alone.values())
     for table in order:
@@ -479,7 +553,7 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
             trial = state.trial(table, strategy, shards)
             if not state.fits(trial):
                 worst = int(np.argmax(trial.table[:, 0]))
-                missing = trial.table[worst, 0] - topo.memory
+                missing = trial.table[worst, 0] + state.reserved + 2 * trial.comm - topo.memory
                 if shortfall is None or missing < shortfall[0]:
                     shortfall = (missing, worst, strategy)
                 continue
@@ -494,9 +568,10 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
                 )
             missing, device, strategy = shortfall
             raise PlanningError(
-                f"table {table.name!r} ({table.rows} x {table.dim}, {table.memory(table.rows, table.dim) / 1e9:.2f} GB "
+                f"table {table.name!r} ({table.rows} x {table.dim}, {format_bytes(table.memory(table.rows, table.dim, batch))} "
                 f"with optimizer state) does not fit: its most compact option ({strategy.value}) needs "
-                f"{missing / 1e9:.2f} GB more on device {device} (capacity {topo.memory / 1e9:.2f} GB per device)"
+                f"{format_bytes(missing)} more on device {device} (capacity {format_bytes(topo.memory)} per device, "
+                f"{format_bytes(state.reserved)} of it for the batch's activations)"
             )
         _, strategy, shards, trial = best
         state.apply(trial)
@@ -609,7 +684,7 @@ def _refine(state: _State, placed, tables, deadline: float, max_moves: int | Non
                 if s.device not in tops:
                     continue
                 r, c = s.rows[1] - s.rows[0], s.cols[1] - s.cols[0]
-                delta = np.array([table.memory(r, c), table.lookup_bytes(state.batch, r, c)])
+                delta = np.array([table.memory(r, c, state.batch), _work(table, state.batch, r, c, topo)])
                 without = state.table.copy()
                 without[s.device] -= delta
                 g = group.copy()
@@ -618,7 +693,7 @@ def _refine(state: _State, placed, tables, deadline: float, max_moves: int | Non
                 comm = state.comm - state.sent[p.key] + sent
                 moved = without[:, 1] + delta[1]  # each destination's lookups after the move
                 new_step = step_seconds(np.maximum(without[:, 1].max(), moved), comm, comm, topo)
-                fits = without[:, 0] + delta[0] <= topo.memory
+                fits = without[:, 0] + delta[0] <= state.capacity
                 for d in np.flatnonzero(fits):
                     d = int(d)
                     if d in busy:

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mesh.cache_plan import plan_with_cache, zipf_hit_rate
 from mesh.collectives import CommConfig
-from mesh.cost import TableLoad
+from mesh.cost import TableLoad, activation_bytes
 from mesh.plan import ShardingPlan, validate_plan
 from mesh.planner import PRESET_NAMES, PlanResult, evaluate_plan, mesh_for_topology, plan_tables
 from mesh.routing import RoutingOptions
@@ -20,14 +21,16 @@ from mesh.topology import Topology
 from pallas_kernels.fused_update.optimizers import OptimizerKind
 
 
-def read_tables(data: dict) -> list[TableLoad]:
-    """TABLES.json: {"tables": [{"name", "rows", "dim", "ids_per_sample"}, ...]}, with
+def read_tables(data: dict) -> tuple[list[TableLoad], dict[str, float]]:
+    """TABLES.json: {"tables": [{"name", "rows", "dim", "ids_per_sample"}, ...]} ->
+    (TableLoads, {table: Zipf exponent}), with
     optional "bag_width" (static ids per sample; default ceil(ids_per_sample)),
     "element_bytes" (4), "state_bytes" (4), "optimizer" ("rowwise_adagrad"), "scaled"
-    (false) and "outputs" (pooled features reading the table, 1)."""
+    (false), "outputs" (pooled features reading the table, 1) and "zipf" (the exponent of
+    its ids' Zipf law, for the hit rates of `--cache`; without it ids count as uniform)."""
     if not isinstance(data, dict) or not isinstance(data.get("tables"), list):
         raise ValueError('a tables file is a JSON object with a "tables" list')
-    out = []
+    out, zipf = [], {}
     for i, entry in enumerate(data["tables"]):
         try:
             p = float(entry["ids_per_sample"])
@@ -45,11 +48,13 @@ def read_tables(data: dict) -> list[TableLoad]:
                     outputs=int(entry.get("outputs", 1)),
                 )
             )
+            if "zipf" in entry:
+                zipf[str(entry["name"])] = float(entry["zipf"])
         except (KeyError, TypeError, ValueError) as e:
             name = entry.get("name", "?") if isinstance(entry, dict) else entry
             problem = f"missing {e}" if isinstance(e, KeyError) else str(e)
             raise ValueError(f"tables[{i}] ({name}): {problem}") from None
-    return out
+    return out, zipf
 
 
 def save_png(result: PlanResult, path: str) -> None:
@@ -205,6 +210,12 @@ def _parser() -> argparse.ArgumentParser:
         "the planner counts their bytes",
     )
     p.add_argument(
+        "--cache",
+        action="store_true",
+        help="where the tables do not fit the devices, cache some over host memory (hit rates "
+        'from each table\'s "zipf" exponent)',
+    )
+    p.add_argument(
         "--evaluate",
         default=None,
         metavar="PLAN.json",
@@ -216,13 +227,22 @@ def _parser() -> argparse.ArgumentParser:
 def _plan_or_evaluate(args, topo: Topology) -> PlanResult:
     routing = RoutingOptions(comm=CommConfig.parse(args.comm))
     with open(args.tables) as f:
-        tables = read_tables(json.load(f))
+        tables, zipf = read_tables(json.load(f))
+    reserved = activation_bytes(tables, args.batch_size, topo.devices)
+    options = dict(routing=routing, refine_seconds=args.refine_seconds, reserved_bytes=reserved)
+    if args.cache and not args.evaluate:
+        rows = {t.name: t.rows for t in tables}
+
+        def hit_rate(table: str, factor: float) -> float:
+            return zipf_hit_rate(rows[table], factor, zipf[table]) if table in zipf else factor
+
+        return plan_with_cache(tables, topo, args.batch_size, hit_rate, **options)
     if not args.evaluate:
-        return plan_tables(tables, topo, args.batch_size, routing=routing, refine_seconds=args.refine_seconds)
+        return plan_tables(tables, topo, args.batch_size, **options)
     with open(args.evaluate) as f:
         given = _without_empty_shards(ShardingPlan.from_json(json.load(f)))
     mesh = given.mesh or mesh_for_topology(topo)
     if mesh.size != topo.devices:
         raise ValueError(f"the plan's mesh {mesh} has {mesh.size} devices; the topology has {topo.devices}")
     validate_plan(given, tables, mesh)
-    return evaluate_plan(given, tables, topo, args.batch_size, routing=routing)
+    return evaluate_plan(given, tables, topo, args.batch_size, routing=routing, reserved_bytes=reserved)

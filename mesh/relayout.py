@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh import collectives
@@ -170,7 +171,9 @@ def take_program(layout: ShardedLayout, group: str, table: str, per_column: bool
     mapped = collectives.ordered_shard_map(
         body, mesh=grid, in_specs=P(axes), out_specs=logical_spec, check_vma=False
     )
-    return jax.jit(lambda s: mapped(None, s)[1])
+    # An explicit output sharding: left to jit, a grid that splits rows 4 ways and columns
+    # 2 ways (300 rows, 8 devices) comes back as a tiling jax cannot name on `grid`.
+    return jax.jit(lambda s: mapped(None, s)[1], out_shardings=NamedSharding(grid, logical_spec))
 
 
 def to_logical(

@@ -83,6 +83,14 @@ class ShardedLayout:
     groups: tuple[GroupLayout, ...]
     table_shapes: Mapping[str, tuple[int, int]]  # {table: (rows, dim)}
     group_of: Mapping[str, str]  # {table: group name}
+    # {table: {first row of a shard: the share of the table's ids it serves}} where that
+    # is not its share of the rows (a cache's slots stand for more rows: `recsys.cache`).
+    id_shares: Mapping[str, Mapping[int, float]] = dataclasses.field(default_factory=dict)
+
+    def id_share(self, p: Placement) -> float:
+        """The share of its table's ids a shard is expected to serve (bucket capacities)."""
+        shares = self.id_shares.get(p.table, {})
+        return shares.get(p.rows[0], p.row_count / self.table_shapes[p.table][0])
 
     def group(self, name: str) -> GroupLayout:
         return next(g for g in self.groups if g.name == name)

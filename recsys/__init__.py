@@ -11,7 +11,7 @@ from mesh import MeshSpec, ShardingPlan, Strategy, make_mesh, mesh_spec, plan_fo
 from mesh.meshes import simulate_cpu_devices
 from mesh.routing import RoutingOptions
 from recsys.batching import Batch, process_share, to_batch
-from recsys.cache import CacheConfig, CachedTrainer
+from recsys.cache import CacheConfig, CachedTrainer, ShardedCachedTrainer
 from recsys.embedding import EmbeddingCollection, EmbeddingTable
 from recsys.host_malloc import tune as tune_host_malloc
 from recsys.lookup import Activations, init_tables, lookup, reference_lookup, stack_tables, unstack_tables
@@ -39,6 +39,7 @@ from recsys.training import (
 __all__ = [
     "CacheConfig",
     "CachedTrainer",
+    "ShardedCachedTrainer",
     "Activations",
     "Batch",
     "CheckpointMismatch",

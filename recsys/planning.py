@@ -9,12 +9,14 @@ module describes a model's `EmbeddingConfig` that way and plans it for a mesh:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
-from mesh.cost import TableLoad
+from mesh.cache_plan import HitRate, plan_with_cache
+from mesh.cost import TableLoad, activation_bytes
 from mesh.meshes import mesh_spec
 from mesh.planner import PlanResult, plan_tables, topology_for_mesh
 from mesh.routing import RoutingOptions
@@ -56,6 +58,8 @@ def plan_model(
     topology: Topology | None = None,
     routing: RoutingOptions | None = None,
     max_moves: int | None = 200,
+    device_memory: float | None = None,
+    hit_rate: HitRate | None = None,
 ) -> PlanResult:
     """The planner's plan for `config`'s tables on `mesh` at global batch `batch_size`.
 
@@ -67,8 +71,21 @@ def plan_model(
       routing: the routing options (codecs, bucket capacity) the step will use.
       max_moves: a cap on the refinement's moves rather than a time budget, so every
         process of a multi-process run plans the same.
+      device_memory: bytes per device to plan for, in place of the topology's.
+      hit_rate: (table, cache factor) -> expected hit rate (`recsys.cache.HitRateEstimate`):
+        tables that do not fit may be cached over host memory (`mesh.cache_plan`).
+    Device memory counts the tables (or their caches), the exchanges' buffers and the
+    batch's embedding activations (`mesh.cost.activation_bytes`).
     """
     device = mesh.devices.reshape(-1)[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     topo = topology_for_mesh(mesh_spec(mesh), device.platform, (stats or {}).get("bytes_limit"), topology)
-    return plan_tables(table_loads(config, mean_ids), topo, batch_size, routing=routing, max_moves=max_moves)
+    if device_memory is not None:
+        topo = dataclasses.replace(topo, memory=float(device_memory))
+    loads = table_loads(config, mean_ids)
+    options = dict(
+        routing=routing, max_moves=max_moves, reserved_bytes=activation_bytes(loads, batch_size, topo.devices)
+    )
+    if hit_rate is None:
+        return plan_tables(loads, topo, batch_size, **options)
+    return plan_with_cache(loads, topo, batch_size, hit_rate, **options)

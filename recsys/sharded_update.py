@@ -34,6 +34,10 @@ from recsys.sparse_optim import Slots, row_optimizer
 from recsys.sparse_update import fused_rows_update, round_rows, round_slot_rows, rounding_seed
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
+# An optional int32 "slot" of a group: the row each stored row draws its rounding bits
+# as (a cached table's slots round as the rows they hold; `recsys.cache`).
+ROW_KEY = "row_key"
+
 
 def feature_routes(config: EmbeddingConfig) -> dict[str, FeatureRoute]:
     return {
@@ -150,7 +154,13 @@ def owner_update(
     statistic = None
     if exchange is not None and spec.kind is OptimizerKind.ROWWISE_ADAGRAD:
         statistic = _row_statistic(spec, block, rows.shape, exchange)
-    return _owner_update(paths[g.name], spec, step, seed, block, slots, rows, grads, statistic)
+    if ROW_KEY not in slots:
+        return _owner_update(paths[g.name], spec, step, seed, block, slots, rows, grads, statistic)
+    # Keyed rows draw their rounding bits by key: only the XLA path reads keys.
+    slots = dict(slots)
+    keys = slots.pop(ROW_KEY)
+    block, slots = _owner_update("xla", spec, step, seed, block, slots, rows, grads, statistic, keys)
+    return block, {**slots, ROW_KEY: keys}
 
 
 def owner_update_path(config: EmbeddingConfig, layout: ShardedLayout, group: str, kernels: str) -> str:
@@ -182,18 +192,19 @@ def _dedup(rows: jax.Array, grads: jax.Array, sentinel: int):
     return unique, summed, segment
 
 
-def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None):
+def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None, keys=None):
     """The optimizer on the unique rows of one block, written back in place (bfloat16 /
     float16 blocks and slots round stochastically; the bits are keyed by the block's rows,
-    so they differ from a single-device run's: both are unbiased)."""
+    or by `keys` of them, so they differ from a single-device run's: both are unbiased)."""
     values = block.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32)
     slot_rows = {
         k: v.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slot_block.items()
     }
     values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
-    block = block.at[unique].set(round_rows(values, unique, block.dtype, seed), mode="drop")
+    bits = unique if keys is None else keys.at[unique].get(mode="fill", fill_value=0)
+    block = block.at[unique].set(round_rows(values, bits, block.dtype, seed), mode="drop")
     return block, {
-        k: slot_block[k].at[unique].set(round_slot_rows(v, unique, slot_block[k].dtype, seed, k), mode="drop")
+        k: slot_block[k].at[unique].set(round_slot_rows(v, bits, slot_block[k].dtype, seed, k), mode="drop")
         for k, v in slot_rows.items()
     }
 
@@ -220,7 +231,7 @@ def _partial_statistic(spec, block, unique, summed, segment):
     return jnp.sum(jnp.square(decayed), axis=1)[segment]
 
 
-def _owner_update(path, spec, step, seed, block, slot_block, rows, grads, statistic=None):
+def _owner_update(path, spec, step, seed, block, slot_block, rows, grads, statistic=None, keys=None):
     """Deduplicates an owner's positions (`rows` of its block, `block_rows` for none; their
     gradients), sums each row's gradient once and applies the optimizer in place: through
     the fused kernel of `path` ("pallas", "cpu"), or through XLA, which alone takes the
@@ -234,4 +245,4 @@ def _owner_update(path, spec, step, seed, block, slot_block, rows, grads, statis
         return fused_rows_update(path, spec, block, slot_block, (ids, ones, src, grads), step, seed)
     unique, summed, segment = _dedup(rows, grads, block_rows)
     row_mean_sq = None if statistic is None else statistic(unique, summed, segment)
-    return _apply(row_optimizer(spec), step, seed, block, slot_block, unique, summed, row_mean_sq)
+    return _apply(row_optimizer(spec), step, seed, block, slot_block, unique, summed, row_mean_sq, keys)

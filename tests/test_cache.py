@@ -303,8 +303,15 @@ def test_cache_flags_are_checked(capsys):
 
     line = cli_error(capsys, [*CLI, "--cache-load-factor", "t9=0.5"])
     assert "--cache-load-factor names table 't9'" in line
-    line = cli_error(capsys, [*CLI, "--cache-load-factor", "0.5", "--devices", "8"])
-    assert "--cache-load-factor caches the tables of a one-device run" in line
+    mesh = ["--devices", "8", "--mesh", "host=2,device=4"]
+    line = cli_error(capsys, [*CLI, *mesh, "--device-memory", "1MB"])
+    assert "--device-memory plans the tables for that memory: add --sharding auto" in line
+    line = cli_error(
+        capsys, [*CLI, *mesh, "--sharding", "auto", "--device-memory", "1MB", "--cache-load-factor", "0.5"]
+    )
+    assert "--device-memory lets the planner choose the cached tables" in line
+    line = cli_error(capsys, [*CLI, *mesh, "--sharding", "auto", "--device-memory", "lots"])
+    assert "--device-memory: not a byte count" in line
 
 
 def test_a_built_module_or_a_builder_start_alike():

@@ -105,7 +105,7 @@ def test_device_time_takes_the_slower_link():
     assert device_time(load, TOPO) == pytest.approx(0.5 + 20)
 
 
-MLPERF = read_tables(json.load(open("examples/configs/mlperf_dcnv2_tables.json")))
+MLPERF, _ = read_tables(json.load(open("examples/configs/mlperf_dcnv2_tables.json")))
 
 
 @pytest.mark.parametrize("spec", ["h100", "h100,hosts=16", "h100,hosts=16,memory=16GB", "tpu-v5e,hosts=128"])

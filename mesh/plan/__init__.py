@@ -325,14 +325,22 @@ def _validate_table(name: str, p: TablePlan, spec, mesh: MeshSpec) -> None:
     problem = _placement_problem(p.strategy, by_cols, mesh.devices_per_host)
     if problem:
         fail(problem)
-    placement = {
+    expected = strategy_shards(p.strategy, spec.rows, spec.dim, mesh, **shard_placement(p, mesh))
+    if sorted(p.shards) != sorted(expected):
+        fail(_expected_layout(p.strategy, spec.rows, mesh, expected, p.shards))
+
+
+def shard_placement(p: TablePlan, mesh: MeshSpec) -> dict:
+    """The `strategy_shards` arguments that place a table's shards as `p` does: its column
+    shards' count, and each one's first device and host."""
+    by_cols: dict[tuple[int, int], list[Shard]] = {}
+    for s in sorted(p.shards, key=lambda s: (s.cols, s.rows)):
+        by_cols.setdefault(s.cols, []).append(s)
+    return {
         "columns": len(by_cols),
         "devices": [shards[0].device for shards in by_cols.values()],
         "hosts": [shards[0].device // mesh.devices_per_host for shards in by_cols.values()],
     }
-    expected = strategy_shards(p.strategy, spec.rows, spec.dim, mesh, **placement)
-    if sorted(p.shards) != sorted(expected):
-        fail(_expected_layout(p.strategy, spec.rows, mesh, expected, p.shards))
 
 
 def _placement_problem(strategy: Strategy, by_cols: dict, per_host: int) -> str | None:

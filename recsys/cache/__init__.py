@@ -2,6 +2,7 @@
 the full tables and their optimizer state in host memory (`docs/cache.md`)."""
 
 from recsys.cache.config import CacheConfig, parse_load_factors
+from recsys.cache.sharded import ShardedCachedTrainer
 from recsys.cache.simulate import belady_hit_rate, policy_hit_rate
 from recsys.cache.slots import CacheOverflow, CachePolicy, SlotMap
 from recsys.cache.trainer import CachedState, CachedTrainer
@@ -12,6 +13,7 @@ __all__ = [
     "CachePolicy",
     "CachedState",
     "CachedTrainer",
+    "ShardedCachedTrainer",
     "SlotMap",
     "belady_hit_rate",
     "parse_load_factors",

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 from recsys.cache.slots import CachePolicy
-from recsys.specs import EmbeddingConfig, TableSpec
+from recsys.specs import EmbeddingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,21 +31,6 @@ class CacheConfig:
     @classmethod
     def for_all(cls, config: EmbeddingConfig, factor: float, **options) -> CacheConfig:
         return cls({t.name: factor for t in config.tables}, **options)
-
-    def capacity(self, spec: TableSpec) -> int:
-        """Device slots of a cached table."""
-        return max(1, min(spec.rows, math.ceil(self.load_factors[spec.name] * spec.rows)))
-
-    def device_config(self, config: EmbeddingConfig) -> EmbeddingConfig:
-        """`config` as the device sees it: each cached table has one row per slot."""
-        unknown = sorted(set(self.load_factors) - {t.name for t in config.tables})
-        if unknown:
-            raise ValueError(f"cache load factors name tables the model does not have: {unknown}")
-        tables = tuple(
-            dataclasses.replace(t, rows=self.capacity(t)) if t.name in self.load_factors else t
-            for t in config.tables
-        )
-        return dataclasses.replace(config, tables=tables)
 
 
 def parse_load_factors(text: str, tables: list[str]) -> dict[str, float]:

@@ -30,15 +30,30 @@ class HostTable:
         """Bytes one row moves with its state."""
         return self.rows[0].nbytes + sum(v[0].nbytes for v in self.state.values())
 
-    def scatter(self, ids: np.ndarray, rows, state: Slots) -> None:
-        self.rows[ids] = rows
+    def scatter(self, ids: np.ndarray, rows, state: Slots, cols: slice = slice(None)) -> None:
+        """Writes rows `ids` (their columns `cols`) and their state."""
+        self.rows[ids, cols] = rows
         for k, v in state.items():
-            self.state[k][ids] = v
+            if self.state[k].ndim == 2:
+                self.state[k][ids, cols] = v
+            else:
+                self.state[k][ids] = v
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """Rows of one table inside arrays read from the device: at index `at`, holding the
+    table's columns `cols`."""
+
+    table: str
+    ids: np.ndarray
+    at: tuple | slice
+    cols: slice
 
 
 @dataclasses.dataclass
 class _Writeback:
-    segments: list[tuple[str, np.ndarray]]  # (table, ids): their rows, in order, in `rows`
+    pieces: list[Piece]
     rows: jax.Array  # device arrays, being copied to the host
     state: dict[str, jax.Array]
 
@@ -52,14 +67,12 @@ class WritebackQueue:
         self.tables = tables
         self._queue: collections.deque[_Writeback] = collections.deque()
 
-    def push(
-        self, segments: list[tuple[str, np.ndarray]], rows: jax.Array, state: dict[str, jax.Array]
-    ) -> None:
-        if not any(len(ids) for _, ids in segments):
+    def push(self, pieces: list[Piece], rows: jax.Array, state: dict[str, jax.Array]) -> None:
+        if not any(len(p.ids) for p in pieces):
             return
         for array in (rows, *state.values()):
             array.copy_to_host_async()
-        self._queue.append(_Writeback(segments, rows, state))
+        self._queue.append(_Writeback(pieces, rows, state))
 
     def settle(self, table: str | None = None, ids: np.ndarray | None = None) -> None:
         """Writes back every entry that has arrived, and every entry up to the last one
@@ -67,7 +80,7 @@ class WritebackQueue:
         last_needed = -1
         if ids is not None and len(ids):
             for i, entry in enumerate(self._queue):
-                if any(t == table and np.isin(held, ids).any() for t, held in entry.segments):
+                if any(p.table == table and np.isin(p.ids, ids).any() for p in entry.pieces):
                     last_needed = i
         done = 0
         for i, entry in enumerate(self._queue):
@@ -87,10 +100,15 @@ class WritebackQueue:
         self._queue.clear()
 
     def _write(self, entry: _Writeback) -> None:
-        rows = np.asarray(entry.rows)
-        state = {k: np.asarray(v) for k, v in entry.state.items()}
-        start = 0
-        for table, ids in entry.segments:
-            part = slice(start, start + len(ids))
-            self.tables[table].scatter(ids, rows[part], {k: v[part] for k, v in state.items()})
-            start += len(ids)
+        write(
+            self.tables,
+            entry.pieces,
+            np.asarray(entry.rows),
+            {k: np.asarray(v) for k, v in entry.state.items()},
+        )
+
+
+def write(tables: dict[str, HostTable], pieces: list[Piece], rows: np.ndarray, state: dict) -> None:
+    """Writes the pieces of arrays read from the device into their host tables."""
+    for p in pieces:
+        tables[p.table].scatter(p.ids, rows[p.at], {k: v[p.at] for k, v in state.items()}, p.cols)

@@ -13,16 +13,17 @@ from recsys.cache.slots import CachePolicy, SlotMap
 
 
 def policy_hit_rate(
-    trace: list[np.ndarray], rows: int, capacity: int, policy: CachePolicy | str, depth: int
+    trace: list[np.ndarray], rows: int, capacity: int, policy: CachePolicy | str, depth: int, warmup: int = 0
 ) -> float:
     """The hit rate of `policy` as a cached trainer runs it, `lookahead` seeing the next
-    `depth` batches."""
+    `depth` batches; the first `warmup` batches fill the cache and are not counted."""
     slots = SlotMap("trace", rows, capacity, policy)
     hits = lookups = 0
     for i, ids in enumerate(trace):
         admitted = slots.admit(ids, upcoming=trace[i + 1 : i + 1 + depth])
-        hits += admitted.hits
-        lookups += len(ids)
+        if i >= warmup:
+            hits += admitted.hits
+            lookups += len(ids)
     return hits / max(lookups, 1)
 
 

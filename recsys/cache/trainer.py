@@ -28,8 +28,10 @@ import optax
 from flax import nnx
 
 from recsys.batching import Batch
+from recsys.cache.blocks import CacheBlock, cached_config, whole_table_blocks
 from recsys.cache.config import CacheConfig
-from recsys.cache.host import HostTable, WritebackQueue
+from recsys.cache.exchange import Exchange, GroupStorage, Target
+from recsys.cache.host import HostTable, WritebackQueue, write
 from recsys.cache.slots import Admission, SlotMap
 from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
 from recsys.layout import build_layout
@@ -58,10 +60,10 @@ class TableCounts:
 
 @dataclasses.dataclass
 class _Admitted:
-    """A batch admitted to every cached table: its slots, and its fills on their way."""
+    """A batch admitted to every cache block: its slots, and its fills on their way."""
 
-    admissions: dict[str, Admission]
-    fills: dict | None  # device arrays for `_evict` and `_fill_slots`; None once applied
+    admissions: dict[CacheBlock, Admission]
+    fills: tuple | None  # (device arrays, read pieces) of the exchange; None once applied
 
 
 @dataclasses.dataclass
@@ -71,7 +73,7 @@ class CachedState:
 
     device: TrainState
     host: dict[str, HostTable]
-    maps: dict[str, SlotMap]
+    maps: dict[CacheBlock, SlotMap]
     writebacks: WritebackQueue
     counts: dict[str, TableCounts]
     steps: int = 0
@@ -80,6 +82,11 @@ class CachedState:
     @property
     def step(self) -> jax.Array:
         return self.device.step
+
+    @property
+    def routing_fallbacks(self) -> jax.Array:
+        """A sharded run's steps that took the broadcast route (`ShardedState`)."""
+        return self.device.routing_fallbacks
 
 
 class CachedTrainer:
@@ -100,18 +107,60 @@ class CachedTrainer:
         cache: CacheConfig,
         **trainer_options,
     ):
-        self.cache = cache
-        abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
-        self.config: EmbeddingConfig = find_collection(abstract).config
-        self.device_config = cache.device_config(self.config)  # a slot per cached row
+        self._setup(model, cache)
+        self.blocks = {
+            t.name: whole_table_blocks(t, cache.load_factors[t.name]) for t in self.cached.values()
+        }
+        slot_rows = {t: blocks[0].capacity for t, blocks in self.blocks.items()}
+        self.device_config = cached_config(self.config, self.blocks, slot_rows)
         self.layout = build_layout(self.device_config)
+        logical_rows = {t: spec.rows for t, spec in self.cached.items()}
+        self.trainer = Trainer(
+            self._device_model(), dense_optimizer, logical_rows=logical_rows, **trainer_options
+        )
+        self.exchange = Exchange(self._flat_groups(), self._flat_targets(), None)
+        self._compile_exchange()
+
+    def _setup(self, model, cache: CacheConfig) -> None:
+        self.cache, self._model = cache, model
+        self._abstract = model if isinstance(model, nnx.Module) else nnx.eval_shape(model)
+        self.config: EmbeddingConfig = find_collection(self._abstract).config
+        unknown = sorted(set(cache.load_factors) - {t.name for t in self.config.tables})
+        if unknown:
+            raise ValueError(f"cache load factors name tables the model does not have: {unknown}")
         self._full_layout = build_layout(self.config)
         self.cached = {t.name: t for t in self.config.tables if t.name in cache.load_factors}
-        device_model, self._initial_host = self._split_tiers(model, abstract)
-        logical_rows = {t: spec.rows for t, spec in self.cached.items()}
-        self.trainer = Trainer(device_model, dense_optimizer, logical_rows=logical_rows, **trainer_options)
-        self._evict = jax.jit(self._evict_fn)
-        self._fill_slots = jax.jit(self._fill_fn, donate_argnums=(0, 1, 2))
+
+    def _compile_exchange(self) -> None:
+        self._read = jax.jit(lambda device, arrays: self.exchange.read(*self._parts(device)[:2], arrays))
+        self._write = jax.jit(self._write_fn, donate_argnums=0)
+
+    def _device_model(self) -> nnx.Module:
+        device_model, self._initial_host = self._split_tiers(self._model, self._abstract)
+        return device_model
+
+    def _flat_groups(self) -> dict[str, GroupStorage]:
+        """The stacked groups holding cached tables, as the exchange writes them."""
+        out = {}
+        for group in self.layout.table_groups:
+            cached = tuple(t.name for t in group.tables if t.name in self.cached)
+            if cached:
+                out[group.name] = GroupStorage(
+                    group.name, False, group.total_rows, group.tables[0].dim, True, cached
+                )
+        return out
+
+    def _flat_targets(self) -> dict[CacheBlock, list[Target]]:
+        out = {}
+        for table, blocks in self.blocks.items():
+            group, full = self.layout.group_of_table[table], self._full_layout.group_of_table[table]
+            dim = self.cached[table].dim
+            out[blocks[0]] = [Target(group.name, -1, group.offset_of(table), (0, dim), full.offset_of(table))]
+        return out
+
+    def cached_rows(self, table: str) -> int:
+        """Device slots of a cached table, over all its blocks."""
+        return sum(b.capacity for b in self.blocks[table])
 
     def _split_tiers(self, model, abstract) -> tuple[nnx.Module, Callable[[], dict[str, np.ndarray]]]:
         """The model as the device holds it (cached tables as empty slots) and a function
@@ -131,7 +180,9 @@ class CachedTrainer:
         collection.config = self.device_config
         graphdef, tables, _, _ = nnx.split(abstract, EmbeddingTable, nnx.Param, ...)
         device_model = nnx.merge(graphdef, tables, params, rest)
-        find_collection(device_model).set_stacked_tables(self._stack(values))
+        find_collection(device_model).set_stacked_tables(
+            self._stack(values, build_layout(self.device_config))
+        )
         return device_model, host_initial
 
     def _draw(self, specs: dict[str, TableSpec], key, device=None) -> dict[str, np.ndarray | jax.Array]:
@@ -144,10 +195,10 @@ class CachedTrainer:
             key = jax.device_put(key, device)
             return {n: np.array(init_table(s, jax.random.fold_in(key, index[n]))) for n, s in specs.items()}
 
-    def _stack(self, uncached: dict) -> dict[str, jax.Array]:
+    def _stack(self, uncached: dict, layout) -> dict[str, jax.Array]:
         """{group: stacked device table}: uncached tables' values, cached tables' slots empty."""
         out = {}
-        for group in self.layout.table_groups:
+        for group in layout.table_groups:
             parts = [
                 jnp.zeros((t.rows, t.dim), t.dtype)
                 if t.name in self.cached
@@ -165,15 +216,45 @@ class CachedTrainer:
             spec = self.cached[name]
             host[name] = HostTable(rows, _initial_row_state(spec))
         return CachedState(
-            device=dataclasses.replace(self.trainer.init_state(), row_keys=self._initial_row_keys()),
+            device=self._keyed(self.trainer.init_state()),
             host=host,
-            maps={
-                n: SlotMap(n, t.rows, self.cache.capacity(t), self.cache.policy)
-                for n, t in self.cached.items()
-            },
+            maps=self._slot_maps(),
             writebacks=WritebackQueue(host),
             counts={n: TableCounts() for n in self.cached},
         )
+
+    def _slot_maps(self) -> dict[CacheBlock, SlotMap]:
+        return {
+            b: SlotMap(b.name, b.row_count, b.capacity, self.cache.policy)
+            for blocks in self.blocks.values()
+            for b in blocks
+        }
+
+    # What differs on a mesh (`ShardedCachedTrainer`).
+
+    def _keyed(self, device: TrainState) -> TrainState:
+        """The device state with the initial rounding keys."""
+        return dataclasses.replace(device, row_keys=self._initial_row_keys())
+
+    def _bare(self, device: TrainState) -> TrainState:
+        """The device state as the inner trainer's checkpoints know it."""
+        return device
+
+    def _parts(self, device: TrainState) -> tuple[dict, dict, dict]:
+        """(stacked tables, slots, rounding keys), each {group: array}."""
+        names = {g.name for g in self.layout.table_groups}
+        return _groups_in(nnx.to_pure_dict(device.tables), names), device.slots, device.row_keys
+
+    def _with_parts(self, device: TrainState, storage: dict, slots: dict, keys: dict) -> TrainState:
+        pure = nnx.to_pure_dict(device.tables)
+        _groups_in(pure, set(storage)).update(storage)
+        tables = jax.tree.map(lambda x: x, device.tables)
+        nnx.replace_by_pure_dict(tables, pure)
+        return dataclasses.replace(device, tables=tables, slots=slots, row_keys=keys)
+
+    def _place(self, batch: Batch) -> Batch:
+        # device_put, not jnp.asarray: a transfer is queued without waiting for the step in flight.
+        return jax.device_put(batch)
 
     def _initial_row_keys(self) -> dict[str, jax.Array]:
         """{group holding a cached table: the row each stored row rounds as}: uncached
@@ -196,16 +277,20 @@ class CachedTrainer:
         """The batch stays on the host: its ids become slots only when its step comes."""
         return batch
 
-    def unique_ids(self, batch: Batch) -> dict[str, np.ndarray]:
-        """{cached table: the batch's distinct ids} (what an upcoming batch announces)."""
+    def unique_ids(self, batch: Batch) -> dict[CacheBlock, np.ndarray]:
+        """{cache block: the batch's distinct ids in it, from the block's first row}: what
+        an upcoming batch announces."""
         parts = collections.defaultdict(list)
         for feature in self.config.features:
             if feature.table in self.cached:
                 bags = batch.sparse[feature.name]
                 parts[feature.table].append(np.asarray(bags.ids)[_valid(bags)])
-        return {
-            t: np.unique(np.concatenate(parts[t])) if parts[t] else np.zeros(0, np.int64) for t in self.cached
-        }
+        out = {}
+        for table, blocks in self.blocks.items():
+            ids = np.unique(np.concatenate(parts[table])) if parts[table] else np.zeros(0, np.int64)
+            for b in blocks:
+                out[b] = ids[np.searchsorted(ids, b.rows[0]) : np.searchsorted(ids, b.rows[1])] - b.rows[0]
+        return out
 
     def lookahead(self, batches: Iterable) -> Iterator[tuple[object, list[dict[str, np.ndarray]]]]:
         """(item, the next `prefetch_depth` items' `unique_ids`) for every item of
@@ -254,13 +339,13 @@ class CachedTrainer:
         return self.trainer.predict(state.device, placed.dense, placed.sparse)
 
     def precompile(self, state: CachedState, max_misses: int) -> None:
-        """Compiles the exchange for every fill size up to `max_misses` rows per table (by
-        running exchanges that move nothing), so no later step pauses to compile one."""
+        """Compiles the exchange for every fill size up to `max_misses` rows per device
+        and group (by running exchanges that move nothing), so no later step pauses to
+        compile one."""
         size = 16
         while True:
-            admissions = {t: _nothing_admitted() for t in self.cached}
-            fills = {g: self._fill(state.host, g, m, size) for g, m in self._by_group(admissions).items()}
-            self._apply(state, _Admitted(admissions, jax.device_put(fills)))
+            nothing = {b: _nothing_admitted() for b in state.maps}
+            self._apply(state, _Admitted(nothing, self.exchange.build(state.host, [], [], size)))
             if size >= max_misses:
                 return
             size *= 2
@@ -268,90 +353,43 @@ class CachedTrainer:
     # The tiers.
 
     def _admit(self, state: CachedState, ids: dict, upcoming, *, count: bool) -> _Admitted:
-        """Admits a batch to every cached table and starts copying its misses over."""
+        """Admits a batch to every cache block and starts copying its misses over."""
         # The batch in flight may lose its slots: the exchange runs after its step on the
         # device (it takes the step's output state). An admitted batch not yet run may not.
-        pinned = {} if state.ahead is None else {t: a.slots for t, a in state.ahead.admissions.items()}
+        pinned = {} if state.ahead is None else {b: a.slots for b, a in state.ahead.admissions.items()}
         admissions = {}
-        for table, slot_map in state.maps.items():
+        for block, slot_map in state.maps.items():
             admission = slot_map.admit(
-                ids[table], pinned=pinned.get(table), upcoming=[u[table] for u in upcoming]
+                ids[block], pinned=pinned.get(block), upcoming=[u[block] for u in upcoming]
             )
-            admissions[table] = admission
+            admissions[block] = admission
             if count:
-                state.counts[table].add(admission)
-        for table, admission in admissions.items():
-            state.writebacks.settle(table, admission.fill_ids)  # a fetched row must be written back first
-        by_group = self._by_group(admissions)
-        # One padded size for every group: the exchange compiles once per size.
-        size = _bucket(max(sum(len(a.fill_ids) for _, a in members) for members in by_group.values()))
-        fills = {g: self._fill(state.host, g, members, size) for g, members in by_group.items()}
-        return _Admitted(admissions, jax.device_put(fills))
-
-    def _by_group(self, admissions: dict[str, Admission]) -> dict[str, list[tuple[str, Admission]]]:
-        out: dict[str, list] = {}
-        for table, admission in admissions.items():
-            out.setdefault(self.layout.group_of_table[table].name, []).append((table, admission))
-        return out
-
-    def _fill(self, host: dict[str, HostTable], group: str, members, size: int):
-        """(fill rows, evict rows, rows, state, rounding keys) of a group's cached tables for `_apply`,
-        in member order, padded to `size` (padding indexes past the group: dropped)."""
-        layout, full = self.layout.group(group), self._full_layout.group(group)
-        fill_at, evict_at, rows, state, keys = [], [], [], {}, []
-        for table, admission in members:
-            offset = layout.offset_of(table)
-            keys.append(admission.fill_ids + full.offset_of(table))
-            fill_at.append(admission.fill_slots + offset)
-            evict_at.append(admission.fill_slots[admission.evicted_ids >= 0] + offset)
-            rows.append(host[table].rows[admission.fill_ids])
-            for k, v in host[table].state.items():
-                state.setdefault(k, []).append(v[admission.fill_ids])
-        end = layout.total_rows
-        return (
-            _padded(np.concatenate(fill_at), size, end),
-            _padded(np.concatenate(evict_at), size, end),
-            _padded(np.concatenate(rows), size, 0),
-            {k: _padded(np.concatenate(v), size, 0) for k, v in state.items()},
-            _padded(np.concatenate(keys), size, 0),
-        )
+                state.counts[block.table].add(admission)
+        fills, reads = [], []
+        for block, a in admissions.items():
+            fetched = a.fill_ids + block.rows[0]
+            state.writebacks.settle(block.table, fetched)  # a fetched row must be written back first
+            gone = a.evicted_ids >= 0
+            fills.append((block, a.fill_slots, fetched))
+            reads.append((block, a.fill_slots[gone], a.evicted_ids[gone] + block.rows[0]))
+        return _Admitted(admissions, self.exchange.build(state.host, fills, reads))
 
     def _apply(self, state: CachedState, admitted: _Admitted) -> None:
-        """Runs an admission's exchange on the device once and queues its write-backs."""
+        """Runs an admission's exchange on the device once and queues its write-backs:
+        the victims are read first, then the fills written in place (one program doing
+        both would make XLA copy the whole table to keep the read before the write)."""
         if admitted.fills is None:
             return
-        device = state.device
-        evicted = self._evict(device.tables, device.slots, admitted.fills)
-        tables, slots, keys = self._fill_slots(device.tables, device.slots, device.row_keys, admitted.fills)
-        state.device = dataclasses.replace(device, tables=tables, slots=slots, row_keys=keys)
-        for group, members in self._by_group(admitted.admissions).items():
-            gone = [(t, a.evicted_ids[a.evicted_ids >= 0]) for t, a in members]
-            state.writebacks.push(gone, *evicted[group])
+        arrays, pieces = admitted.fills
+        evicted = self._read(state.device, arrays)
+        state.device = self._write(state.device, arrays)
+        for group, (rows, row_state) in evicted.items():
+            state.writebacks.push(pieces[group], rows, row_state)
         admitted.fills = None
 
-    def _evict_fn(self, tables_state: nnx.State, slots: dict, fills: dict) -> dict:
-        """{group: (rows, state)} the fills' victims hold."""
-        tables = _groups_in(nnx.to_pure_dict(tables_state), {g.name for g in self.layout.table_groups})
-        return {
-            g: (_rows_at(tables[g], evict_at), {k: _rows_at(slots[g][k], evict_at) for k in state})
-            for g, (_, evict_at, _, state, _) in fills.items()
-        }
-
-    def _fill_fn(self, tables_state: nnx.State, slots: dict, row_keys: dict, fills: dict):
-        """Writes the misses into their slots, in place (the tables and slots are donated;
-        a read of them in the same program would make XLA copy the whole stacked table,
-        so `_evict_fn` reads the victims before)."""
-        pure = nnx.to_pure_dict(tables_state)
-        tables = _groups_in(pure, {g.name for g in self.layout.table_groups})
-        slots, row_keys = {g: dict(s) for g, s in slots.items()}, dict(row_keys)
-        for group, (fill_at, _, rows, state, keys) in fills.items():
-            tables[group] = tables[group].at[fill_at].set(rows, mode="drop")
-            row_keys[group] = row_keys[group].at[fill_at].set(keys, mode="drop")
-            for k, v in state.items():
-                slots[group][k] = slots[group][k].at[fill_at].set(v, mode="drop")
-        out = jax.tree.map(lambda x: x, tables_state)
-        nnx.replace_by_pure_dict(out, pure)
-        return out, slots, row_keys
+    def _write_fn(self, device, arrays: dict):
+        storage, slots, keys = self._parts(device)
+        return self._with_parts(device, *self.exchange.write(storage, slots, keys, arrays))
 
     def _remapped(self, state: CachedState, batch: Batch, admitted: _Admitted) -> Batch:
         """The batch on the device with each cached feature's ids replaced by slots."""
@@ -359,7 +397,7 @@ class CachedTrainer:
         for name, bags in batch.sparse.features.items():
             table = self.config.feature(name).table
             if table in self.cached:
-                slots = state.maps[table].slot_of[np.asarray(bags.ids)]
+                slots = self._slots_of(state, table, np.asarray(bags.ids))
                 if slots.min() < 0 and (slots[_valid(bags)] < 0).any():
                     raise ValueError(
                         f"table {table!r}: this batch's ids differ from those announced as the next "
@@ -368,8 +406,20 @@ class CachedTrainer:
                 # Padding positions (id 0, weight 0) may name an uncached id: any slot will do.
                 bags = JaggedFeature(np.maximum(slots, 0), bags.lengths, bags.weights)
             features[name] = bags
-        # device_put, not jnp.asarray: a transfer is queued without waiting for the step in flight.
-        return jax.device_put(dataclasses.replace(batch, sparse=JaggedBatch(features)))
+        return self._place(dataclasses.replace(batch, sparse=JaggedBatch(features)))
+
+    def _slots_of(self, state: CachedState, table: str, ids: np.ndarray) -> np.ndarray:
+        """Each id's row in the slot table, -1 where it is not cached."""
+        blocks = self.blocks[table]
+        if len(blocks) == 1:
+            return state.maps[blocks[0]].slot_of[ids]  # its slots start at 0
+        which = np.searchsorted([b.rows[0] for b in blocks], ids, side="right") - 1
+        out = np.full(ids.shape, -1, np.int32)
+        for j, b in enumerate(blocks):
+            here = (which == j) & (ids < b.rows[1])
+            local = state.maps[b].slot_of[ids[here] - b.rows[0]]
+            out[here] = np.where(local >= 0, local + b.slot_start, -1)
+        return out
 
     # Checkpoints and inspection.
 
@@ -378,18 +428,17 @@ class CachedTrainer:
         if state.ahead is not None:
             self._apply(state, state.ahead)
         state.writebacks.drain()
-        tables = self.trainer.stacked_tables(state.device)
-        for table, slot_map in state.maps.items():
-            group = self.layout.group_of_table[table]
+        reads = []
+        for block, slot_map in state.maps.items():
             slots, ids = slot_map.cached_ids()
-            at = slots + group.offset_of(table)
-            rows = np.asarray(tables[group.name][at])
-            row_state = {k: np.asarray(v[at]) for k, v in state.device.slots[group.name].items()}
-            state.host[table].scatter(ids, rows, row_state)
+            reads.append((block, slots, ids + block.rows[0]))
+        arrays, pieces = self.exchange.build(state.host, [], reads)
+        for group, (rows, row_state) in jax.device_get(self._read(state.device, arrays)).items():
+            write(state.host, pieces[group], rows, row_state)
 
     def logical_tables(self, state: CachedState) -> dict[str, np.ndarray]:
         self.flush(state)
-        out = self.trainer.logical_tables(state.device)
+        out = self.trainer.logical_tables(self._bare(state.device))
         out.update({t: np.array(h.rows) for t, h in state.host.items()})
         return out
 
@@ -397,7 +446,7 @@ class CachedTrainer:
         """The uncached trainer's tree: cached tables and their state from the flushed
         host tier (copies: training goes on while a save writes them)."""
         self.flush(state)
-        tree = self.trainer.to_logical(state.device)
+        tree = self.trainer.to_logical(self._bare(state.device))
         for table, host in state.host.items():
             tree["tables"][table] = np.array(host.rows)
             tree["slots"][table] = {k: np.array(v) for k, v in host.state.items()}
@@ -406,13 +455,13 @@ class CachedTrainer:
     def from_logical(self, template: CachedState, tree: dict) -> CachedState:
         """Restores an uncached or a cached run's tree; the caches start empty."""
         device_tree = {**tree, "tables": dict(tree["tables"]), "slots": dict(tree["slots"])}
-        empty = self.trainer.to_logical(template.device)
+        bare = self._bare(template.device)
+        empty = self.trainer.to_logical(bare)
         for table in self.cached:
             device_tree["tables"][table] = empty["tables"][table]
             device_tree["slots"][table] = empty["slots"][table]
         state = self.init_state_like(template)
-        device = self.trainer.from_logical(template.device, device_tree)
-        state.device = dataclasses.replace(device, row_keys=self._initial_row_keys())
+        state.device = self._keyed(self.trainer.from_logical(bare, device_tree))
         for table, host in state.host.items():
             host.rows[...] = np.asarray(tree["tables"][table], host.rows.dtype)
             for k, v in host.state.items():
@@ -481,11 +530,6 @@ def _groups_in(pure: dict, names: set[str]) -> dict:
     return None
 
 
-def _rows_at(values: jax.Array, at: jax.Array) -> jax.Array:
-    """Rows `at` (zeros where `at` is past the end: padding)."""
-    return values.at[at].get(mode="fill", fill_value=0)
-
-
 def _valid(bags: JaggedFeature) -> np.ndarray:
     lengths = np.asarray(bags.lengths)
     return np.arange(bags.ids.shape[1])[None, :] < lengths[:, None]
@@ -498,16 +542,3 @@ def _batch_of(item) -> Batch:
 def _nothing_admitted() -> Admission:
     empty = np.zeros(0, np.int64)
     return Admission(empty.astype(np.int32), empty.astype(np.int32), empty, empty)
-
-
-def _bucket(n: int) -> int:
-    """Fill sizes are padded to powers of two (at least 16), so few exchanges compile."""
-    return max(16, 1 << max(n - 1, 0).bit_length())
-
-
-def _padded(values: np.ndarray, size: int, fill) -> np.ndarray:
-    """`values` with `size` rows, the rows past its own holding `fill`."""
-    dtype = np.int32 if values.dtype.kind in "iu" else values.dtype
-    out = np.full((size, *values.shape[1:]), fill, dtype)
-    out[: len(values)] = values
-    return out

@@ -4,6 +4,7 @@ the mesh and the plan (the planning adapter), and the trainer."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 
 import jax
@@ -13,10 +14,12 @@ from flax import nnx
 
 from mesh import ShardingPlan, make_mesh, mesh_spec, plan_for_strategy, validate_plan
 from mesh.meshes import simulate_cpu_devices
+from mesh.planner import PlanningError
 from mesh.planner_cli import calibrate
-from mesh.topology import Topology
+from mesh.topology import Topology, parse_bytes
 from pallas_kernels.dtypes import SHORT_NAMES
-from recsys.cache import CacheConfig, CachedTrainer, parse_load_factors
+from recsys.cache import CacheConfig, CachedTrainer, ShardedCachedTrainer, parse_load_factors
+from recsys.cache.estimate import HitRateEstimate
 from recsys.cli.config import RunConfig
 from recsys.cli.data import LoadedData
 from recsys.cli.errors import UsageError
@@ -27,6 +30,9 @@ from recsys.planning import plan_model
 from recsys.specs import EmbeddingConfig, InitializerSpec, SparseOptimizerSpec
 from recsys.training import ShardedTrainer, Trainer
 from recsys.training.optimizers import dense_optimizer
+
+# Batches whose ids estimate cache hit rates for --device-memory (half warm the cache up).
+HIT_RATE_SAMPLE = 32
 
 
 def start_devices(config: RunConfig) -> None:
@@ -96,29 +102,28 @@ def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int)
 
 
 def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, steps: int):
-    """The run's trainer: one device, or the tables sharded by the run's plan."""
+    """The run's trainer: one device, or the tables sharded by the run's plan; cached
+    tables (--cache-load-factor, or the planner's for --device-memory) over host memory."""
     dense_opt = run_dense_optimizer(config, steps)
-    if config.cache_load_factor is not None:
-        # A builder: the cached tables are drawn in host memory, never whole on the device.
-        build = lambda: build_model(config, tables, data.num_dense)  # noqa: E731
-        return CachedTrainer(build, dense_opt, run_cache(config, tables), kernels=config.kernels)
+    # A builder, not a module: the trainers create the tables where they live (sharded,
+    # or the cached ones in host memory), never whole on one device.
+    build = lambda: build_model(config, tables, data.num_dense)  # noqa: E731
+    cache = run_cache(config, tables) if config.cache_load_factor is not None else None
     if not config.sharded:
-        return Trainer(build_model(config, tables, data.num_dense), dense_opt, kernels=config.kernels)
+        if cache is not None:
+            return CachedTrainer(build, dense_opt, cache, kernels=config.kernels)
+        return Trainer(build(), dense_opt, kernels=config.kernels)
     mesh = run_mesh(config)
     if config.batch_size % mesh.devices.size:
         raise UsageError(
             f"--batch-size {config.batch_size} must be a multiple of the {mesh.devices.size} devices"
         )
-    plan = choose_plan(config, tables, mesh, data.train)
-    # A builder, not a module: the trainer creates the tables already sharded.
-    return ShardedTrainer(
-        lambda: build_model(config, tables, data.num_dense),
-        dense_opt,
-        plan,
-        mesh,
-        routing=config.routing,
-        kernels=config.kernels,
-    )
+    plan, planned_cache = choose_plan(config, tables, mesh, data.train)
+    cache = cache or planned_cache
+    options = dict(routing=config.routing, kernels=config.kernels)
+    if cache is not None:
+        return ShardedCachedTrainer(build, dense_opt, cache, plan, mesh, **options)
+    return ShardedTrainer(build, dense_opt, plan, mesh, **options)
 
 
 def run_cache(config: RunConfig, tables: EmbeddingConfig) -> CacheConfig:
@@ -144,13 +149,16 @@ def run_mesh(config: RunConfig) -> jax.sharding.Mesh:
     return make_mesh(spec, available[: spec.size])
 
 
-def choose_plan(config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset) -> ShardingPlan:
-    """--plan's file, the planner's plan (--sharding auto), or one strategy for every table."""
+def choose_plan(
+    config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset
+) -> tuple[ShardingPlan, CacheConfig | None]:
+    """(--plan's file, the planner's plan (--sharding auto), or one strategy for every
+    table; the tables the planner caches, if any)."""
     if config.plan:
-        return load_plan(config.plan, tables, mesh)
+        return load_plan(config.plan, tables, mesh), None
     if config.sharding == "auto":
         return auto_plan(config, tables, mesh, train)
-    return plan_for_strategy(tables.tables, mesh_spec(mesh), config.sharding or "table_wise")
+    return plan_for_strategy(tables.tables, mesh_spec(mesh), config.sharding or "table_wise"), None
 
 
 def load_plan(path: str, tables: EmbeddingConfig, mesh) -> ShardingPlan:
@@ -167,11 +175,16 @@ def load_plan(path: str, tables: EmbeddingConfig, mesh) -> ShardingPlan:
     return plan
 
 
-def auto_plan(config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset) -> ShardingPlan:
-    """The planner's plan for this model on this mesh. Average ids per sample come from
-    the first training batch; memory from what the devices report, or --plan-topology."""
-    examples, _ = next(train_batches(train, config.batch_size, seed=config.seed))
-    mean_ids = {f.name: float(np.mean(examples.sparse[f.name].lengths)) for f in tables.features}
+def auto_plan(
+    config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset
+) -> tuple[ShardingPlan, CacheConfig | None]:
+    """The planner's plan for this model on this mesh, and with --device-memory the tables
+    it caches. Average ids per sample come from the first training batch, cache hit rates
+    from the first `HIT_RATE_SAMPLE` batches; memory from what the devices report, or
+    --plan-topology, or --device-memory."""
+    sample = itertools.islice(train_batches(train, config.batch_size, seed=config.seed), HIT_RATE_SAMPLE)
+    examples = [e for e, _ in sample]
+    mean_ids = {f.name: float(np.mean(examples[0].sparse[f.name].lengths)) for f in tables.features}
     measured = None
     if config.plan_topology == "calibrate":
         if jax.process_count() > 1:  # each process would measure its own figures and plan apart
@@ -182,12 +195,20 @@ def auto_plan(config: RunConfig, tables: EmbeddingConfig, mesh, train: Dataset) 
         measured = calibrate(rows=1 << 18, dim=64, batch=1 << 14, repeats=3)
     elif config.plan_topology:
         measured = Topology.parse(config.plan_topology)
-    result = plan_model(
-        tables, mesh, config.batch_size, mean_ids=mean_ids, topology=measured, routing=config.routing
-    )
+    planning = dict(mean_ids=mean_ids, topology=measured, routing=config.routing)
+    if config.device_memory:
+        planning["device_memory"] = parse_bytes(config.device_memory)
+        planning["hit_rate"] = HitRateEstimate(tables, examples, config.cache_policy, config.prefetch_depth)
+    try:
+        result = plan_model(tables, mesh, config.batch_size, **planning)
+    except PlanningError as e:
+        raise UsageError(f"--sharding auto: {e}") from None
     if jax.process_index() == 0 and not config.no_progress:
         print(f"planned for {result.topology}:\n{result}", flush=True)
-    return result.plan
+    if not result.cache:
+        return result.plan, None
+    factors = {t: c["load_factor"] for t, c in result.cache.items()}
+    return result.plan, CacheConfig(factors, policy=config.cache_policy, prefetch_depth=config.prefetch_depth)
 
 
 def run_description(config: RunConfig) -> str:

@@ -14,6 +14,7 @@ import dataclasses
 from mesh.collectives import CommConfig
 from mesh.meshes import MeshSpec
 from mesh.routing import RoutingOptions
+from mesh.topology import parse_bytes
 from recsys.specs import OptimizerKind
 
 # A field's metadata marks the settings that change what a run computes.
@@ -79,6 +80,7 @@ class RunConfig:
     sharding: str | None = None
     plan: str | None = None
     plan_topology: str | None = None
+    device_memory: str | None = None
     route: str = "auto"
     route_capacity: float = 2.0
     comm: CommConfig = CommConfig()
@@ -130,8 +132,17 @@ class RunConfig:
             yield f"--route-capacity must be > 0, got {self.route_capacity}"
         if self.comm != CommConfig() and not self.sharded:
             yield "--comm compresses the collectives of a sharded run: add --devices, --mesh or --sharding"
-        if self.cache_load_factor is not None and self.sharded:
-            yield "--cache-load-factor caches the tables of a one-device run; drop --devices, --mesh and --sharding"
+        if (self.cache_load_factor is not None or self.device_memory) and self.coordinator:
+            yield "cached tables train in one process: drop --coordinator, or --cache-load-factor and --device-memory"
+        if self.device_memory:
+            if self.sharding != "auto":
+                yield "--device-memory plans the tables for that memory: add --sharding auto"
+            if self.cache_load_factor is not None:
+                yield "--device-memory lets the planner choose the cached tables: drop --cache-load-factor"
+            try:
+                parse_bytes(self.device_memory)
+            except ValueError as e:
+                yield f"--device-memory: {e}"
         if self.eval_data is not None and self.data == "synthetic":
             yield "--eval-data needs real --data; synthetic data makes its own"
 

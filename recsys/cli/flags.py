@@ -168,6 +168,13 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
         "calibrate: measure these devices first; default: the platform's preset and the memory "
         "the devices report",
     )
+    g.add_argument(
+        "--device-memory",
+        default=None,
+        metavar="SIZE",
+        help="--sharding auto: plan for SIZE per device (16GB, 512MiB); tables that do not fit "
+        "are cached over host memory, at cache sizes the training data's ids suggest",
+    )
     g.add_argument("--plan", default=None, help="a ShardingPlan JSON file")
     g.add_argument(
         "--route",
@@ -199,7 +206,7 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cache_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cache (tables in host memory, hot rows on the device; one device)")
+    g = p.add_argument_group("cache (tables in host memory, hot rows on the devices; one process)")
     g.add_argument(
         "--cache-load-factor",
         default=None,

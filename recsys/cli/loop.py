@@ -336,7 +336,7 @@ def _cache_result(prepared: Run) -> dict:
     if not isinstance(trainer, CachedTrainer):
         return {"cache_hit_rate": None, "cache_placement": None}
     placement = {
-        t.name: {"cached_rows": trainer.cache.capacity(t), "rows": t.rows}
+        t.name: {"cached_rows": trainer.cached_rows(t.name), "rows": t.rows}
         if t.name in trainer.cached
         else {"device_rows": t.rows, "rows": t.rows}
         for t in trainer.config.tables

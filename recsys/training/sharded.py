@@ -64,6 +64,9 @@ class ShardedTrainer:
     the Pallas embedding bag and fused update on GPU and TPU, the CPU kernels on CPU, or
     XLA.
 
+    `id_shares` ({table: {first row of a shard: its share of the table's ids}}) sizes
+    the bucketized routes where a shard's rows stand for others (`recsys.cache`).
+
     `loss_fn(outputs, batch) -> [batch]` gives per-sample losses, as for `Trainer`; each
     device evaluates it on its own samples, and the step minimizes their mean (weighted
     by `batch.weights` when given) over the whole batch. The model's other state (batch
@@ -81,6 +84,7 @@ class ShardedTrainer:
         predict_fn: Callable = jax.nn.sigmoid,
         routing: RoutingOptions | None = None,
         kernels: str = "auto",
+        id_shares: dict | None = None,
     ):
         self._build = None if isinstance(model, nnx.Module) else model
         if self._build is not None:
@@ -88,7 +92,8 @@ class ShardedTrainer:
         collection = find_collection(model)
         self.config, self.mesh, self.plan = collection.config, mesh, plan
         self.axes = tuple(mesh.axis_names)
-        self.layout = sharded_layout(plan, self.config.tables, mesh)
+        layout = sharded_layout(plan, self.config.tables, mesh)
+        self.layout = dataclasses.replace(layout, id_shares=id_shares) if id_shares else layout
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
         # The dense forward gets looked-up activations, never the tables: empty stand-ins
         # keep the module structure without holding a second copy of every table.
