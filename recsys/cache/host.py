@@ -53,6 +53,7 @@ class Piece:
 
 @dataclasses.dataclass
 class _Writeback:
+    number: int  # entries are numbered in order of eviction
     pieces: list[Piece]
     rows: jax.Array  # device arrays, being copied to the host
     state: dict[str, jax.Array]
@@ -61,35 +62,36 @@ class _Writeback:
 class WritebackQueue:
     """Evicted rows in order of eviction, written into their host tables when they have
     arrived, or at once when a fetch needs one of their ids (an id evicted by one step
-    and fetched for a later one must be read after its write-back)."""
+    and fetched for a later one must be read after its write-back). Each table keeps,
+    per row, the number of the last entry holding it (8 bytes per row, like the slot
+    map's arrays), so a fetch finds the entries it waits for in one gather."""
 
     def __init__(self, tables: dict[str, HostTable]):
         self.tables = tables
         self._queue: collections.deque[_Writeback] = collections.deque()
+        self._pushed = 0
+        self._last_entry = {t: np.full(len(h.rows), -1, np.int64) for t, h in tables.items()}
 
     def push(self, pieces: list[Piece], rows: jax.Array, state: dict[str, jax.Array]) -> None:
         if not any(len(p.ids) for p in pieces):
             return
         for array in (rows, *state.values()):
             array.copy_to_host_async()
-        self._queue.append(_Writeback(pieces, rows, state))
+        for p in pieces:
+            self._last_entry[p.table][p.ids] = self._pushed
+        self._queue.append(_Writeback(self._pushed, pieces, rows, state))
+        self._pushed += 1
 
     def settle(self, table: str | None = None, ids: np.ndarray | None = None) -> None:
         """Writes back every entry that has arrived, and every entry up to the last one
         holding any of `ids` of `table` (waiting for it)."""
-        last_needed = -1
-        if ids is not None and len(ids):
-            for i, entry in enumerate(self._queue):
-                if any(p.table == table and np.isin(p.ids, ids).any() for p in entry.pieces):
-                    last_needed = i
-        done = 0
-        for i, entry in enumerate(self._queue):
-            if i > last_needed and not entry.rows.is_ready():
-                break
-            self._write(entry)
-            done += 1
-        for _ in range(done):
-            self._queue.popleft()
+        while self._queue and self._queue[0].rows.is_ready():  # the usual case: all of them
+            self._write(self._queue.popleft())
+        if ids is None or not len(ids) or not self._queue:
+            return
+        needed = int(self._last_entry[table][ids].max())
+        while self._queue and self._queue[0].number <= needed:
+            self._write(self._queue.popleft())
 
     def drain(self) -> None:
         """Writes back everything (a checkpoint, the end of training)."""
