@@ -98,8 +98,7 @@ class Exchange:
         largest = max([max(lane.fills(), lane.read_count()) for lane in lanes.values()] + [size or 0])
         padded = bucket(largest)
         arrays, pieces = {}, {}
-        for name in sorted({g for g, _ in lanes}):
-            group = self.groups[name]
+        for name, group in self.groups.items():  # every group, so one program serves each size
             devices = range(self.devices) if group.blocked else [-1]
             mine = [lanes.get((name, d), _Lane()) for d in devices]
             arrays[name] = self._group_arrays(group, mine, padded, host)
