@@ -323,3 +323,17 @@ def test_a_built_module_or_a_builder_start_alike():
     assert_trees_equal(
         from_module.to_logical(from_module.init_state()), from_builder.to_logical(from_builder.init_state())
     )
+
+
+def test_precompiled_exchanges_serve_every_step():
+    """`precompile` compiles the exchange of each fill size once; steps compile none."""
+    config = embedding_config("adagrad")
+    batches = host_batches(config, 6)
+    trainer = cached_trainer(config, {"t0": 0.3, "t2": 0.3})
+    state = trainer.init_state()
+    # A group's fills per step are at most its tables' distinct ids: 2 x 32 samples x 3.
+    trainer.precompile(state, 192)
+    compiled = (trainer._read._cache_size(), trainer._write._cache_size())
+    assert compiled == (5, 5)  # fill sizes 16, 32, 64, 128, 256
+    run_cached(trainer, batches, state)
+    assert (trainer._read._cache_size(), trainer._write._cache_size()) == compiled
