@@ -156,10 +156,11 @@ def owner_update(
         statistic = _row_statistic(spec, block, rows.shape, exchange)
     if ROW_KEY not in slots:
         return _owner_update(paths[g.name], spec, step, seed, block, slots, rows, grads, statistic)
-    # Keyed rows draw their rounding bits by key: only the XLA path reads keys.
+    # Keyed rows draw their rounding bits by key: the XLA and Pallas paths read keys.
     slots = dict(slots)
     keys = slots.pop(ROW_KEY)
-    block, slots = _owner_update("xla", spec, step, seed, block, slots, rows, grads, statistic, keys)
+    path = paths[g.name] if paths[g.name] == "pallas" else "xla"
+    block, slots = _owner_update(path, spec, step, seed, block, slots, rows, grads, statistic, keys)
     return block, {**slots, ROW_KEY: keys}
 
 
@@ -242,7 +243,7 @@ def _owner_update(path, spec, step, seed, block, slot_block, rows, grads, statis
     if path != "xla" and statistic is None:
         ids = jnp.where(rows < block_rows, rows, -1)
         ones, src = jnp.ones(ids.shape, jnp.float32), jnp.arange(ids.shape[0], dtype=jnp.int32)
-        return fused_rows_update(path, spec, block, slot_block, (ids, ones, src, grads), step, seed)
+        return fused_rows_update(path, spec, block, slot_block, (ids, ones, src, grads), step, seed, keys)
     unique, summed, segment = _dedup(rows, grads, block_rows)
     row_mean_sq = None if statistic is None else statistic(unique, summed, segment)
     return _apply(row_optimizer(spec), step, seed, block, slot_block, unique, summed, row_mean_sq, keys)

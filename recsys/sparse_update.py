@@ -265,17 +265,21 @@ def kernel_row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     )
 
 
-def fused_rows_update(path: str, spec: SparseOptimizerSpec, table, slots: Slots, occurrences, step, seed):
+def fused_rows_update(
+    path: str, spec: SparseOptimizerSpec, table, slots: Slots, occurrences, step, seed, keys=None
+):
     """One fused kernel call ("pallas" or "cpu", see `rows_update_path`): occurrences
     `(ids [n], coef [n], src [n], grads [m, dim])` summed per row and the optimizer applied
-    to the rows in place; ids outside the table are skipped. Returns (table, slots)."""
+    to the rows in place; ids outside the table are skipped. `keys`: [rows] the row each
+    stored row rounds as (Pallas only). Returns (table, slots)."""
     ids, coef, src, grads = occurrences
     if path == "pallas":
+        optimizer = kernel_row_optimizer(spec)
         return fused_update(
-            table, slots, ids, coef, src, grads, optimizer=kernel_row_optimizer(spec), step=step, seed=seed
+            table, slots, ids, coef, src, grads, optimizer=optimizer, step=step, seed=seed, row_keys=keys
         )
-    if path != "cpu":
-        raise ValueError(f"no fused kernel for path {path!r}")
+    if path != "cpu" or keys is not None:
+        raise ValueError(f"no fused kernel for path {path!r}" + (" with row keys" if path == "cpu" else ""))
     table, acc = cpu_kernels.rowwise_adagrad(
         table,
         slots["acc"],
@@ -372,8 +376,10 @@ def sparse_update(
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
         keys = None if row_keys is None else row_keys.get(group.name)
         narrow = group.dtype != "float32" or group.optimizer.state_dtype != "float32"
-        # The fused kernels draw rounding bits from the stored row: keyed rows take XLA.
-        path = "xla" if keys is not None and narrow else update_path(group, kernels)
+        path = update_path(group, kernels)
+        # The CPU kernel draws rounding bits from the stored row: keyed narrow rows take XLA.
+        if path == "cpu" and keys is not None and narrow:
+            path = "xla"
         if path != "xla":
             # Narrow tables round stochastically, from bits seeded by the step and the group.
             tables[group.name], slots[group.name] = fused_rows_update(
@@ -384,6 +390,7 @@ def sparse_update(
                 (ids, coef, src, grad_rows),
                 step,
                 rounding_seed(step, group.name),
+                keys if narrow else None,
             )
             continue
         tables[group.name], slots[group.name] = _xla_group_update(

@@ -203,6 +203,30 @@ def test_fused_update_matches_reference(flavour, kind):
         np.testing.assert_array_equal(np.asarray(again), np.asarray(got_table))  # deterministic
 
 
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_fused_update_rounds_keyed_rows_by_their_keys(flavour):
+    """A row with a key draws the rounding bits of the keyed row (a cache's slots round
+    as the rows they hold): the same result as the reference with the keys, and another
+    than without them."""
+    rng = np.random.default_rng(5)
+    dtype = jnp.float16 if flavour == "gpu" else jnp.bfloat16
+    optimizer, table, state, args = update_inputs(rng, "adam", dtype, state_dtype=dtype)
+    keys = jnp.asarray(rng.permutation(1000)[: table.shape[0]], jnp.int32)
+    options = dict(optimizer=optimizer, step=2, seed=7)
+    sizes = UpdateBlockSizes(rows_per_step=8, window=4)
+    got, got_state = fused_update(
+        table, state, *args, **options, **on(flavour), block_sizes=sizes, row_keys=keys
+    )
+    want, want_state = fused_update_reference(table, state, *args, **options, row_keys=keys)
+    ulp = float(jnp.finfo(dtype).eps)
+    for g, w in [(got, want), *((got_state[k], want_state[k]) for k in state)]:
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=ulp + 2e-6, atol=1e-6
+        )
+    unkeyed, _ = fused_update_reference(table, state, *args, **options)
+    assert (np.asarray(want, np.float32) != np.asarray(unkeyed, np.float32)).any()
+
+
 def test_fused_update_sums_duplicates_once():
     """SGD without decay on one row seen three times: w - lr * sum(coef * grad), once."""
     optimizer = RowOptimizer(kind="sgd", learning_rate=0.5)
@@ -340,6 +364,7 @@ def test_kernels_lower_for_gpu_and_tpu(platform):
             table,
             state,
             segments,
+            S((n,), jnp.int32),
             S((n, dim), jnp.float32),
             S((1,), jnp.int32),
             S((2,), jnp.float32),
@@ -362,7 +387,8 @@ def test_update_kernel_lowers_inside_shard_map(platform):
         src = jnp.arange(n, dtype=jnp.int32)
         segments = build_segments(ids[0], jnp.ones(n), src, rows, pad=16 if platform == "tpu" else 0)
         common = dict(optimizer=optimizer, rounding=True, state_rounding=False, interpret=False)
-        operands = (table[0], (m[0], v[0]), segments, grads[0], jnp.zeros((1,), jnp.int32), jnp.ones(2))
+        seed, keys = jnp.zeros((1,), jnp.int32), segments.rows
+        operands = (table[0], (m[0], v[0]), segments, keys, grads[0], seed, jnp.ones(2))
         if platform == "cuda":
             table, (m, v) = update_gpu.update_call(*operands, num_warps=1, **common)
         else:

@@ -80,6 +80,7 @@ def fused_update(
     flavour: str = "auto",
     interpret: bool | None = None,
     block_sizes: UpdateBlockSizes | None = None,
+    row_keys: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Sums each touched row's gradient once and applies the optimizer to it, in place.
 
@@ -103,6 +104,8 @@ def fused_update(
         rounded stochastically from bits hashed from (seed, row, column) (salted per
         state array): deterministic given the seed. Without it they round to nearest.
       flavour, interpret: see `pallas_kernels.platform.resolve`.
+      row_keys: [rows] int32, the row each stored row draws its rounding bits as (a
+        cache's slots round as the rows they hold); None: itself.
     Returns:
       (table, state) after the update.
     """
@@ -118,6 +121,8 @@ def fused_update(
     state_rounding = stochastic_rounding and any(jnp.dtype(c.dtype) != jnp.float32 for c in columns)
     pad = sizes.window if flavour == "tpu" else 0
     segments = build_segments(ids.astype(jnp.int32), coef, src, rows, pad=pad)
+    # The row each unique row's rounding bits are hashed from.
+    keys = segments.rows if row_keys is None else row_keys.at[segments.rows].get(mode="fill", fill_value=0)
     seed = jnp.asarray(seed, jnp.int32).reshape(1)
     corrections = optimizer.bias_corrections(step)
     common = dict(optimizer=optimizer, rounding=rounding, state_rounding=state_rounding, interpret=interpret)
@@ -127,5 +132,5 @@ def fused_update(
         )
     else:
         call = functools.partial(kernel_gpu.update_call, num_warps=sizes.num_warps, **common)
-    table, columns = call(table, columns, segments, grads, seed, corrections)
+    table, columns = call(table, columns, segments, keys.astype(jnp.int32), grads, seed, corrections)
     return table, {k: v.reshape(state[k].shape) for k, v in zip(names, columns)}

@@ -28,6 +28,7 @@ def _update_kernel(
     seed_ref,
     corr_ref,
     rows_ref,
+    keys_ref,
     starts_ref,
     src_ref,
     coef_ref,
@@ -38,7 +39,8 @@ def _update_kernel(
     state_rounding,
 ):
     # count_ref, seed_ref: [1] int32; corr_ref: [2] float32 (Adam's bias corrections).
-    # rows_ref: [n] int32; starts_ref: [n + 1]; src_ref, coef_ref: [n] sorted occurrences.
+    # rows_ref, keys_ref: [n] int32 unique rows and the rows their rounding bits are keyed
+    # by; starts_ref: [n + 1]; src_ref, coef_ref: [n] sorted occurrences.
     # grads_ref: [m, dim] float32; then the table and state inputs, then their aliased outputs.
     n_state = len(optimizer.state_names())
     table_in, state_in = refs[0], refs[1 : 1 + n_state]
@@ -59,14 +61,14 @@ def _update_kernel(
         values, state = optimizer.apply(values, grad, state, (corr_ref[0], corr_ref[1]))
         if rounding:
             columns = jax.lax.broadcasted_iota(jnp.int32, (1, dim), 1)
-            bits = random_bits(seed_ref[0], row, columns)
+            bits = random_bits(seed_ref[0], keys_ref[k], columns)
             table_out[pl.ds(row, 1), :] = stochastic_round(values, bits, table_out.dtype)
         else:
             table_out[pl.ds(row, 1), :] = values.astype(table_out.dtype)
         for name, ref, value in zip(optimizer.state_names(), state_out, state):
             if state_rounding:
                 columns = jax.lax.broadcasted_iota(jnp.int32, value.shape, 1)
-                value = round_state(value, seed_ref[0], name, row, columns, ref.dtype)
+                value = round_state(value, seed_ref[0], name, keys_ref[k], columns, ref.dtype)
             ref[pl.ds(row, 1), :] = value.astype(ref.dtype)
 
 
@@ -77,6 +79,7 @@ def update_call(
     table,
     state,
     segments,
+    keys,
     grads,
     seed,
     corrections,
@@ -95,6 +98,7 @@ def update_call(
         seed,
         corrections,
         segments.rows,
+        keys,
         segments.starts,
         segments.src,
         segments.coef,

@@ -29,7 +29,8 @@ from pallas_kernels.fused_update.rounding import random_bits, round_state, stoch
 
 def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding, state_rounding, window):
     # count_smem, seed_smem: [1] int32 (prefetched); corr_smem: [1, 2] float32. Then in HBM:
-    # [3, slots] int32 (unique rows, segment starts, segment ends), src [1, n + window] int32,
+    # [4, slots] int32 (unique rows, segment starts, segment ends, the rows their rounding
+    # bits are keyed by), src [1, n + window] int32,
     # coef [1, n + window] float32 (2-D: Mosaic tiles rank-1 HBM arrays), grads [m, dim],
     # table, state...; their aliased outputs (the same buffers); then scratch.
     n_state = len(optimizer.state_names())
@@ -72,7 +73,7 @@ def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding,
     values = rows_vmem[...].astype(jnp.float32)
     state = tuple(s[...].astype(jnp.float32) for s in state_vmem)
     values, state = optimizer.apply(values, grad_vmem[...], state, (corr_smem[0, 0], corr_smem[0, 1]))
-    row_ids = _row_ids(rows_smem, block) if rounding or state_rounding else None
+    row_ids = _row_ids(segments_smem.at[3], block) if rounding or state_rounding else None
     if rounding:
         columns = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
         rows_vmem[...] = stochastic_round(
@@ -152,6 +153,7 @@ def update_call(
     table,
     state,
     segments,
+    keys,
     grads,
     seed,
     corrections,
@@ -170,8 +172,8 @@ def update_call(
     block = rows_per_step
     steps = -(-n // block)
     pad = steps * block - n
-    bounds = jnp.stack([segments.rows, segments.starts[:-1], segments.starts[1:]])
-    bounds = jnp.pad(bounds, ((0, 0), (0, pad)))  # [3, steps * block]
+    bounds = jnp.stack([segments.rows, segments.starts[:-1], segments.starts[1:], keys])
+    bounds = jnp.pad(bounds, ((0, 0), (0, pad)))  # [4, steps * block]
     dim = table.shape[1]
     hbm = pl.BlockSpec(memory_space=pl.ANY)
     operands = (corrections[None], bounds, segments.src[None], segments.coef[None], grads, table) + tuple(
@@ -188,7 +190,7 @@ def update_call(
             *[pltpu.VMEM((block, s.shape[1]), s.dtype) for s in state],
             pltpu.VMEM((block, dim), jnp.float32),  # summed gradients
             pltpu.VMEM((window, dim), grads.dtype),  # one window's gradient rows
-            pltpu.SMEM((3, block), jnp.int32),  # this step's rows, starts, ends
+            pltpu.SMEM((4, block), jnp.int32),  # this step's rows, starts, ends, rounding keys
             pltpu.SMEM((1, window), jnp.int32),
             pltpu.SMEM((1, window), jnp.float32),
             pltpu.SemaphoreType.DMA((1 + len(state),)),

@@ -28,6 +28,7 @@ def fused_update_reference(
     step: jax.Array | int = 0,
     seed: jax.Array | int = 0,
     stochastic_rounding: bool = True,
+    row_keys: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Same contract as `fused_update`; see there."""
     rows, dim = table.shape
@@ -65,8 +66,9 @@ def fused_update_reference(
         new_w, new_s = w - lr * m_hat / (jnp.sqrt(v_hat) + eps), {"m": m, "v": v}
 
     seed = jnp.asarray(seed, jnp.int32)
+    keyed = unique if row_keys is None else row_keys.at[unique].get(mode="fill", fill_value=0)
     if stochastic_rounding and table.dtype != jnp.float32:
-        bits = random_bits(seed, unique[:, None], jnp.arange(dim)[None, :])
+        bits = random_bits(seed, keyed[:, None], jnp.arange(dim)[None, :])
         stored = stochastic_round(new_w, bits, table.dtype)
     else:
         stored = new_w.astype(table.dtype)
@@ -76,7 +78,7 @@ def fused_update_reference(
         value = new_s[k]  # [n, width]
         if stochastic_rounding:
             columns = jnp.arange(value.shape[1])[None, :]
-            value = round_state(value, seed, k, unique[:, None], columns, v.dtype)
+            value = round_state(value, seed, k, keyed[:, None], columns, v.dtype)
         return v.at[target].set(value.reshape((n,) + v.shape[1:]).astype(v.dtype), mode="drop")
 
     return table, {k: store_state(k, v) for k, v in state.items()}
