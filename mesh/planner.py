@@ -253,15 +253,19 @@ class _State:
         sent, _ = group.bytes(self.batch, self.routing)
         return _Trial(out, key, group, sent, self.comm - self.sent.get(key, 0.0) + sent)
 
+    def beside_tables(self, comm: float) -> float:
+        """Bytes per device that are not tables: the batch's activations and the
+        exchanges' send and receive buffers (`comm` bytes sent per step)."""
+        return self.reserved + 2 * comm
+
     @property
     def capacity(self) -> float:
-        """Bytes per device left for tables: the batch's activations and the exchanges'
-        send and receive buffers take the rest."""
-        return self.topo.memory - self.reserved - 2 * self.comm
+        """Bytes per device left for tables."""
+        return self.topo.memory - self.beside_tables(self.comm)
 
     def fits(self, trial: _Trial) -> bool:
         """No device holds more than its memory."""
-        return not (trial.table[:, 0] + self.reserved + 2 * trial.comm > self.topo.memory).any()
+        return not (trial.table[:, 0] + self.beside_tables(trial.comm) > self.topo.memory).any()
 
     def apply(self, trial: _Trial) -> None:
         self.table = trial.table
@@ -270,7 +274,7 @@ class _State:
 
     def loads(self) -> list[DeviceLoad]:
         c = self.comm
-        extra = self.reserved + 2 * c
+        extra = self.beside_tables(c)
         return [DeviceLoad(m + extra, lookup, c, c) for m, lookup in self.table.tolist()]
 
     def group_report(self, placed) -> list[dict]:
@@ -451,12 +455,9 @@ def _result(state: _State, placed: dict[str, _Placed], tables, floor: float, sec
         if not t.cached:
             continue
         held: dict[int, list] = {}  # host -> the shards its devices cache
-        for s in placed[t.name].shards:
-            rows, cols = s.rows[1] - s.rows[0], s.cols[1] - s.cols[0]
-            devices = range(topo.devices) if s.device < 0 else [s.device]
-            for d in devices:
-                host[d] += t.host_bytes(state.batch, rows, cols)
-                held.setdefault(topo.host_of(d), []).append(s)
+        for s in placed[t.name].shards:  # data-parallel: one full shard per device
+            host[s.device] += t.host_bytes(state.batch, s.rows[1] - s.rows[0], s.cols[1] - s.cols[0])
+            held.setdefault(topo.host_of(s.device), []).append(s)
         # A host keeps the rows and columns its devices cache once, with their state.
         for h, shards in held.items():
             rows = max(s.rows[1] for s in shards) - min(s.rows[0] for s in shards)
@@ -553,7 +554,7 @@ def _place_all(order, allowed_of, alone, lookahead: float, batch, topo: Topology
             trial = state.trial(table, strategy, shards)
             if not state.fits(trial):
                 worst = int(np.argmax(trial.table[:, 0]))
-                missing = trial.table[worst, 0] + state.reserved + 2 * trial.comm - topo.memory
+                missing = trial.table[worst, 0] + state.beside_tables(trial.comm) - topo.memory
                 if shortfall is None or missing < shortfall[0]:
                     shortfall = (missing, worst, strategy)
                 continue

@@ -316,9 +316,7 @@ def _validate_table(name: str, p: TablePlan, spec, mesh: MeshSpec) -> None:
         return
     if sum(s.size for s in p.shards) != spec.rows * spec.dim or not _tiles(p.shards, spec):
         fail("shards overlap or leave part of the table uncovered")
-    by_cols: dict[tuple[int, int], list[Shard]] = {}
-    for s in sorted(p.shards, key=lambda s: (s.cols, s.rows)):
-        by_cols.setdefault(s.cols, []).append(s)
+    by_cols = _by_columns(p.shards)
     widths = {c[1] - c[0] for c in by_cols}
     if len(widths) != 1:
         fail(f"column shards must have equal widths, got {sorted(widths)}")
@@ -333,14 +331,20 @@ def _validate_table(name: str, p: TablePlan, spec, mesh: MeshSpec) -> None:
 def shard_placement(p: TablePlan, mesh: MeshSpec) -> dict:
     """The `strategy_shards` arguments that place a table's shards as `p` does: its column
     shards' count, and each one's first device and host."""
-    by_cols: dict[tuple[int, int], list[Shard]] = {}
-    for s in sorted(p.shards, key=lambda s: (s.cols, s.rows)):
-        by_cols.setdefault(s.cols, []).append(s)
+    by_cols = _by_columns(p.shards)
     return {
         "columns": len(by_cols),
         "devices": [shards[0].device for shards in by_cols.values()],
         "hosts": [shards[0].device // mesh.devices_per_host for shards in by_cols.values()],
     }
+
+
+def _by_columns(shards) -> dict[tuple[int, int], list[Shard]]:
+    """{column range: its shards in row order}, column ranges in order."""
+    by_cols: dict[tuple[int, int], list[Shard]] = {}
+    for s in sorted(shards, key=lambda s: (s.cols, s.rows)):
+        by_cols.setdefault(s.cols, []).append(s)
+    return by_cols
 
 
 def _placement_problem(strategy: Strategy, by_cols: dict, per_host: int) -> str | None:
