@@ -31,7 +31,14 @@ from recsys import kernels as kernel_paths
 from recsys.lookup import coefficients
 from recsys.sparse import JaggedBatch
 from recsys.sparse_optim import Slots, row_optimizer
-from recsys.sparse_update import fused_rows_update, round_rows, round_slot_rows, rounding_seed
+from recsys.sparse_update import (
+    fused_rows_update,
+    keyed_rows,
+    keyed_update_path,
+    round_rows,
+    round_slot_rows,
+    rounding_seed,
+)
 from recsys.specs import EmbeddingConfig, OptimizerKind, Pooling
 
 # An optional int32 "slot" of a group: the row each stored row draws its rounding bits
@@ -156,10 +163,9 @@ def owner_update(
         statistic = _row_statistic(spec, block, rows.shape, exchange)
     if ROW_KEY not in slots:
         return _owner_update(paths[g.name], spec, step, seed, block, slots, rows, grads, statistic)
-    # Keyed rows draw their rounding bits by key: the XLA and Pallas paths read keys.
     slots = dict(slots)
     keys = slots.pop(ROW_KEY)
-    path = paths[g.name] if paths[g.name] == "pallas" else "xla"
+    path = keyed_update_path(paths[g.name])
     block, slots = _owner_update(path, spec, step, seed, block, slots, rows, grads, statistic, keys)
     return block, {**slots, ROW_KEY: keys}
 
@@ -202,7 +208,7 @@ def _apply(opt, step, seed, block, slot_block, unique, summed, row_mean_sq=None,
         k: v.at[unique].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slot_block.items()
     }
     values, slot_rows = opt.update(values, summed, slot_rows, step, row_mean_sq=row_mean_sq)
-    bits = unique if keys is None else keys.at[unique].get(mode="fill", fill_value=0)
+    bits = keyed_rows(unique, keys)
     block = block.at[unique].set(round_rows(values, bits, block.dtype, seed), mode="drop")
     return block, {
         k: slot_block[k].at[unique].set(round_slot_rows(v, bits, slot_block[k].dtype, seed, k), mode="drop")

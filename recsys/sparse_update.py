@@ -210,7 +210,7 @@ def _chunk_update(optimizer, step, seed, chunk: int, keys=None):
             k: v.at[rows_i].get(mode="fill", fill_value=0).astype(jnp.float32) for k, v in slots.items()
         }
         new_values, new_slot_rows = optimizer.update(values, grads_i, slot_rows, step)
-        bits = rows_i if keys is None else keys.at[rows_i].get(mode="fill", fill_value=0)
+        bits = keyed_rows(rows_i, keys)
         table = table.at[rows_i].set(round_rows(new_values, bits, table.dtype, seed), mode="drop")
         slots = {
             k: v.at[rows_i].set(round_slot_rows(new_slot_rows[k], bits, v.dtype, seed, k), mode="drop")
@@ -219,6 +219,17 @@ def _chunk_update(optimizer, step, seed, chunk: int, keys=None):
         return table, slots, unique, grad_sum
 
     return apply_chunk
+
+
+def keyed_rows(rows: jax.Array, keys: jax.Array | None) -> jax.Array:
+    """The rows whose rounding bits `rows` draw: their `keys` (0 past the end), or themselves."""
+    return rows if keys is None else keys.at[rows].get(mode="fill", fill_value=0)
+
+
+def keyed_update_path(path: str) -> str:
+    """The update path of rows with rounding keys: the CPU kernel draws its bits from the
+    stored row, so keyed rows take XLA there; Pallas and XLA read the keys."""
+    return "xla" if path == "cpu" else path
 
 
 def rounding_seed(step: jax.Array, group: str) -> jax.Array:
@@ -356,8 +367,9 @@ def sparse_update(
         All paths give the same result up to float rounding (`tests/test_cpu_kernels.py`,
         `tests/test_kernel_dispatch.py`).
       row_keys: {group: [total_rows] int32}, the row whose stochastic-rounding bits each
-        stored row draws (a cache's slots draw their ids' bits, `recsys.cache`); narrow
-        groups with keys take the XLA path. None: every row its own.
+        stored row draws (a cache's slots draw their ids' bits, `recsys.cache`); read by
+        narrow groups, on the XLA or Pallas path (`keyed_update_path`). None: every row
+        its own.
       logical_rows: {table: rows} the "auto" dedup choice assumes (a cache's full table
         sizes, so its slots sum gradients in the same order); None: the stored rows.
     Returns:
@@ -374,12 +386,11 @@ def sparse_update(
     options = _XlaUpdate(dedup, optimizer_chunk, accumulator)
     for group in layout.table_groups:
         ids, coef, src, grad_rows, spans = _occurrences(layout, group, batch, act_grads)
-        keys = None if row_keys is None else row_keys.get(group.name)
-        narrow = group.dtype != "float32" or group.optimizer.state_dtype != "float32"
+        narrow = group.tables[0].rounds_stochastically
+        keys = None if row_keys is None or not narrow else row_keys.get(group.name)
         path = update_path(group, kernels)
-        # The CPU kernel draws rounding bits from the stored row: keyed narrow rows take XLA.
-        if path == "cpu" and keys is not None and narrow:
-            path = "xla"
+        if keys is not None:
+            path = keyed_update_path(path)
         if path != "xla":
             # Narrow tables round stochastically, from bits seeded by the step and the group.
             tables[group.name], slots[group.name] = fused_rows_update(
@@ -390,7 +401,7 @@ def sparse_update(
                 (ids, coef, src, grad_rows),
                 step,
                 rounding_seed(step, group.name),
-                keys if narrow else None,
+                keys,
             )
             continue
         tables[group.name], slots[group.name] = _xla_group_update(

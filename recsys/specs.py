@@ -128,6 +128,12 @@ class TableSpec:
         if not isinstance(self.initializer, InitializerSpec):
             raise ValueError(f"table {self.name!r}: initializer must be an InitializerSpec")
 
+    @property
+    def rounds_stochastically(self) -> bool:
+        """Its values or optimizer state are stored narrower than float32: updates round
+        them stochastically, from bits hashed from the stored row (`recsys.sparse_update`)."""
+        return self.dtype != "float32" or self.optimizer.state_dtype != "float32"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FeatureSpec:

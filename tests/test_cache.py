@@ -216,16 +216,21 @@ test_cache.check_narrow_tables_bitwise("rowwise_adagrad", "float32", kernels="pa
 """
 
 
-def test_bfloat16_tables_round_alike_cached_and_uncached():
-    """Stochastic rounding draws its bits from the row an id names, never from its slot.
-    Run at XLA's default optimization, as users run: the suite's unoptimized LLVM
-    (tests/conftest.py) may compile a row's float math differently in the two programs,
-    one bfloat16 step apart in a rare element."""
+def run_at_default_optimization(code: str) -> None:
+    """Runs `code` in a fresh process at XLA's default optimization, as users run: the
+    suite's unoptimized LLVM (tests/conftest.py) may compile a row's float math
+    differently in a cached and an uncached program, one bfloat16 step apart in a rare
+    element."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     done = subprocess.run(
-        [sys.executable, "-c", _NARROW_RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_bfloat16_tables_round_alike_cached_and_uncached():
+    """Stochastic rounding draws its bits from the row an id names, never from its slot."""
+    run_at_default_optimization(_NARROW_RUN)
 
 
 def test_lru_trains_exactly():

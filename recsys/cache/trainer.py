@@ -145,8 +145,9 @@ class CachedTrainer:
         for group in self.layout.table_groups:
             cached = tuple(t.name for t in group.tables if t.name in self.cached)
             if cached:
+                narrow = group.tables[0].rounds_stochastically
                 out[group.name] = GroupStorage(
-                    group.name, False, group.total_rows, group.tables[0].dim, True, cached
+                    group.name, False, group.total_rows, group.tables[0].dim, narrow, cached
                 )
         return out
 
@@ -257,12 +258,12 @@ class CachedTrainer:
         return jax.device_put(batch)
 
     def _initial_row_keys(self) -> dict[str, jax.Array]:
-        """{group holding a cached table: the row each stored row rounds as}: uncached
-        rows as in the uncached layout; slots as their ids once filled (`_fill_fn`)."""
+        """{narrow group holding a cached table: the row each stored row rounds as}:
+        uncached rows as in the uncached layout; slots as their ids once filled
+        (`Exchange.write`)."""
         keys = {}
-        for group in self.layout.table_groups:
-            if not any(t.name in self.cached for t in group.tables):
-                continue
+        for name in (g.name for g in self.exchange.groups.values() if g.keyed):
+            group = self.layout.group(name)
             start = self._full_layout.group(group.name).offset_of
             parts = [
                 np.zeros(t.rows, np.int32)
@@ -292,7 +293,7 @@ class CachedTrainer:
                 out[b] = ids[np.searchsorted(ids, b.rows[0]) : np.searchsorted(ids, b.rows[1])] - b.rows[0]
         return out
 
-    def lookahead(self, batches: Iterable) -> Iterator[tuple[object, list[dict[str, np.ndarray]]]]:
+    def lookahead(self, batches: Iterable) -> Iterator[tuple[object, list[dict[CacheBlock, np.ndarray]]]]:
         """(item, the next `prefetch_depth` items' `unique_ids`) for every item of
         `batches`; an item is a `Batch` or a tuple whose first element is one."""
         depth = max(self.cache.prefetch_depth, 1)
@@ -318,7 +319,7 @@ class CachedTrainer:
         else:
             admitted = self._admit(state, self.unique_ids(batch), upcoming, count=True)
         # Rewritten and placed before the exchange, which waits for the step in flight.
-        placed = self._remapped(state, batch, admitted)
+        placed = self._remapped(state, batch)
         self._apply(state, admitted)
         state.device, loss = self.trainer.train_step(state.device, placed)
         state.steps += 1
@@ -335,7 +336,7 @@ class CachedTrainer:
         batch = Batch(dense, sparse, labels=np.zeros(len(dense), np.float32))
         admitted = self._admit(state, self.unique_ids(batch), (), count=False)
         self._apply(state, admitted)
-        placed = self._remapped(state, batch, admitted)
+        placed = self._remapped(state, batch)
         return self.trainer.predict(state.device, placed.dense, placed.sparse)
 
     def precompile(self, state: CachedState, max_misses: int) -> None:
@@ -391,7 +392,7 @@ class CachedTrainer:
         storage, slots, keys = self._parts(device)
         return self._with_parts(device, *self.exchange.write(storage, slots, keys, arrays))
 
-    def _remapped(self, state: CachedState, batch: Batch, admitted: _Admitted) -> Batch:
+    def _remapped(self, state: CachedState, batch: Batch) -> Batch:
         """The batch on the device with each cached feature's ids replaced by slots."""
         features = {}
         for name, bags in batch.sparse.features.items():

@@ -131,6 +131,11 @@ def run_cache(config: RunConfig, tables: EmbeddingConfig) -> CacheConfig:
         factors = parse_load_factors(config.cache_load_factor, [t.name for t in tables.tables])
     except ValueError as e:
         raise UsageError(str(e)) from None
+    return cache_config(config, factors)
+
+
+def cache_config(config: RunConfig, factors: dict[str, float]) -> CacheConfig:
+    """The cache of `factors` ({table: load factor}) with the run's policy and depth."""
     return CacheConfig(factors, policy=config.cache_policy, prefetch_depth=config.prefetch_depth)
 
 
@@ -182,8 +187,10 @@ def auto_plan(
     it caches. Average ids per sample come from the first training batch, cache hit rates
     from the first `HIT_RATE_SAMPLE` batches; memory from what the devices report, or
     --plan-topology, or --device-memory."""
-    sample = itertools.islice(train_batches(train, config.batch_size, seed=config.seed), HIT_RATE_SAMPLE)
-    examples = [e for e, _ in sample]
+    count = HIT_RATE_SAMPLE if config.device_memory else 1  # hit rates matter only then
+    examples = [
+        e for e, _ in itertools.islice(train_batches(train, config.batch_size, seed=config.seed), count)
+    ]
     mean_ids = {f.name: float(np.mean(examples[0].sparse[f.name].lengths)) for f in tables.features}
     measured = None
     if config.plan_topology == "calibrate":
@@ -207,8 +214,7 @@ def auto_plan(
         print(f"planned for {result.topology}:\n{result}", flush=True)
     if not result.cache:
         return result.plan, None
-    factors = {t: c["load_factor"] for t, c in result.cache.items()}
-    return result.plan, CacheConfig(factors, policy=config.cache_policy, prefetch_depth=config.prefetch_depth)
+    return result.plan, cache_config(config, {t: c["load_factor"] for t, c in result.cache.items()})
 
 
 def run_description(config: RunConfig) -> str:
