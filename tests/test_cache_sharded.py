@@ -2,9 +2,6 @@
 uncached sharded run bitwise for every strategy, fp32 and bfloat16 tables."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -15,7 +12,13 @@ from flax import nnx
 from mesh import ShardingPlan, make_mesh, mesh_spec, plan_for_strategy
 from recsys.cache import CacheConfig, ShardedCachedTrainer
 from recsys.training.sharded import ShardedTrainer
-from tests.test_cache import ROOT, Tower, assert_trees_equal, embedding_config, host_batches
+from tests.test_cache import (
+    Tower,
+    assert_trees_equal,
+    embedding_config,
+    host_batches,
+    run_at_default_optimization,
+)
 
 
 def mixed_plan(config, mesh, strategies) -> ShardingPlan:
@@ -82,17 +85,14 @@ _NARROW_RUN = """
 from tests import test_cache, test_cache_sharded as t
 for strategies in (t.ROW_SHARDED, t.WHOLE_ROWS):
     t.assert_sharded_cached_matches(test_cache.embedding_config("rowwise_adagrad", "bfloat16"), strategies, t.FACTORS)
+# float32 values with bfloat16 optimizer state round too.
+t.assert_sharded_cached_matches(test_cache.embedding_config("adam", "float32", "bfloat16"), t.ROW_SHARDED, t.FACTORS)
 """
 
 
 def test_sharded_bfloat16_tables_round_alike_cached_and_uncached():
-    """A slot rounds with the bits of the row it holds on that owner (`ROW_KEY`). At XLA's
-    default optimization, as `tests/test_cache.py`'s narrow test explains."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run(
-        [sys.executable, "-c", _NARROW_RUN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    """A slot rounds with the bits of the row it holds on that owner (`ROW_KEY`)."""
+    run_at_default_optimization(_NARROW_RUN)
 
 
 def test_each_owner_caches_its_own_block():

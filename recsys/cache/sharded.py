@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -80,7 +79,7 @@ class ShardedCachedTrainer(CachedTrainer):
         for g in self.layout.groups:
             cached = tuple(t for t in g.tables if t in self.cached)
             if cached:
-                narrow = jnp.dtype(self.cached[cached[0]].dtype).itemsize < 4
+                narrow = self.cached[cached[0]].rounds_stochastically
                 out[g.name] = GroupStorage(g.name, not g.data_parallel, g.block_rows, g.width, narrow, cached)
         return out
 
