@@ -9,14 +9,16 @@ offline optimum on the same trace, on Zipf(1.05) ids and on the Criteo sample's 
 (../shared/data, skipped when absent: its training split in file order, every
 categorical column one table, encoded as the CLI does). One JSON line per (trace, size).
 
-`step`: one DLRM trains the same batches all on the device, then cached at
+`step`: one DLRM trains the same batches three ways: all on the device; cached at
 `--load-factor` with the next batch admitted and its misses copied while a step runs
-(`pipelined`), then cached with each admission waiting for the step before
-(`serial`). The timed steps follow `--warmup` steps that fill the caches, so rows are
-evicted and written back. One JSON line with samples/s of each, their ratios, the cache's
-hit rate and bytes per step, and `hidden`: the share of the serial cache overhead the
-pipeline removes. On CPU the host and device tiers are both RAM, so this measures the cache's own
-work (admission, exchange, remapping), not a host link.
+(`pipelined`); cached with each admission waiting for the step before (`serial`). Each
+warms up for `--warmup` steps that fill the caches (so rows are evicted and written
+back), then the three take turns for `--rounds` rounds of `--steps` steps, so each
+round's ratios compare steps run side by side. One JSON line: samples/s of each (median
+round), the median of the rounds' ratios and each round's, the cache's hit rate and bytes
+per step, and `hidden`: the share of the serial cache overhead the pipeline removes. On
+CPU the host and device tiers are both RAM, so this measures the cache's own work
+(admission, exchange, remapping), not a host link.
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import statistics
 import time
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -43,6 +47,7 @@ from recsys.training import Trainer
 CRITEO = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo" / "kaggle_train_10k.tsv"
 SIZES = (0.05, 0.1, 0.2, 0.5)
 POLICIES = ("lru", "lfu", "lookahead")
+MODES = ("pipelined", "serial")
 
 
 def zipf_traces(rows: int, batches: int, ids_per_batch: int, seed: int) -> dict[str, tuple[int, list]]:
@@ -88,7 +93,7 @@ def step_batches(args) -> tuple[SyntheticConfig, list]:
     synthetic = SyntheticConfig(
         num_sparse=args.tables, rows=args.rows, max_ids=args.pooling, min_ids=args.pooling
     )
-    count = args.warmup + args.steps
+    count = args.warmup + args.rounds * args.steps
     data = Dataset.in_memory(PlantedModel(synthetic, seed=0).generate(args.batch * count, seed=0).examples())
     examples = []
     for batch, _ in train_batches(data, args.batch, seed=0):
@@ -97,20 +102,26 @@ def step_batches(args) -> tuple[SyntheticConfig, list]:
             return synthetic, examples
 
 
-def timed(step, batches, warmup: int, after_warmup=lambda: None) -> float:
-    """Samples/s over the batches after `warmup`."""
-    for item in batches[:warmup]:
-        step(item)
-    step(None)
-    after_warmup()
-    began = time.perf_counter()
-    for item in batches[warmup:]:
-        step(item)
-    step(None)  # waits for the last step
-    return (len(batches) - warmup) * len(batches[0][0].labels) / (time.perf_counter() - began)
+def segments(step, items: list):
+    """A function running the next `count` of `items` through `step` (which returns the
+    step's loss) and returning the seconds until the last loss is ready."""
+    done = [0]
+
+    def run(count: int) -> float:
+        began = time.perf_counter()
+        loss = None
+        for item in items[done[0] : done[0] + count]:
+            loss = step(item)
+        jax.block_until_ready(loss)
+        done[0] += count
+        return time.perf_counter() - began
+
+    return run
 
 
 def step_speed(args) -> None:
+    """Every mode warms up, then the modes take turns: `--rounds` rounds of `--steps`
+    steps each, so that each round's ratios compare steps run side by side."""
     synthetic, examples = step_batches(args)
     config = synthetic.embedding_config(
         args.dim, SparseOptimizerSpec(kind="rowwise_adagrad", learning_rate=0.05)
@@ -118,18 +129,30 @@ def step_speed(args) -> None:
     batches = [to_batch(config, e) for e in examples]
     mlps = {"bottom": (256, args.dim), "top": (256, 128, 1)}
     build = lambda: DLRM(config, dense_features=synthetic.num_dense, rngs=nnx.Rngs(0), **mlps)  # noqa: E731
-    results = {"device": _run_uncached(build, batches, args.warmup)}
     cache = CacheConfig.for_all(config, args.load_factor, prefetch_depth=args.depth)
-    for mode in ("pipelined", "serial"):
-        trainer = CachedTrainer(build, optax.adam(1e-3), cache)
-        results[mode], traffic = _run_cached(trainer, batches, args.warmup, mode)
-    overhead = {m: 1 / results[m] - 1 / results["device"] for m in ("pipelined", "serial")}
+    runs = {"device": _uncached_segments(build, batches)}
+    cached = {m: _CachedRun(CachedTrainer(build, optax.adam(1e-3), cache), batches, m) for m in MODES}
+    runs.update({m: run.segments for m, run in cached.items()})
+    for run in runs.values():
+        run(args.warmup)
+    for run in cached.values():
+        run.count_from_here()
+    seconds = {m: [] for m in runs}
+    for _ in range(args.rounds):
+        for mode, run in runs.items():
+            seconds[mode].append(run(args.steps))
+    samples = args.steps * args.batch
+    ratios = {m: statistics.median(d / c for d, c in zip(seconds["device"], seconds[m])) for m in MODES}
+    overhead = {m: statistics.median(seconds[m]) - statistics.median(seconds["device"]) for m in MODES}
+    traffic = cached["pipelined"].trainer.cache_metrics(cached["pipelined"].state[0])
     record = {
         "name": "cache_step",
         "load_factor": args.load_factor,
-        **{f"{k}_samples_per_s": round(v, 1) for k, v in results.items()},
-        "pipelined_vs_device": round(results["pipelined"] / results["device"], 3),
-        "serial_vs_device": round(results["serial"] / results["device"], 3),
+        **{f"{m}_samples_per_s": round(samples / statistics.median(s), 1) for m, s in seconds.items()},
+        **{f"{m}_vs_device": round(r, 3) for m, r in ratios.items()},
+        "per_round_vs_device": {
+            m: [round(d / c, 3) for d, c in zip(seconds["device"], seconds[m])] for m in MODES
+        },
         "hidden": round(1 - overhead["pipelined"] / overhead["serial"], 3)
         if overhead["serial"] > 0
         else None,
@@ -143,41 +166,46 @@ def step_speed(args) -> None:
         "dim": args.dim,
         "batch": args.batch,
         "pooling": args.pooling,
+        "rounds": args.rounds,
+        "steps": args.steps,
     }
     print(json.dumps(record), flush=True)
 
 
-def _run_uncached(build, batches, warmup: int) -> float:
+def _uncached_segments(build, batches):
     trainer = Trainer(build(), optax.adam(1e-3))
-    state = [trainer.init_state(), None]
+    state = [trainer.init_state()]
 
     def step(batch):
-        if batch is None:
-            return state[1].block_until_ready()
-        state[0], state[1] = trainer.train_step(state[0], trainer.place_batch(batch[0]))
+        state[0], loss = trainer.train_step(state[0], trainer.place_batch(batch))
+        return loss
 
-    return timed(step, [(b,) for b in batches], warmup)
+    return segments(step, batches)
 
 
-def _run_cached(trainer: CachedTrainer, batches, warmup: int, mode: str) -> tuple[float, dict]:
-    """(samples/s, the cache's hit rate and bytes over the timed steps)."""
-    state = [trainer.init_state(), None]
-    items = list(trainer.lookahead(batches))
-    # Every fill size compiled first: the steady state is timed, not the first compiles.
-    trainer.precompile(state[0], max(len(ids) for b in batches for ids in trainer.unique_ids(b).values()))
+class _CachedRun:
+    """A cached trainer on the batches, admitting the next batch while a step runs
+    (`pipelined`) or after it (`serial`)."""
 
-    def step(item):
-        if item is None:
-            return state[1].block_until_ready()
-        batch, upcoming = item
-        state[0], state[1] = trainer.train_step(state[0], batch, upcoming, overlap=mode == "pipelined")
+    def __init__(self, trainer: CachedTrainer, batches, mode: str):
+        self.trainer, self.state = trainer, [trainer.init_state()]
+        items = list(trainer.lookahead(batches))
+        # Every fill size compiled first: the steady state is timed, not the first compiles.
+        widest = max(len(ids) for b in batches for ids in trainer.unique_ids(b).values())
+        trainer.precompile(self.state[0], widest)
+        overlap = mode == "pipelined"
 
-    def count_from_here():
-        state[0].counts = {t: TableCounts() for t in state[0].counts}
-        state[0].steps = 0
+        def step(item):
+            batch, upcoming = item
+            self.state[0], loss = trainer.train_step(self.state[0], batch, upcoming, overlap=overlap)
+            return loss
 
-    rate = timed(step, [(b, u) for b, u in items], warmup, count_from_here)
-    return rate, trainer.cache_metrics(state[0])
+        self.segments = segments(step, items)
+
+    def count_from_here(self) -> None:
+        """The cache's traffic counted from the next step on."""
+        self.state[0].counts = {t: TableCounts() for t in self.state[0].counts}
+        self.state[0].steps = 0
 
 
 def main(argv=None) -> int:
@@ -193,7 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--pooling", type=int, default=1)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20, help="steps per mode and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds in which the modes take turns")
     p.add_argument(
         "--warmup", type=int, default=40, help="steps before the timed ones (they fill the caches)"
     )

@@ -15,4 +15,4 @@ python -c 'import jax; assert jax.default_backend() == "gpu", jax.default_backen
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_pallas_kernels.py tests/test_kernel_dispatch.py \
     -k "not tpu and not lower"
 timeout 140 python -m benchmarks.gpu "$@"
-timeout 90 python -m benchmarks.cache --only step --warmup 40 --steps 30
+timeout 90 python -m benchmarks.cache --only step --warmup 40 --steps 20 --rounds 5

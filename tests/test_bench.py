@@ -107,7 +107,7 @@ def test_cache_benchmark_prints_hit_rates_and_the_cached_step(capsys):
         "--rows",
         "2000",
     ]
-    small += ["--dim", "8", "--batch", "256", "--steps", "3", "--warmup", "4"]
+    small += ["--dim", "8", "--batch", "256", "--steps", "3", "--rounds", "2", "--warmup", "4"]
     bench_cache.main(small)
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     zipf = [r for r in records if r["name"] == "cache_hit_rate" and r["trace"] == "zipf"]

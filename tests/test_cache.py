@@ -64,6 +64,35 @@ def test_lookahead_never_evicts_a_row_an_upcoming_batch_needs():
     assert admitted.evicted_ids.tolist() == [2]
 
 
+def next_uses_from_scratch(slots: SlotMap, upcoming) -> np.ndarray:
+    """Each slot's distance to the nearest of `upcoming` using its row (len: none)."""
+    out = np.full(slots.capacity, len(upcoming))
+    for distance in range(len(upcoming) - 1, -1, -1):
+        cached = slots.slot_of[upcoming[distance]]
+        out[cached[cached >= 0]] = distance
+    return out
+
+
+def test_lookahead_slides_its_window_as_a_from_scratch_count_would():
+    rows, depth = 500, 6
+    trace = zipf_trace(rows, 60, 80, seed=3)
+    slots = SlotMap("t", rows=rows, capacity=120, policy="lookahead")
+
+    def check(ids, upcoming):
+        slots.admit(ids, upcoming=upcoming)
+        occupied = np.flatnonzero(slots.id_in >= 0)  # the admitted batch's rows included
+        expected = next_uses_from_scratch(slots, upcoming)[occupied]
+        # After admission the window's front is the first upcoming batch (numbered one up).
+        base = slots.next_uses._entered - len(upcoming)
+        got = np.minimum(slots.next_uses.slot_next[occupied] - base, len(upcoming))
+        np.testing.assert_array_equal(got, expected)
+
+    for i, ids in enumerate(trace):
+        if i % 17 == 5:  # an evaluation batch between steps: the window starts anew
+            check(trace[(i * 7) % len(trace)].copy(), ())
+        check(ids, trace[i + 1 : i + 1 + depth])  # shrinks at the end of the stream
+
+
 def test_pinned_slots_and_the_batch_own_rows_are_never_victims():
     slots = SlotMap("t", rows=10, capacity=3, policy="lru")
     first = slots.admit(np.array([1, 2]))

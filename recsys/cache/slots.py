@@ -21,6 +21,8 @@ import enum
 
 import numpy as np
 
+from recsys.cache.window import NextUses
+
 # A victim key's fields, low to high: recency, frequency (LFU, lookahead), distance to
 # the next use (lookahead). The higher field ranks first.
 _RECENCY_BITS, _FREQUENCY_BITS, _TIER_BITS = 40, 13, 10
@@ -68,10 +70,14 @@ class SlotMap:
         self.clock = 0  # batches admitted
         # LFU counts every lookup of an id, cached or not (4 bytes per row).
         self.uses = np.zeros(rows, np.int32) if self.policy is not CachePolicy.LRU else None
+        # Lookahead: each slot's next use, slid along with the window (8 bytes per row).
+        self.next_uses = NextUses(rows, capacity) if self.policy is CachePolicy.LOOKAHEAD else None
 
     def admit(self, ids: np.ndarray, *, pinned: np.ndarray | None = None, upcoming=()) -> Admission:
         """Places a batch's unique `ids`; `pinned`: slots that must stay, `upcoming`: the
         unique ids of the batches after it (what `lookahead` sees)."""
+        if self.next_uses is not None:
+            self.next_uses.slide(ids, upcoming, self.slot_of)
         ids = np.asarray(ids, np.int64)
         self.clock += 1
         slots = self.slot_of[ids]
@@ -86,6 +92,8 @@ class SlotMap:
         self.id_in[fill] = fill_ids
         slots[missing] = fill
         self.last_used[slots] = self.clock
+        if self.next_uses is not None:
+            self.next_uses.admitted(slots)
         return Admission(slots.astype(np.int32), fill.astype(np.int32), fill_ids, evicted)
 
     def _free_slots(self, count: int, hits: np.ndarray, pinned, upcoming) -> np.ndarray:
@@ -124,12 +132,9 @@ class SlotMap:
         key = (frequency << _RECENCY_BITS) | recency
         if self.policy is CachePolicy.LFU:
             return key
-        horizon = min(len(upcoming), _field(_TIER_BITS) - 1)
-        next_use = np.full(self.capacity, horizon, np.int64)  # horizon: not needed soon
-        for distance in range(horizon - 1, -1, -1):
-            cached = self.slot_of[np.asarray(upcoming[distance], np.int64)]
-            next_use[cached[cached >= 0]] = distance
-        return ((horizon - next_use[occupied]) << (_FREQUENCY_BITS + _RECENCY_BITS)) | key
+        horizon = min(len(upcoming), _field(_TIER_BITS) - 1)  # beyond it: not needed soon
+        distance = np.minimum(self.next_uses.slot_next[occupied] - (self.next_uses.front + 1), horizon)
+        return ((horizon - distance) << (_FREQUENCY_BITS + _RECENCY_BITS)) | key
 
     def cached_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """(slots, ids) of every occupied slot."""
@@ -140,3 +145,5 @@ class SlotMap:
         self.slot_of[:] = -1
         self.id_in[:] = -1
         self.last_used[:] = 0
+        if self.next_uses is not None:
+            self.next_uses.clear()
