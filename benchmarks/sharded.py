@@ -21,11 +21,18 @@ ratio of the compressed directions' bytes to the fp32 run's:
 
     python -m benchmarks.sharded --dim 128 --strategies table_wise row_wise \
         --comm "" fwd=fp16,bwd=bf16,allreduce=bf16 fwd=fp8_e4m3,bwd=fp8_e4m3,allreduce=int8
+
+`--pipeline none sparse_dist` (`recsys-train --pipeline`) compares the train pipelines
+instead: per strategy, one trainer per mode, warmed up, then the modes take turns for
+`--rounds` rounds of `--steps` steps run back to back (dispatched without waiting, as
+training runs them). One JSON line per strategy: samples/s of each mode (median round)
+and each round's ratio to `none`, with their median.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -48,6 +55,7 @@ from recsys.sparse import RaggedIds, pack_batch
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
 from recsys.synthetic import ZipfSampler
 from recsys.training import ShardedTrainer, Trainer
+from recsys.training.pipeline import Pipeline, train_steps
 
 
 def main(argv=None) -> int:
@@ -62,6 +70,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--comm", nargs="+", default=[""], help="compression settings to compare")
+    p.add_argument(
+        "--pipeline", nargs="+", default=None, choices=[m.value for m in Pipeline], help="modes to compare"
+    )
+    p.add_argument("--rounds", type=int, default=5, help="--pipeline: rounds in which the modes take turns")
     p.add_argument(
         "--kernels",
         nargs="+",
@@ -91,6 +103,9 @@ def _run(args, spec: MeshSpec) -> None:
     mesh = make_mesh(spec, jax.devices()[: spec.size])
     for strategy in args.strategies or [s.value for s in Strategy]:
         plan = plan_for_strategy(config.tables, spec, strategy)
+        if args.pipeline:
+            print(json.dumps(compare_pipelines(args, spec, model, plan, mesh, batch, strategy)), flush=True)
+            continue
         for comm in sorted(args.comm, key=lambda c: c != CommConfig()):  # the fp32 baseline first
             for kernels in args.kernels:
                 routing = RoutingOptions(comm=comm)
@@ -164,6 +179,45 @@ def measure(args, spec: MeshSpec, trainer, placed, name: str, plan=None, comm=No
         "backend": jax.default_backend(),
     }
     return record
+
+
+def compare_pipelines(args, spec: MeshSpec, model, plan, mesh, batch: Batch, strategy: str) -> dict:
+    """One trainer per `--pipeline` mode on the same batches; the modes take turns."""
+    runs = {}
+    for mode in args.pipeline:
+        trainer = ShardedTrainer(
+            model(), optax.adam(1e-3), plan, mesh, kernels=args.kernels[0], pipeline=mode
+        )
+        runs[mode] = train_steps(trainer, trainer.init_state(), itertools.repeat(trainer.shard_batch(batch)))
+
+    def seconds(steps, count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            _, loss, _ = next(steps)
+        jax.block_until_ready(loss)
+        return time.perf_counter() - start
+
+    for steps in runs.values():
+        seconds(steps, max(args.warmup, 3))  # compiles the first, steady and plain steps
+    times = {mode: [] for mode in runs}
+    for _ in range(args.rounds):
+        for mode, steps in runs.items():
+            times[mode].append(seconds(steps, args.steps))
+    base = args.pipeline[0]
+    ratios = {m: [round(b / t, 3) for b, t in zip(times[base], times[m])] for m in runs if m != base}
+    return {
+        "bench": "pipeline",
+        "strategy": strategy,
+        "mesh": str(spec),
+        **{
+            f"{m}_samples_per_s": round(args.steps * args.batch / statistics.median(t), 1)
+            for m, t in times.items()
+        },
+        **{f"{m}_vs_{base}": statistics.median(r) for m, r in ratios.items()},
+        "per_round": ratios,
+        **{k: getattr(args, k) for k in ("tables", "rows", "dim", "pooling", "batch", "steps", "rounds")},
+        "backend": jax.default_backend(),
+    }
 
 
 def _compression_ratio(record: dict, fp32_purposes: dict, comm: CommConfig) -> None:

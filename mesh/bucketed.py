@@ -24,8 +24,9 @@ Forward, inside `jax.shard_map`, for one group:
 1. `assign`: per id (and column block), its owner, its row in the owner's block, its
    slot among the ids this device sends that owner (rank by a stable sort) and, pooling
    at the owner, its output position there.
-2. rows: `exchange_rows` sends `[owners, capacity]` block rows out and gets `[owners,
-   capacity, width]` values back; `pool_lanes` weighs and pools them on the batch owner.
+2. rows: `send_rows` sends `[owners, capacity]` block rows out, `return_rows` brings
+   `[owners, capacity, width]` values back; `pool_lanes` weighs and pools them on the
+   batch owner.
    pooled: `send_slots` sends rows, positions (and coefficients) out; `pool_at_owner`
    pools into the broadcast route's work items, which `mesh.routing.return_outputs`
    brings back.
@@ -237,34 +238,35 @@ def served_rows(
     return bag(block, rows[None], weight[None], False)[:, 0]
 
 
-def exchange_rows(
-    route: BucketRoute, block: jax.Array, a: Assignment, axes, bag: BagFn | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Step 2: rows to their owners and values back (gathered through `bag` when given).
-
-    Returns:
-      served: [sources, capacity] int32 rows of this device's block it served (`block_rows`
-        on empty slots), for the backward pass.
-      values: [owners, capacity, width] float32, what this device's ids found.
-    """
+def send_rows(route: BucketRoute, a: Assignment, axes) -> jax.Array:
+    """Step 2 out: each id's row to its owner. Returns the `[sources, capacity]` int32
+    rows of this device's block it serves (`block_rows` on empty slots); they depend on
+    the batch only, so a pipelined step sends the next batch's ahead."""
     n, empty = route.group.devices, route.group.block_rows
     out = jnp.full((n + 1, route.capacity), empty, jnp.int32).at[a.owner, a.slot].set(a.row, mode="drop")
     if route.comm.ids == "packed":
         bound = empty + 1
-        served = packing.unpack(
+        return packing.unpack(
             collectives.all_to_all(packing.pack(out[:n], bound), axes, purpose="ids"), bound
         )
-    else:
-        served = collectives.all_to_all(out[:n], axes, purpose="ids")
+    return collectives.all_to_all(out[:n], axes, purpose="ids")
+
+
+def return_rows(
+    route: BucketRoute, block: jax.Array, served: jax.Array, axes, bag: BagFn | None = None
+) -> jax.Array:
+    """Step 2 back: the served rows' values (gathered through `bag` when given) to the ids
+    that asked, `[owners, capacity, width]` float32 at each batch owner."""
     found = served_rows(block, served, None, bag)
-    return served, collectives.all_to_all(found, axes, route.comm.fwd, "fwd")
+    return collectives.all_to_all(found, axes, route.comm.fwd, "fwd")
 
 
 def pool_lanes(
-    route: BucketRoute, values: jax.Array, a: Assignment, coef: Mapping[str, jax.Array], ids
+    route: BucketRoute, values: jax.Array, owner, slot, coef: Mapping[str, jax.Array], ids
 ) -> dict[str, jax.Array]:
-    """Step 3: every id's row (`values` [owners, capacity, width]) weighed and pooled."""
-    rows = values.at[a.owner, a.slot].get(mode="fill", fill_value=0)  # [positions, width]
+    """Step 3: every id's row (`values` [owners, capacity, width], at the `owner` and
+    `slot` `assign` gave it) weighed and pooled."""
+    rows = values.at[owner, slot].get(mode="fill", fill_value=0)  # [positions, width]
     blocks: dict[str, dict[int, jax.Array]] = {f: {} for f in route.features}
     start = 0
     for lane in route.lanes:

@@ -10,6 +10,11 @@ for pooled bags; `recsys.lookup.owner_bags`).
 What each owner received is returned too, so the backward pass
 (`mesh.sharded_update`) updates the same rows without routing the ids again. The routes
 of a step are planned once (`plan_routes`) for both.
+
+The lookup is two halves: `route_ids` sends the ids to their owners and reads only the
+batch; `serve_routed` looks the rows up and sends the results back. `sharded_lookup` runs
+both; a pipelined step (`recsys.training.pipeline`) routes the next batch's ids in the
+step before.
 """
 
 from __future__ import annotations
@@ -162,16 +167,19 @@ def _local_lookup(layout: ShardedLayout, storage, features, ids, coef, bags) -> 
     return acts
 
 
-def _broadcast_forward(route: GroupRoute, block, ids, coef, device, axes, bag=None):
+def _route_broadcast(route: GroupRoute, ids, coef, device, axes) -> Received:
     received_ids, received_coef = routing.send_ids(route, ids, coef, axes, device)
-    rows, weight = routing.owner_rows(route, received_ids, received_coef, device)
-    pooled = routing.pool(route, block, rows, weight, device, bag)
-    return routing.return_outputs(route, pooled, axes), Received(ids=received_ids, coef=received_coef)
+    return Received(ids=received_ids, coef=received_coef)
 
 
-def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, device, axes, bag=None):
+def _serve_broadcast(route: GroupRoute, block, got: Received, device, axes, bag=None):
+    rows, weight = routing.owner_rows(route, got.ids, got.coef, device)
+    return routing.return_outputs(route, routing.pool(route, block, rows, weight, device, bag), axes)
+
+
+def _route_bucketed(bucket: BucketRoute, route: GroupRoute, ids, coef, device, axes) -> Received:
     """Bucketized routing, or the broadcast route for the whole group when any device's
-    buckets overflow this step. Both branches return every field the group's `Received`
+    buckets overflow this batch. Both branches return every field the group's `Received`
     has (zeros where the branch taken does not fill it)."""
     a = bucketed.assign(bucket, ids)
     fallback = collectives.any_device(a.overflow, axes)
@@ -190,23 +198,125 @@ def _bucketed_forward(bucket: BucketRoute, route: GroupRoute, block, ids, coef, 
     def via_buckets():
         if bucket.pool_at_owner:
             served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
-            pooled = bucketed.pool_at_owner(bucket, block, served, at, weight, local_batch, bag)
-            acts = routing.return_outputs(route, pooled, axes)
-            return acts, Received(served=served, at=at, weight=weight, **broadcast_unused())
-        served, values = bucketed.exchange_rows(bucket, block, a, axes, bag)
-        return bucketed.pool_lanes(bucket, values, a, coef, ids), Received(
-            served=served, **broadcast_unused()
-        )
+            return Received(served=served, at=at, weight=weight, **broadcast_unused())
+        return Received(served=bucketed.send_rows(bucket, a, axes), **broadcast_unused())
 
     def via_broadcast():
-        acts, got = _broadcast_forward(route, block, ids, coef, device, axes, bag)
+        got = _route_broadcast(route, ids, coef, device, axes)
         served = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
         if bucket.pool_at_owner:
             got = dataclasses.replace(got, at=zeros(slots, jnp.int32), weight=zeros(slots, jnp.float32))
-        return acts, dataclasses.replace(got, served=served)
+        return dataclasses.replace(got, served=served)
 
-    acts, got = collectives.cond(fallback, via_broadcast, via_buckets)
-    return acts, dataclasses.replace(got, owner=a.owner, slot=a.slot, fallback=fallback)
+    got = collectives.cond(fallback, via_broadcast, via_buckets)
+    return dataclasses.replace(got, owner=a.owner, slot=a.slot, fallback=fallback)
+
+
+def _serve_bucketed(
+    bucket: BucketRoute, route: GroupRoute, block, got: Received, ids, coef, device, axes, bag=None
+):
+    """The rows of what `_route_bucketed` sent, by the route it took."""
+    local_batch = next(iter(ids.values())).shape[0]
+
+    def via_buckets():
+        if bucket.pool_at_owner:
+            pooled = bucketed.pool_at_owner(bucket, block, got.served, got.at, got.weight, local_batch, bag)
+            return routing.return_outputs(route, pooled, axes)
+        values = bucketed.return_rows(bucket, block, got.served, axes, bag)
+        return bucketed.pool_lanes(bucket, values, got.owner, got.slot, coef, ids)
+
+    def via_broadcast():
+        return _serve_broadcast(route, block, got, device, axes, bag)
+
+    return collectives.cond(got.fallback, via_broadcast, via_buckets)
+
+
+def route_ids(
+    layout: ShardedLayout,
+    routes: StepRoutes,
+    ids: Mapping[str, jax.Array],
+    coef: Mapping[str, jax.Array],
+    mesh: jax.sharding.Mesh,
+    order: jax.Array | None = None,
+) -> tuple[Routed, jax.Array]:
+    """The lookup's first half: every sharded group's ids (and coefficients) sent to
+    their owners. It reads the batch only, never the tables, so a pipelined step routes
+    the next batch's ids while its own compute runs (`serve_routed` finishes the lookup).
+    Arguments as `sharded_lookup`'s. Returns (what each group's owners received, the
+    order after these collectives)."""
+    axes = tuple(mesh.axis_names)
+    features = routes.features
+    names = sorted(features)
+    scaled = sorted(f for f in names if features[f].scaled)
+
+    def body(ids, coef):
+        d = collectives.device_index(axes)
+        routed = {}
+        for name, route in routes.broadcast.items():
+            if name in routes.buckets:
+                routed[name] = _route_bucketed(routes.buckets[name], route, ids, coef, d, axes)
+            else:
+                routed[name] = _route_broadcast(route, ids, coef, d, axes)
+        return routed
+
+    batch = P(axes)
+    mapped = collectives.ordered_shard_map(
+        body,
+        mesh=mesh,
+        in_specs=({f: batch for f in names}, {f: batch for f in scaled}),
+        out_specs=routes.specs(batch),
+    )
+    order, routed = mapped(order, {f: ids[f] for f in names}, {f: coef[f] for f in scaled})
+    return routed, order
+
+
+def serve_routed(
+    layout: ShardedLayout,
+    storage: Mapping[str, jax.Array],
+    routes: StepRoutes,
+    routed: Routed,
+    ids: Mapping[str, jax.Array],
+    coef: Mapping[str, jax.Array],
+    mesh: jax.sharding.Mesh,
+    bags: Mapping[str, BagFn] | None = None,
+    order: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """The lookup's second half: the owners look up what `route_ids` sent them and send
+    the results back; data-parallel groups are looked up locally. Returns (activations,
+    the order after these collectives)."""
+    axes = tuple(mesh.axis_names)
+    bags = dict(bags or {})
+    features = routes.features
+    names = sorted(features)
+    scaled = sorted(f for f in names if features[f].scaled)
+
+    def body(storage, routed, ids, coef):
+        d = collectives.device_index(axes)
+        acts = _local_lookup(layout, storage, features, ids, coef, bags)
+        for name, route in routes.broadcast.items():
+            block, bag, got = storage[name][0], bags.get(name), routed[name]
+            if name in routes.buckets:
+                acts.update(_serve_bucketed(routes.buckets[name], route, block, got, ids, coef, d, axes, bag))
+            else:
+                acts.update(_serve_broadcast(route, block, got, d, axes, bag))
+        return acts
+
+    batch = P(axes)
+    storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
+    mapped = collectives.ordered_shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(storage_specs, routes.specs(batch), {f: batch for f in names}, {f: batch for f in scaled}),
+        out_specs={f: batch for f in names},
+    )
+    order, acts = mapped(
+        order,
+        {g.name: storage[g.name] for g in layout.groups},
+        routed,
+        {f: ids[f] for f in names},
+        {f: coef[f] for f in scaled},
+    )
+    return acts, order
 
 
 def sharded_lookup(
@@ -219,7 +329,8 @@ def sharded_lookup(
     bags: Mapping[str, BagFn] | None = None,
     order: jax.Array | None = None,
 ) -> tuple[dict[str, jax.Array], Routed, jax.Array]:
-    """Pooled (or per-position) activations of every feature, batch-sharded.
+    """Pooled (or per-position) activations of every feature, batch-sharded: `route_ids`
+    then `serve_routed`.
 
     Args:
       layout, storage: from `mesh.sharded.sharded_layout` / `shard_logical`.
@@ -236,37 +347,6 @@ def sharded_lookup(
       ({feature: [batch, dim] or [batch, L, dim] float32}, what each group's owners
       received (for the update), the order after the lookup's collectives).
     """
-    axes = tuple(mesh.axis_names)
-    bags = dict(bags or {})
-    features = routes.features
-    names = sorted(features)
-    scaled = sorted(f for f in names if features[f].scaled)
-
-    def body(storage, ids, coef):
-        d = collectives.device_index(axes)
-        acts, routed = _local_lookup(layout, storage, features, ids, coef, bags), {}
-        for name, route in routes.broadcast.items():
-            block, bag = storage[name][0], bags.get(name)
-            if name in routes.buckets:
-                bucket = routes.buckets[name]
-                acts_g, routed[name] = _bucketed_forward(bucket, route, block, ids, coef, d, axes, bag)
-            else:
-                acts_g, routed[name] = _broadcast_forward(route, block, ids, coef, d, axes, bag)
-            acts.update(acts_g)
-        return acts, routed
-
-    batch = P(axes)
-    storage_specs = {g.name: g.partition_spec(axes) for g in layout.groups}
-    mapped = collectives.ordered_shard_map(
-        body,
-        mesh=mesh,
-        in_specs=(storage_specs, {f: batch for f in names}, {f: batch for f in scaled}),
-        out_specs=({f: batch for f in names}, routes.specs(batch)),
-    )
-    order, (acts, routed) = mapped(
-        order,
-        {g.name: storage[g.name] for g in layout.groups},
-        {f: ids[f] for f in names},
-        {f: coef[f] for f in scaled},
-    )
+    routed, order = route_ids(layout, routes, ids, coef, mesh, order)
+    acts, order = serve_routed(layout, storage, routes, routed, ids, coef, mesh, bags, order)
     return acts, routed, order

@@ -1,13 +1,17 @@
 """Stress cases of `tests/test_collective_order.py`, run in a process of their own:
 
     python -m tests.collective_stress --mesh host=2,device=4 --routes auto rows --steps 8
+    python -m tests.collective_stress --routes rows --pipelined rows   # also sparse_dist
 
 Seven tables, one per sharding strategy, train for `--steps` steps on 8 simulated CPU
 devices, once per route. Even steps look up uniform ids; odd steps send every id of a
 feature to one row, more than a bucket holds, so bucketized routes overflow and take
 their fallback branch. The compiled step's collectives must form one chain
-(`mesh.collectives.unordered_collectives`). Prints one JSON line per route; a hang shows
-as the parent's timeout.
+(`mesh.collectives.unordered_collectives`). Routes named in `--pipelined` train again
+with the `sparse_dist` pipeline (each step also routes the next batch's ids): its steady
+step's collectives must form one chain too, and its losses and tables must equal the
+plain run's bit for bit. Prints one JSON line per route; a hang shows as the parent's
+timeout.
 """
 
 from __future__ import annotations
@@ -74,32 +78,60 @@ def batch(step: int) -> Batch:
     )
 
 
+def plain_run(trainer: ShardedTrainer, batches: list) -> tuple[list, dict, str, int]:
+    """(losses, tables, the compiled step's HLO, fallbacks) of the steps without a pipeline."""
+    state = trainer.init_state()
+    step = trainer.train_step.lower(state, batches[0]).compile()
+    losses = []
+    for b in batches:
+        state, loss = step(state, b)
+        losses.append(float(loss))
+    return losses, trainer.logical_tables(state), step.as_text(), int(state.routing_fallbacks)
+
+
+def pipelined_run(trainer: ShardedTrainer, batches: list) -> tuple[list, dict, str]:
+    """(losses, tables, the step's HLO) under `sparse_dist`: each step runs a batch whose
+    ids were routed before it and routes the next one's."""
+    state, losses = trainer.init_state(), []
+    routed = trainer.route_step(batches[0])
+    step = trainer.pipelined_step.lower(state, routed, batches[0], batches[1]).compile()
+    for b, following in zip(batches, [*batches[1:], batches[-1]]):
+        state, routed, loss = step(state, routed, b, following)
+        losses.append(float(loss))
+    return losses, trainer.logical_tables(state), step.as_text()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mesh", default="host=2,device=4")
     p.add_argument("--routes", nargs="+", default=["auto"])
+    p.add_argument("--pipelined", nargs="*", default=[], help="routes that also train with sparse_dist")
     p.add_argument("--steps", type=int, default=8)
     args = p.parse_args()
     mesh = make_mesh(args.mesh)
     model = DLRM(CONFIG, dense_features=4, bottom=(8, 8), top=(8, 1), rngs=nnx.Rngs(0))
     for route in args.routes:
-        trainer = ShardedTrainer(
-            model, optax.adam(0.01), plan(mesh), mesh, routing=RoutingOptions(route, 3.0)
-        )
-        state = trainer.init_state()
-        step = trainer.train_step.lower(state, trainer.shard_batch(batch(0))).compile()
-        losses = []
-        for i in range(args.steps):
-            state, loss = step(state, trainer.shard_batch(batch(i)))
-            losses.append(float(loss))
+        options = dict(routing=RoutingOptions(route, 3.0))
+        trainer = ShardedTrainer(model, optax.adam(0.01), plan(mesh), mesh, **options)
+        batches = [trainer.shard_batch(batch(i)) for i in range(args.steps)]
+        losses, tables, hlo, fallbacks = plain_run(trainer, batches)
         record = {
             "mesh": args.mesh,
             "route": route,
-            "unordered": unordered_collectives(step.as_text()),
+            "unordered": unordered_collectives(hlo),
             "steps": args.steps,
-            "fallbacks": int(state.routing_fallbacks),
+            "fallbacks": fallbacks,
             "finite": bool(np.isfinite(losses).all()),
         }
+        if route in args.pipelined:
+            trainer = ShardedTrainer(
+                model, optax.adam(0.01), plan(mesh), mesh, pipeline="sparse_dist", **options
+            )
+            got, got_tables, steady = pipelined_run(trainer, batches)
+            record["pipelined_unordered"] = unordered_collectives(steady)
+            record["pipelined_equal"] = got == losses and all(
+                np.array_equal(got_tables[t], tables[t]) for t in tables
+            )
         print(json.dumps(record), flush=True)
 
 

@@ -176,10 +176,11 @@ def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path, o
     one = one_device
     directory = tmp_path / "ck"
     argv = ["--checkpoint-dir", str(directory), "--checkpoint-every", "10", "--keep-checkpoints", "5"]
+    argv += ["--pipeline", "sparse_dist"]  # a checkpoint holds no batch routed ahead
     _metrics(tmp_path, "tw8", "--devices", "8", "--sharding", "table_wise", *argv)
     shutil.rmtree(directory / "20")  # as if the run died after step 10
     resumed = _metrics(tmp_path, "grid", "--mesh", "host=2,device=4", "--sharding", "grid", *argv, "--resume")
-    assert resumed["resumed_from_step"] == 10
+    assert resumed["resumed_from_step"] == 10 and resumed["pipeline"] == "sparse_dist"
     assert resumed["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     # Restoring on one device: tests/test_sharded_checkpoint.py and tests/test_multiprocess.py.
 

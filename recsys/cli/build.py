@@ -112,7 +112,7 @@ def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, s
     if not config.sharded:
         if cache is not None:
             return CachedTrainer(build, dense_opt, cache, kernels=config.kernels)
-        return Trainer(build(), dense_opt, kernels=config.kernels)
+        return Trainer(build(), dense_opt, kernels=config.kernels, pipeline=config.pipeline)
     mesh = run_mesh(config)
     if config.batch_size % mesh.devices.size:
         raise UsageError(
@@ -123,7 +123,7 @@ def make_trainer(config: RunConfig, tables: EmbeddingConfig, data: LoadedData, s
     options = dict(routing=config.routing, kernels=config.kernels)
     if cache is not None:
         return ShardedCachedTrainer(build, dense_opt, cache, plan, mesh, **options)
-    return ShardedTrainer(build, dense_opt, plan, mesh, **options)
+    return ShardedTrainer(build, dense_opt, plan, mesh, pipeline=config.pipeline, **options)
 
 
 def run_cache(config: RunConfig, tables: EmbeddingConfig) -> CacheConfig:

@@ -17,6 +17,7 @@ from recsys.kernels import KERNELS
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.specs import OptimizerKind
 from recsys.training.optimizers import DENSE_OPTIMIZERS, SCHEDULES
+from recsys.training.pipeline import Pipeline
 
 DESCRIPTION = """\
 Trains and evaluates a DLRM or DCNv2, on one device or with its tables sharded over many.
@@ -192,6 +193,14 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
         help="compressed collectives, a codec per direction (fwd: pooled embeddings, bwd: their "
         f"gradients, allreduce: dense gradients, summed in fp32); C one of {', '.join(CODECS)}; "
         "directions left out stay fp32; ids=packed sends ids in their fewest bytes (lossless)",
+    )
+    g.add_argument(
+        "--pipeline",
+        choices=[m.value for m in Pipeline],
+        default="none",
+        help="sparse_dist: each step also sends the next batch's ids to their tables' owners, "
+        "beside its own update (exact; TorchRec's TrainPipelineSparseDist); none: each step "
+        "routes its own ids first",
     )
     g.add_argument(
         "--route-capacity",

@@ -37,6 +37,7 @@ from recsys.sparse import InputPolicy, PackReport
 from recsys.specs import EmbeddingConfig
 from recsys.training import Checkpointer, CheckpointMismatch
 from recsys.training.checkpoint import check_compatible
+from recsys.training.pipeline import Pipeline, train_steps
 from recsys.training.sharded import to_host
 
 # Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
@@ -170,7 +171,7 @@ def failures_named(where: Callable[[], str]):
 
 def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
     """Runs the steps from `prepared.start_step` on, saving checkpoints as it goes."""
-    config, trainer, steps = prepared.config, prepared.trainer, prepared.steps
+    config, steps = prepared.config, prepared.steps
     start = prepared.start_step
     timing = Timing()
     # Per-step losses: `pending` holds device scalars (reading one waits for its step), moved
@@ -187,25 +188,13 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
         steps - start,
     )
     began, timed_from, step, after = time.perf_counter(), time.perf_counter(), start, prepared.position
-    step_fn = None
     with (
         failures_named(lambda: f"step {step}"),
         Prefetcher(
             batches, lambda item: (prepared.device_batch(item[0], prepared.train_pack), item[1])
         ) as fed,
     ):
-        cached = isinstance(trainer, CachedTrainer)
-        # A cached run sees the next batches' ids: it prefetches and chooses victims by them.
-        stream = trainer.lookahead(fed) if cached else ((item, ()) for item in fed)
-        for step in range(start, steps):
-            (batch, after), upcoming = next(stream)
-            if cached:
-                prepared.state, loss = trainer.train_step(prepared.state, batch, upcoming)
-            else:
-                if step_fn is None:  # compiled once, ahead of time, so its HLO can be read
-                    step_fn = trainer.train_step.lower(prepared.state, batch).compile()
-                    read_step_bytes(prepared, step_fn, timing)
-                prepared.state, loss = step_fn(prepared.state, batch)
+        for step, (loss, (_, after)) in enumerate(_steps(prepared, fed, timing), start):
             watchdog.watch(f"step {step}", loss)
             pending.append(loss)
             if step == start:  # the first step includes compilation
@@ -231,6 +220,37 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
     timed_steps = steps - start - 1
     timing.samples_per_s = timed_steps * config.batch_size / elapsed if timed_steps > 0 else None
     return timing
+
+
+def _steps(prepared: Run, fed, timing: Timing):
+    """(loss, item) of each step over the placed items (batch, data position after it), as
+    the trainer's pipeline says; `prepared.state` holds the state after each."""
+    trainer = prepared.trainer
+    if isinstance(trainer, CachedTrainer):
+        # A cached run sees the next batches' ids: it prefetches and chooses victims by them.
+        for item, upcoming in trainer.lookahead(fed):
+            prepared.state, loss = trainer.train_step(prepared.state, item[0], upcoming)
+            yield loss, item
+        return
+    items = iter(fed)
+    first = next(items, None)
+    if first is None:
+        return
+    # Compiled ahead of time on the first batch, so that its HLO can be read; the steps
+    # then find the program in JAX's cache.
+    read_step_bytes(prepared, _steady_step(trainer, prepared.state, first[0]), timing)
+    for state, loss, item in train_steps(trainer, prepared.state, itertools.chain([first], items)):
+        prepared.state = state
+        yield loss, item
+
+
+def _steady_step(trainer, state, batch):
+    """The compiled step: the plain one, or under `sparse_dist` the one whose batch came
+    routed and which routes the next."""
+    if trainer.pipeline is Pipeline.NONE or not hasattr(trainer, "pipelined_step"):
+        return trainer.train_step.lower(state, batch).compile()
+    routed = trainer.route_step.lower(batch).out_info
+    return trainer.pipelined_step.lower(state, routed, batch, batch).compile()
 
 
 def read_step_bytes(prepared: Run, compiled, timing: Timing) -> None:
@@ -290,6 +310,7 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "table_dtype": config.table_dtype,
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
+        "pipeline": config.pipeline,
         **(_sharding_result(prepared, timing) if config.sharded else _one_device_result()),
         **_cache_result(prepared),
         "notes": prepared.data.notes + _pack_notes(prepared),

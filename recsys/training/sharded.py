@@ -27,12 +27,13 @@ from mesh import collectives, relayout
 from mesh.plan import ShardingPlan
 from mesh.routing import RoutingOptions
 from mesh.sharded import gather_logical, gather_logical_slots, logical_sharding, sharded_layout
-from mesh.sharded_lookup import StepRoutes, plan_routes, sharded_lookup
+from mesh.sharded_lookup import Routed, StepRoutes, plan_routes, route_ids, serve_routed, sharded_lookup
 from recsys.batching import Batch
 from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
 from recsys.lookup import Activations, initial_tables, owner_bags
 from recsys.sharded_update import feature_routes, init_sharded_slots, routing_inputs, sharded_sparse_update
 from recsys.training.losses import LossFn, binary_cross_entropy, mean_loss, weighted_sum
+from recsys.training.pipeline import Pipeline
 from recsys.training.trainer import replaced
 
 
@@ -67,6 +68,11 @@ class ShardedTrainer:
     `id_shares` ({table: {first row of a shard: its share of the table's ids}}) sizes
     the bucketized routes where a shard's rows stand for others (`recsys.cache`).
 
+    `pipeline` ("none" or "sparse_dist", `recsys.training.pipeline`): with
+    "sparse_dist", `train_steps` routes each next batch's ids to their owners inside the
+    step before (`pipelined_step`; the first batch's by `route_step`), beside that step's
+    sparse update; the results are those of "none", bit for bit.
+
     `loss_fn(outputs, batch) -> [batch]` gives per-sample losses, as for `Trainer`; each
     device evaluates it on its own samples, and the step minimizes their mean (weighted
     by `batch.weights` when given) over the whole batch. The model's other state (batch
@@ -85,7 +91,9 @@ class ShardedTrainer:
         routing: RoutingOptions | None = None,
         kernels: str = "auto",
         id_shares: dict | None = None,
+        pipeline: Pipeline | str = Pipeline.NONE,
     ):
+        self.pipeline = Pipeline(pipeline)
         self._build = None if isinstance(model, nnx.Module) else model
         if self._build is not None:
             model = nnx.eval_shape(self._build)  # shapes only: nothing is computed yet
@@ -105,6 +113,8 @@ class ShardedTrainer:
         self.routing = routing or RoutingOptions()
         self.kernels = kernels
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.route_step = jax.jit(lambda batch: self._routed(batch)[0])
+        self.pipelined_step = jax.jit(self._pipelined_step, donate_argnums=(0, 1))
         self.predict = jax.jit(self._predict)
 
     def init_state(self) -> ShardedState:
@@ -247,10 +257,34 @@ class ShardedTrainer:
         return self.predict_fn(model(dense, acts))
 
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
+        state, loss, _ = self._step(state, *self._routed(batch), batch)
+        return state, loss
+
+    def _routed(self, batch: Batch, order=None) -> tuple[Routed, jax.Array]:
+        """(what the owners of `batch`'s ids receive, the collectives' order after it):
+        `mesh.sharded_lookup.route_ids`."""
         routes = self.routes(batch.sparse.batch_size)
-        acts, routed, order = self._lookup(state, batch.sparse, routes)
+        return route_ids(self.layout, routes, *routing_inputs(self.config, batch.sparse), self.mesh, order)
+
+    def _pipelined_step(
+        self, state: ShardedState, routed: Routed, batch: Batch, next_batch: Batch
+    ) -> tuple[ShardedState, Routed, jax.Array]:
+        """The step on `batch`, whose ids `routed` sent to their owners (the step before,
+        or `route_step`), and `next_batch`'s ids sent to theirs after this step's last
+        collective, beside its update: (state, what they received, loss)."""
+        state, loss, order = self._step(state, routed, None, batch)
+        return state, self._routed(next_batch, order)[0], loss
+
+    def _step(self, state: ShardedState, routed: Routed, order, batch: Batch):
+        """The step once the ids are with their owners: (state, loss, the collectives' order)."""
+        routes = self.routes(batch.sparse.batch_size)
+        ids, coef = routing_inputs(self.config, batch.sparse)
+        bags = owner_bags(self.config, self.layout, self.kernels)
+        acts, order = serve_routed(
+            self.layout, state.tables, routes, routed, ids, coef, self.mesh, bags, order
+        )
         order, (loss, param_grads, act_grads, rest) = self._dense_grads(state, batch, acts, order)
-        tables, slots, _ = sharded_sparse_update(
+        tables, slots, order = sharded_sparse_update(
             self.config,
             self.layout,
             self.mesh,
@@ -278,7 +312,7 @@ class ShardedTrainer:
             slots=slots,
             routing_fallbacks=state.routing_fallbacks + fell_back.astype(jnp.int32),
         )
-        return new_state, loss
+        return new_state, loss, order
 
     def _dense_grads(self, state: ShardedState, batch: Batch, acts, order):
         """The dense backward per device, its gradients summed by `compressed_sum` (a plain

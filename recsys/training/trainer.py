@@ -30,6 +30,7 @@ from recsys.sparse import JaggedBatch
 from recsys.sparse_update import init_slots, sparse_update
 from recsys.specs import EmbeddingConfig
 from recsys.training.losses import LossFn, binary_cross_entropy, mean_loss
+from recsys.training.pipeline import Pipeline
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +67,8 @@ class Trainer:
         update and, on CPU, the float32 dense layers.
       logical_rows: {table: rows} when the model's tables hold fewer rows than the tables
         they stand for (`recsys.cache`: slots); `sparse_update` decides as for those.
+      pipeline: "none" or "sparse_dist" (`recsys.training.pipeline`); one device routes
+        no ids, so both run the same step.
     """
 
     def __init__(
@@ -78,7 +81,9 @@ class Trainer:
         dedup: str = "auto",
         kernels: str = "auto",
         logical_rows: dict[str, int] | None = None,
+        pipeline: Pipeline | str = Pipeline.NONE,
     ):
+        self.pipeline = Pipeline(pipeline)
         self.config: EmbeddingConfig = find_collection(model).config
         self.logical_rows = logical_rows
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
