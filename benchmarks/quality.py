@@ -1,4 +1,5 @@
-"""Quality under compression: test AUC and log-loss of compressed runs against fp32.
+"""Quality under compression (and the semi-synchronous pipeline): test AUC and log-loss
+against fp32.
 
     python -m benchmarks.quality                                   # Frappe + synthetic
     python -m benchmarks.quality --datasets synthetic --seeds 0    # quick look
@@ -12,6 +13,8 @@ and the mean difference to the fp32 run of the same seed. Configurations (issue 
   bf16_state           the same with --state-dtype bf16 and packed ids (lossless)
   fp8                  --comm fwd=fp8_e4m3,bwd=fp8_e5m2,allreduce=fp8_e4m3
   int8                 --comm fwd=int8,bwd=int8,allreduce=int8
+  semi_sync            --pipeline semi_sync: each batch trains on rows one update late
+The fp32 run takes the default `sparse_dist` pipeline, equal to `none` bit for bit.
 Frappe is read from ../shared/data/frappe (train on the validation file, evaluate on the
 test file); it is skipped, saying so, when absent. Synthetic is the planted-model data.
 """
@@ -39,6 +42,7 @@ CONFIGS = {
     ],
     "fp8": ["--comm", "fwd=fp8_e4m3,bwd=fp8_e5m2,allreduce=fp8_e4m3"],
     "int8": ["--comm", "fwd=int8,bwd=int8,allreduce=int8"],
+    "semi_sync": ["--pipeline", "semi_sync"],
 }
 FRAPPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "frappe"
 

@@ -11,7 +11,8 @@ their fallback branch. The compiled step's collectives must form one chain
 with the `sparse_dist` pipeline (each step also routes the next batch's ids): its steady
 step's collectives must form one chain too, and its losses and tables must equal the
 plain run's bit for bit. Prints one JSON line per route; a hang shows as the parent's
-timeout.
+timeout. They also train with `semi_sync` (each step looks the next batch up before its
+update), whose step's collectives must form one chain.
 """
 
 from __future__ import annotations
@@ -90,13 +91,13 @@ def plain_run(trainer: ShardedTrainer, batches: list) -> tuple[list, dict, str, 
 
 
 def pipelined_run(trainer: ShardedTrainer, batches: list) -> tuple[list, dict, str]:
-    """(losses, tables, the step's HLO) under `sparse_dist`: each step runs a batch whose
-    ids were routed before it and routes the next one's."""
+    """(losses, tables, the step's HLO) under the trainer's pipeline: each step takes what
+    the step before prepared of its batch and prepares the next one's."""
     state, losses = trainer.init_state(), []
-    routed = trainer.route_step(batches[0])
-    step = trainer.pipelined_step.lower(state, routed, batches[0], batches[1]).compile()
+    carry = trainer.carry_step(state, batches[0])
+    step = trainer.pipelined_step.lower(state, carry, batches[0], batches[1]).compile()
     for b, following in zip(batches, [*batches[1:], batches[-1]]):
-        state, routed, loss = step(state, routed, b, following)
+        state, carry, loss = step(state, carry, b, following)
         losses.append(float(loss))
     return losses, trainer.logical_tables(state), step.as_text()
 

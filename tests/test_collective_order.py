@@ -114,7 +114,8 @@ def test_the_parser_reads_tuple_results_and_branches():
 # chain: they run three times as many steps (a hang is a race at run time, so more steps
 # repeat it; another process would only repeat the compile). One bucketized route per
 # mesh trains again with the sparse_dist pipeline, whose step also routes the next
-# batch's ids: it must keep the chain and equal the plain run bit for bit.
+# batch's ids: it must keep the chain and equal the plain run bit for bit; and with
+# semi_sync, whose step looks the next batch up first: it must keep the chain.
 ROUTES = ("auto", "broadcast", "rows", "pooled")
 CASES = [("device=8", 8, "rows"), ("host=2,device=4", 24, "pooled")]
 
@@ -149,6 +150,7 @@ def test_no_step_hangs_under_contention():
                 assert r["fallbacks"] == steps // 2, (mesh, r)
             if r["route"] == pipelined:
                 assert r["pipelined_unordered"] == [] and r["pipelined_equal"], (mesh, r)
+                assert r["semi_sync_unordered"] == [] and r["semi_sync_finite"], (mesh, r)
 
 
 def test_watchdog_names_the_step_that_stalls():

@@ -148,10 +148,32 @@ def test_the_sparse_dist_pipeline_trains_like_none_to_a_short_last_batch():
     results = []
     for pipeline in ("none", "sparse_dist"):
         trainer = ShardedTrainer(model(), optax.adam(0.01), plan, mesh, pipeline=pipeline)
-        steps = train_steps(trainer, trainer.init_state(), [trainer.shard_batch(b) for b in placed])
-        ran = [(state, float(loss)) for state, loss, _ in steps]
-        results.append(([loss for _, loss in ran], trainer.logical_tables(ran[-1][0])))
+        losses, state = _pipelined_losses(trainer, [trainer.shard_batch(b) for b in placed])
+        results.append((losses, trainer.logical_tables(state)))
     (want, want_tables), (got, got_tables) = results
     assert got == want and len(got) == 4
     for name, table in want_tables.items():
         np.testing.assert_array_equal(got_tables[name], table, err_msg=name)
+
+
+def _pipelined_losses(trainer, placed) -> tuple[list, object]:
+    ran = [(state, float(loss)) for state, loss, _ in train_steps(trainer, trainer.init_state(), placed)]
+    return [loss for _, loss in ran], ran[-1][0]
+
+
+def test_semi_sync_looks_ahead_alike_on_one_device_and_sharded():
+    """semi_sync trains each batch on rows one update late: its first step is the plain
+    step's, later ones differ; sharded it computes what it computes on one device."""
+    placed = list(batches())[:6]
+    plain = _pipelined_losses(Trainer(model(), optax.adam(0.01)), placed)[0]
+    one = Trainer(model(), optax.adam(0.01), pipeline="semi_sync")
+    losses, state = _pipelined_losses(one, placed)
+    assert losses[0] == plain[0] and losses[1:] != plain[1:]
+    want = (losses, one.logical_tables(state), nnx.to_pure_dict(state.params))
+    mesh = make_mesh(8)
+    sharded = ShardedTrainer(
+        model(), optax.adam(0.01), mixed_plan(mesh_spec(mesh), "row_wise", 5, "column_wise"), mesh,
+        pipeline="semi_sync",
+    )  # fmt: skip
+    losses, state = _pipelined_losses(sharded, [sharded.shard_batch(b) for b in placed])
+    check((losses, sharded.logical_tables(state), nnx.to_pure_dict(state.params)), want)

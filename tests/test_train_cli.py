@@ -99,6 +99,7 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
     for strategy in ("row_wise",):
         got = _metrics(tmp_path, strategy, "--devices", "8", "--sharding", strategy)
         assert got["devices"] == 8 and got["plan"]["tables"]["t0"]["strategy"] == strategy
+        assert got["pipeline"] == "sparse_dist" and one["pipeline"] == "none"
         assert got["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5), strategy
         assert got["auc"] == pytest.approx(one["auc"], abs=1e-4), strategy
     for strategy in ("grid",):
@@ -176,7 +177,7 @@ def test_cli_checkpoint_from_a_sharded_run_resumes_on_another_layout(tmp_path, o
     one = one_device
     directory = tmp_path / "ck"
     argv = ["--checkpoint-dir", str(directory), "--checkpoint-every", "10", "--keep-checkpoints", "5"]
-    argv += ["--pipeline", "sparse_dist"]  # a checkpoint holds no batch routed ahead
+    # The default sparse_dist pipeline: a checkpoint holds no batch routed ahead.
     _metrics(tmp_path, "tw8", "--devices", "8", "--sharding", "table_wise", *argv)
     shutil.rmtree(directory / "20")  # as if the run died after step 10
     resumed = _metrics(tmp_path, "grid", "--mesh", "host=2,device=4", "--sharding", "grid", *argv, "--resume")

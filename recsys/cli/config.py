@@ -85,7 +85,7 @@ class RunConfig:
     route_capacity: float = 2.0
     comm: CommConfig = CommConfig()
     # What of the next batch a step starts changes no result, so it is not computed.
-    pipeline: str = "none"
+    pipeline: str = "sparse_dist"
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
@@ -136,11 +136,8 @@ class RunConfig:
             yield "--comm compresses the collectives of a sharded run: add --devices, --mesh or --sharding"
         if (self.cache_load_factor is not None or self.device_memory) and self.coordinator:
             yield "cached tables train in one process: drop --coordinator, or --cache-load-factor and --device-memory"
-        if self.pipeline != "none" and (self.cache_load_factor is not None or self.device_memory):
-            yield (
-                f"--pipeline {self.pipeline}: cached tables run their own pipeline (the next batch's "
-                "misses travel while a step runs); drop --pipeline or the cache"
-            )
+        if self.pipeline == "semi_sync" and (self.cache_load_factor is not None or self.device_memory):
+            yield "--pipeline semi_sync looks batches up ahead of the cache's admission: drop it or the cache"
         if self.device_memory:
             if self.sharding != "auto":
                 yield "--device-memory plans the tables for that memory: add --sharding auto"

@@ -197,10 +197,10 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--pipeline",
         choices=[m.value for m in Pipeline],
-        default="none",
+        default="sparse_dist",
         help="sparse_dist: each step also sends the next batch's ids to their tables' owners, "
         "beside its own update (exact; TorchRec's TrainPipelineSparseDist); none: each step "
-        "routes its own ids first",
+        "routes its own ids first. One device and cached tables route no ids ahead",
     )
     g.add_argument(
         "--route-capacity",

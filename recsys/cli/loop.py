@@ -37,7 +37,7 @@ from recsys.sparse import InputPolicy, PackReport
 from recsys.specs import EmbeddingConfig
 from recsys.training import Checkpointer, CheckpointMismatch
 from recsys.training.checkpoint import check_compatible
-from recsys.training.pipeline import Pipeline, train_steps
+from recsys.training.pipeline import Pipeline, pipeline_of, train_steps
 from recsys.training.sharded import to_host
 
 # Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
@@ -245,12 +245,12 @@ def _steps(prepared: Run, fed, timing: Timing):
 
 
 def _steady_step(trainer, state, batch):
-    """The compiled step: the plain one, or under `sparse_dist` the one whose batch came
-    routed and which routes the next."""
-    if trainer.pipeline is Pipeline.NONE or not hasattr(trainer, "pipelined_step"):
+    """The compiled step: the plain one, or the pipelined one, which takes what the step
+    before prepared of its batch and prepares the next."""
+    if pipeline_of(trainer) is Pipeline.NONE:
         return trainer.train_step.lower(state, batch).compile()
-    routed = trainer.route_step.lower(batch).out_info
-    return trainer.pipelined_step.lower(state, routed, batch, batch).compile()
+    carry = trainer.carry_step.lower(state, batch).out_info
+    return trainer.pipelined_step.lower(state, carry, batch, batch).compile()
 
 
 def read_step_bytes(prepared: Run, compiled, timing: Timing) -> None:
@@ -310,7 +310,7 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "table_dtype": config.table_dtype,
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
-        "pipeline": config.pipeline,
+        "pipeline": pipeline_of(prepared.trainer).value,  # what ran: one device routes no ids ahead
         **(_sharding_result(prepared, timing) if config.sharded else _one_device_result()),
         **_cache_result(prepared),
         "notes": prepared.data.notes + _pack_notes(prepared),

@@ -11,8 +11,16 @@ input pipeline (`recsys.data.Prefetcher` places batches i+1.. while step i runs)
 reads the batch only, never the tables, so the result is that of `none`, bit for bit.
 On one device there is nothing to route, and `sparse_dist` runs the plain step.
 
-The routed ids live in `train_steps`, never in the train state: a checkpoint holds no
-half-routed batch, and a resumed run routes its first batch by itself (`route_step`).
+`semi_sync` (jax-tpu-embedding's and TorchRec's semi-synchronous pipelines): the step of
+batch i first looks up batch i+1's activations, from the tables before step i's sparse
+update, so the lookup runs beside step i's dense forward and backward. Batch i+1 then
+trains on rows one update late: not exact; its quality cost is measured in
+benchmarks/README.md.
+
+What a step prepares for the next (the routed ids, the activations) lives in
+`train_steps`, never in the train state: a checkpoint holds no half-routed batch, and a
+resumed run prepares its first batch by itself (`carry_step`). A run resumed under
+`semi_sync` thus looks that batch up with fresh rows, as `none` would.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from collections.abc import Iterable, Iterator
 class Pipeline(str, enum.Enum):
     NONE = "none"
     SPARSE_DIST = "sparse_dist"
+    SEMI_SYNC = "semi_sync"
 
 
 _END = object()
@@ -36,9 +45,7 @@ def train_steps(trainer, state, items: Iterable) -> Iterator[tuple[object, objec
     The generator owns the state between steps: the state it yields is for reading and
     saving (checkpoints, evaluation), and the next step donates it. It reads one item
     ahead of the step it runs."""
-    if Pipeline(getattr(trainer, "pipeline", Pipeline.NONE)) is Pipeline.NONE or not hasattr(
-        trainer, "pipelined_step"
-    ):
+    if pipeline_of(trainer) is Pipeline.NONE:
         for item in items:
             state, loss = trainer.train_step(state, _batch_of(item))
             yield state, loss, item
@@ -47,14 +54,20 @@ def train_steps(trainer, state, items: Iterable) -> Iterator[tuple[object, objec
     current = next(source, _END)
     if current is _END:
         return
-    routed = trainer.route_step(_batch_of(current))
+    carry = trainer.carry_step(state, _batch_of(current))
     while current is not _END:
         following = next(source, _END)
-        # The last step routes its own batch again, unused: one compiled step serves all.
+        # The last step prepares its own batch again, unused: one compiled step serves all.
         upcoming = _batch_of(current if following is _END else following)
-        state, routed, loss = trainer.pipelined_step(state, routed, _batch_of(current), upcoming)
+        state, carry, loss = trainer.pipelined_step(state, carry, _batch_of(current), upcoming)
         yield state, loss, current
         current = following
+
+
+def pipeline_of(trainer) -> Pipeline:
+    """The pipeline `train_steps` runs for `trainer`: its own, where it has a pipelined
+    step; else (a cached trainer) `none`."""
+    return Pipeline(trainer.pipeline) if hasattr(trainer, "pipelined_step") else Pipeline.NONE
 
 
 def _batch_of(item):

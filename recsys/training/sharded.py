@@ -68,10 +68,10 @@ class ShardedTrainer:
     `id_shares` ({table: {first row of a shard: its share of the table's ids}}) sizes
     the bucketized routes where a shard's rows stand for others (`recsys.cache`).
 
-    `pipeline` ("none" or "sparse_dist", `recsys.training.pipeline`): with
-    "sparse_dist", `train_steps` routes each next batch's ids to their owners inside the
-    step before (`pipelined_step`; the first batch's by `route_step`), beside that step's
-    sparse update; the results are those of "none", bit for bit.
+    `pipeline` ("none", "sparse_dist" or "semi_sync", `recsys.training.pipeline`): what
+    `train_steps` prepares of each next batch in the step before (`pipelined_step`; for
+    the first batch, `carry_step`): its routed ids (sparse_dist, exact), or its
+    activations too, looked up before the step's update (semi_sync, one update late).
 
     `loss_fn(outputs, batch) -> [batch]` gives per-sample losses, as for `Trainer`; each
     device evaluates it on its own samples, and the step minimizes their mean (weighted
@@ -91,7 +91,7 @@ class ShardedTrainer:
         routing: RoutingOptions | None = None,
         kernels: str = "auto",
         id_shares: dict | None = None,
-        pipeline: Pipeline | str = Pipeline.NONE,
+        pipeline: Pipeline | str = Pipeline.SPARSE_DIST,
     ):
         self.pipeline = Pipeline(pipeline)
         self._build = None if isinstance(model, nnx.Module) else model
@@ -113,7 +113,7 @@ class ShardedTrainer:
         self.routing = routing or RoutingOptions()
         self.kernels = kernels
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.route_step = jax.jit(lambda batch: self._routed(batch)[0])
+        self.carry_step = jax.jit(self._first_carry)
         self.pipelined_step = jax.jit(self._pipelined_step, donate_argnums=(0, 1))
         self.predict = jax.jit(self._predict)
 
@@ -257,7 +257,9 @@ class ShardedTrainer:
         return self.predict_fn(model(dense, acts))
 
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
-        state, loss, _ = self._step(state, *self._routed(batch), batch)
+        routed, order = self._routed(batch)
+        acts, order = self._serve(state.tables, routed, batch, order)
+        state, loss, _ = self._learn(state, routed, acts, order, batch)
         return state, loss
 
     def _routed(self, batch: Batch, order=None) -> tuple[Routed, jax.Array]:
@@ -266,23 +268,46 @@ class ShardedTrainer:
         routes = self.routes(batch.sparse.batch_size)
         return route_ids(self.layout, routes, *routing_inputs(self.config, batch.sparse), self.mesh, order)
 
-    def _pipelined_step(
-        self, state: ShardedState, routed: Routed, batch: Batch, next_batch: Batch
-    ) -> tuple[ShardedState, Routed, jax.Array]:
-        """The step on `batch`, whose ids `routed` sent to their owners (the step before,
-        or `route_step`), and `next_batch`'s ids sent to theirs after this step's last
-        collective, beside its update: (state, what they received, loss)."""
-        state, loss, order = self._step(state, routed, None, batch)
-        return state, self._routed(next_batch, order)[0], loss
-
-    def _step(self, state: ShardedState, routed: Routed, order, batch: Batch):
-        """The step once the ids are with their owners: (state, loss, the collectives' order)."""
+    def _serve(self, tables, routed: Routed, batch: Batch, order):
+        """(`batch`'s activations from `tables`, the order after): the owners look up what
+        they received and send the results back (`mesh.sharded_lookup.serve_routed`)."""
         routes = self.routes(batch.sparse.batch_size)
         ids, coef = routing_inputs(self.config, batch.sparse)
         bags = owner_bags(self.config, self.layout, self.kernels)
-        acts, order = serve_routed(
-            self.layout, state.tables, routes, routed, ids, coef, self.mesh, bags, order
-        )
+        return serve_routed(self.layout, tables, routes, routed, ids, coef, self.mesh, bags, order)
+
+    def _first_carry(self, state: ShardedState, batch: Batch):
+        """What the pipeline hands the first step: `batch`'s routed ids (sparse_dist), and
+        its activations with them (semi_sync)."""
+        routed, order = self._routed(batch)
+        if self.pipeline is not Pipeline.SEMI_SYNC:
+            return routed
+        return self._serve(state.tables, routed, batch, order)[0], routed
+
+    def _pipelined_step(self, state: ShardedState, carry, batch: Batch, next_batch: Batch):
+        """The step on `batch` with what the step before carried over, preparing
+        `next_batch`: (state, its carry, loss).
+
+        sparse_dist: the carry is `batch`'s routed ids; `next_batch`'s are routed after
+        this step's last collective, beside its update. Exact.
+        semi_sync: the carry is also `batch`'s activations, looked up in the step before;
+        `next_batch`'s are looked up first, from the tables before this step's update, so
+        the lookup runs beside this step's dense work. A batch sees its rows one update
+        late."""
+        if self.pipeline is Pipeline.SEMI_SYNC:
+            acts, routed = carry
+            next_routed, order = self._routed(next_batch)
+            next_acts, order = self._serve(state.tables, next_routed, next_batch, order)
+            state, loss, _ = self._learn(state, routed, acts, order, batch)
+            return state, (next_acts, next_routed), loss
+        acts, order = self._serve(state.tables, carry, batch, None)
+        state, loss, order = self._learn(state, carry, acts, order, batch)
+        return state, self._routed(next_batch, order)[0], loss
+
+    def _learn(self, state: ShardedState, routed: Routed, acts, order, batch: Batch):
+        """The dense forward and backward on `acts`, the sparse update of the rows
+        `routed` reached, the dense update: (state, loss, the collectives' order)."""
+        routes = self.routes(batch.sparse.batch_size)
         order, (loss, param_grads, act_grads, rest) = self._dense_grads(state, batch, acts, order)
         tables, slots, order = sharded_sparse_update(
             self.config,

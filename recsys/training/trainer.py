@@ -67,8 +67,9 @@ class Trainer:
         update and, on CPU, the float32 dense layers.
       logical_rows: {table: rows} when the model's tables hold fewer rows than the tables
         they stand for (`recsys.cache`: slots); `sparse_update` decides as for those.
-      pipeline: "none" or "sparse_dist" (`recsys.training.pipeline`); one device routes
-        no ids, so both run the same step.
+      pipeline: "none", "sparse_dist" or "semi_sync" (`recsys.training.pipeline`). One
+        device routes no ids: "sparse_dist" is "none" here. "semi_sync" looks up each
+        next batch before the step's update (`pipelined_step`).
     """
 
     def __init__(
@@ -81,9 +82,10 @@ class Trainer:
         dedup: str = "auto",
         kernels: str = "auto",
         logical_rows: dict[str, int] | None = None,
-        pipeline: Pipeline | str = Pipeline.NONE,
+        pipeline: Pipeline | str = Pipeline.SPARSE_DIST,
     ):
-        self.pipeline = Pipeline(pipeline)
+        # Nothing to route ahead on one device: sparse_dist is the plain step.
+        self.pipeline = Pipeline.NONE if Pipeline(pipeline) is Pipeline.SPARSE_DIST else Pipeline(pipeline)
         self.config: EmbeddingConfig = find_collection(model).config
         self.logical_rows = logical_rows
         self.graphdef, tables, params, rest = nnx.split(model, EmbeddingTable, nnx.Param, ...)
@@ -95,6 +97,9 @@ class Trainer:
         self.dense_kernels = kernel_paths.dense_path(kernels) == "cpu"
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
+        if self.pipeline is Pipeline.SEMI_SYNC:
+            self.carry_step = jax.jit(self._lookup)
+            self.pipelined_step = jax.jit(self._semi_sync_step, donate_argnums=(0, 1))
 
     def init_state(self) -> TrainState:
         # Copies: the step donates its state, and the model passed in must stay usable.
@@ -168,13 +173,23 @@ class Trainer:
 
     def _train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
         with kernel_paths.cpu_dense_layers(self.dense_kernels):  # while the step is traced
-            return self._traced_train_step(state, batch)
+            return self._traced_train_step(state, batch, self._lookup(state, batch))
 
-    def _traced_train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, jax.Array]:
+    def _lookup(self, state: TrainState, batch: Batch):
+        return lookup(self.config, self.stacked_tables(state), batch.sparse, self.kernels)
+
+    def _semi_sync_step(self, state: TrainState, acts, batch: Batch, next_batch: Batch):
+        """The step on `batch` with its activations looked up in the step before; looks up
+        `next_batch`'s first, from the tables before this step's update: (state, them, loss)."""
+        next_acts = self._lookup(state, next_batch)
+        with kernel_paths.cpu_dense_layers(self.dense_kernels):
+            state, loss = self._traced_train_step(state, batch, acts)
+        return state, next_acts, loss
+
+    def _traced_train_step(self, state: TrainState, batch: Batch, acts) -> tuple[TrainState, jax.Array]:
         model = self.model(state)
         collection = find_collection(model)
         tables = collection.stacked_tables()
-        acts = lookup(self.config, tables, batch.sparse, self.kernels)
 
         def loss_of(params, acts):
             # Fresh variables of this trace: the model updates its other state in place.
