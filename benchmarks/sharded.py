@@ -182,13 +182,18 @@ def measure(args, spec: MeshSpec, trainer, placed, name: str, plan=None, comm=No
 
 
 def compare_pipelines(args, spec: MeshSpec, model, plan, mesh, batch: Batch, strategy: str) -> dict:
-    """One trainer per `--pipeline` mode on the same batches; the modes take turns."""
-    runs = {}
+    """One trainer per `--pipeline` mode on the same batches; the modes take turns. Also
+    the time the id routing takes alone (a sparse_dist trainer's `carry_step`), and the
+    share of it the pipeline hid: (none's step - sparse_dist's) / routing."""
+    runs, routing = {}, None
     for mode in args.pipeline:
         trainer = ShardedTrainer(
             model(), optax.adam(1e-3), plan, mesh, kernels=args.kernels[0], pipeline=mode
         )
-        runs[mode] = train_steps(trainer, trainer.init_state(), itertools.repeat(trainer.shard_batch(batch)))
+        placed = trainer.shard_batch(batch)
+        runs[mode] = train_steps(trainer, trainer.init_state(), itertools.repeat(placed))
+        if mode == "sparse_dist":
+            routing = _routing_alone(trainer, placed)
 
     def seconds(steps, count: int) -> float:
         start = time.perf_counter()
@@ -215,9 +220,34 @@ def compare_pipelines(args, spec: MeshSpec, model, plan, mesh, batch: Batch, str
         },
         **{f"{m}_vs_{base}": statistics.median(r) for m, r in ratios.items()},
         "per_round": ratios,
+        **_hidden(times, routing, args.steps),
         **{k: getattr(args, k) for k in ("tables", "rows", "dim", "pooling", "batch", "steps", "rounds")},
         "backend": jax.default_backend(),
     }
+
+
+def _routing_alone(trainer: ShardedTrainer, placed: Batch):
+    """A function timing `count` calls of the id routing alone, dispatched back to back."""
+    state = trainer.init_state()
+
+    def seconds(count: int) -> float:
+        jax.block_until_ready(trainer.carry_step(state, placed))  # compiled before the clock
+        start = time.perf_counter()
+        for _ in range(count):
+            routed = trainer.carry_step(state, placed)
+        jax.block_until_ready(routed)
+        return time.perf_counter() - start
+
+    return seconds
+
+
+def _hidden(times: dict, routing, steps: int) -> dict:
+    """The id routing's time per step alone, and the share of it sparse_dist hid."""
+    if routing is None or "none" not in times:
+        return {}
+    route_s = statistics.median(routing(steps) for _ in range(3)) / steps
+    saved_s = (statistics.median(times["none"]) - statistics.median(times["sparse_dist"])) / steps
+    return {"routing_ms": round(route_s * 1e3, 3), "hidden_share": round(saved_s / route_s, 3)}
 
 
 def _compression_ratio(record: dict, fp32_purposes: dict, comm: CommConfig) -> None:

@@ -65,6 +65,29 @@ def test_sharded_benchmark_reports_bytes_sent(capsys):
     assert records[2]["bytes_by_collective"]["all-gather"] > 0
 
 
+def test_sharded_benchmark_compares_pipelines(capsys):
+    from benchmarks import sharded as bench_sharded
+
+    argv = ["--tables", "2", "--rows", "100", "--dim", "8", "--batch", "64", "--steps", "2", "--rounds", "2"]
+    assert bench_sharded.main([*argv, "--strategies", "table_wise", "--pipeline", "none", "sparse_dist"]) == 0
+    record = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-1]
+    assert record["bench"] == "pipeline" and record["strategy"] == "table_wise"
+    assert record["none_samples_per_s"] > 0 and record["sparse_dist_samples_per_s"] > 0
+    assert len(record["per_round"]["sparse_dist"]) == 2 and record["routing_ms"] > 0
+
+
+def test_overlap_benchmark_reads_the_compiled_step(capsys):
+    """On CPU every collective is synchronous; the script reads them all by purpose."""
+    from benchmarks import overlap as bench_overlap
+
+    argv = ["--cpu", "--tables", "2", "--rows", "100", "--dim", "8", "--batch", "64"]
+    assert bench_overlap.main([*argv, "--strategies", "table_wise", "--pipeline", "sparse_dist"]) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["pipeline"] == "sparse_dist" and record["devices"] == 8
+    ids = record["by_purpose"]["ids"]
+    assert ids["collectives"] >= 1 and ids["async"] == 0 and record["by_purpose"]["fwd"]["collectives"] >= 1
+
+
 def test_planner_benchmark_compares_with_naive_plans(capsys):
     from benchmarks import planner as bench_planner
 

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mesh import collectives, make_mesh
+from mesh.collectives.hlo import overlap
 from recsys.cli.watchdog import StepWatchdog, xla_collective_timeouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +106,37 @@ def test_the_parser_reads_tuple_results_and_branches():
         """
     )
     assert collectives.unordered_collectives(hlo) == [("c", "late")]
+
+
+def test_overlap_reads_async_pairs_and_the_compute_between():
+    """A scheduled accelerator program: TPU layouts hold parentheses, an async all-to-all
+    has two fusions between its start and done, a branch's all-to-all stays synchronous."""
+    hlo = textwrap.dedent(
+        """\
+        %branch (p: s32[8]) -> s32[8] {
+          %p = s32[8]{0:T(128)} parameter(0)
+          ROOT %ids = s32[8]{0:T(128)} all-to-all(%p), dimensions={0}, metadata={op_name="jit(f)/comm_ids/all_to_all"}
+        }
+
+        ENTRY %main (x: f32[8], i: s32[8], c: pred[]) -> f32[8] {
+          %x = f32[8]{0:T(256)} parameter(0)
+          %i = s32[8]{0:T(128)} parameter(1)
+          %c = pred[]{:T(128)} parameter(2)
+          %start = ((f32[8]{0:T(256)}), f32[8]{0:T(256)S(1)}, u32[]{:S(2)}) all-to-all-start(%x), dimensions={0}, metadata={op_name="jit(f)/comm_fwd/all_to_all"}
+          %f1 = f32[8]{0:T(256)} fusion(%x), kind=kLoop, calls=%fused
+          %b = f32[8]{0:T(256)} bitcast(%f1)
+          %f2 = f32[8]{0:T(256)} fusion(%b), kind=kLoop, calls=%fused
+          %done = f32[8]{0:T(256)S(1)} all-to-all-done(%start)
+          %k = s32[8]{0:T(128)} conditional(%c, %i, %i), true_computation=%branch, false_computation=%branch
+          ROOT %r = f32[8]{0:T(256)} add(%done, %f2)
+        }
+        """
+    )
+    records = sorted(overlap(hlo), key=lambda r: r["purpose"])
+    assert [(r["purpose"], r["async"], r["overlapped"], r["in_branch"]) for r in records] == [
+        ("fwd", True, 2, False),
+        ("ids", False, 0, True),
+    ]
 
 
 # Stress: every strategy (one table each) and every route on both meshes, with batches
@@ -209,6 +241,7 @@ sys.exit(train.main(sys.argv[1:]))
 @pytest.mark.slow
 def test_a_stalled_step_ends_the_cli_with_one_line():
     argv = ["--devices", "8", "--sharding", "grid", "--steps", "3", "--train-samples", "1024"]
+    argv += ["--pipeline", "none"]  # the plain step is the one patched to stall
     argv += [
         "--eval-samples",
         "256",

@@ -22,7 +22,7 @@ from jax import lax
 from mesh.collectives.codecs import CODECS as CODECS  # re-exported
 from mesh.collectives.codecs import Codec as Codec
 from mesh.collectives.codecs import codec
-from mesh.collectives.hlo import COLLECTIVE_KINDS, computations
+from mesh.collectives.hlo import COLLECTIVE_KINDS, PURPOSE, computations
 from mesh.collectives.hlo import unordered_collectives as unordered_collectives  # re-exported
 from mesh.collectives.ordering import cond as cond  # re-exported
 from mesh.collectives.ordering import ordered_shard_map as ordered_shard_map
@@ -279,7 +279,6 @@ def collective_bytes(hlo_text: str, devices: int, branch: int = 0) -> dict[str, 
 
 # What each collective carries, named by the scope it runs under (`tagged`).
 PURPOSES = ("fwd", "bwd", "allreduce", "ids", "stats", "data_parallel", "other")
-_PURPOSE = re.compile(r'op_name="[^"]*\bcomm_(?P<purpose>[a-z_]+)/')
 
 
 def tagged(purpose: str):
@@ -297,7 +296,7 @@ def bytes_by_purpose(hlo_text: str, devices: int, branch: int = 0) -> dict[str, 
     flags (stats), data-parallel tables' batch gathers, and the rest."""
 
     def purpose(op: str, line: str) -> str:
-        found = _PURPOSE.search(line)
+        found = PURPOSE.search(line)
         if found and found["purpose"] in PURPOSES:
             return found["purpose"]
         return "allreduce" if op == "all-reduce" else "other"

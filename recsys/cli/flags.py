@@ -199,8 +199,9 @@ def _sharding_flags(p: argparse.ArgumentParser) -> None:
         choices=[m.value for m in Pipeline],
         default="sparse_dist",
         help="sparse_dist: each step also sends the next batch's ids to their tables' owners, "
-        "beside its own update (exact; TorchRec's TrainPipelineSparseDist); none: each step "
-        "routes its own ids first. One device and cached tables route no ids ahead",
+        "beside its own update (exact; TorchRec's TrainPipelineSparseDist); semi_sync: each "
+        "step looks the next batch up before its own update (not exact: rows one update late); "
+        "none: each step routes its own ids first. One device and cached tables route no ids ahead",
     )
     g.add_argument(
         "--route-capacity",
