@@ -133,6 +133,12 @@ def main() -> None:
             record["pipelined_equal"] = got == losses and all(
                 np.array_equal(got_tables[t], tables[t]) for t in tables
             )
+            trainer = ShardedTrainer(
+                model, optax.adam(0.01), plan(mesh), mesh, pipeline="semi_sync", **options
+            )
+            got, _, steady = pipelined_run(trainer, batches)
+            record["semi_sync_unordered"] = unordered_collectives(steady)
+            record["semi_sync_finite"] = bool(np.isfinite(got).all())
         print(json.dumps(record), flush=True)
 
 

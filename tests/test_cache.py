@@ -350,6 +350,8 @@ def test_cache_flags_are_checked(capsys):
     assert "--device-memory lets the planner choose the cached tables" in line
     line = cli_error(capsys, [*CLI, *mesh, "--sharding", "auto", "--device-memory", "lots"])
     assert "--device-memory: not a byte count" in line
+    line = cli_error(capsys, [*CLI, "--cache-load-factor", "0.5", "--pipeline", "semi_sync"])
+    assert "--pipeline semi_sync looks batches up ahead of the cache's admission" in line
 
 
 def test_a_built_module_or_a_builder_start_alike():
