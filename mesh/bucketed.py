@@ -18,7 +18,9 @@ Static shapes need a fixed number of slots per peer: `capacity = capacity_factor
 most ids any owner expects from one source if ids were spread like its rows. Skewed
 batches can need more. Every device computes whether any of its buckets overflowed, one
 `psum` makes the verdict global, and the whole group then takes the broadcast route for
-that step (`lax.cond`), so an id is never dropped; the step reports the fallback.
+that step (`lax.cond`), so an id is never dropped; the step reports the fallback. The
+buckets themselves travel on every step, outside the `cond` (`mesh.sharded_lookup`), so
+their all-to-all can run beside compute; an overflowing step drops them.
 
 Forward, inside `jax.shard_map`, for one group:
 1. `assign`: per id (and column block), its owner, its row in the owner's block, its

@@ -178,38 +178,37 @@ def _serve_broadcast(route: GroupRoute, block, got: Received, device, axes, bag=
 
 
 def _route_bucketed(bucket: BucketRoute, route: GroupRoute, ids, coef, device, axes) -> Received:
-    """Bucketized routing, or the broadcast route for the whole group when any device's
-    buckets overflow this batch. Both branches return every field the group's `Received`
-    has (zeros where the branch taken does not fill it)."""
+    """Bucketized routing, plus the broadcast route's ids for the whole group when any
+    device's buckets overflow this batch (the serve and the update then take that route).
+    The buckets travel on every step, outside any `cond`, so the compiler can run their
+    all-to-all beside compute (a pipelined step's update); on an overflowing step they
+    arrive incomplete and read as empty, as the backward expects."""
     a = bucketed.assign(bucket, ids)
     fallback = collectives.any_device(a.overflow, axes)
     n, local_batch = bucket.group.devices, next(iter(ids.values())).shape[0]
-    columns, slots = (n, local_batch, route.columns), (n, bucket.capacity)
+    columns = (n, local_batch, route.columns)
+    if bucket.pool_at_owner:
+        served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
+        at, weight = jnp.where(fallback, 0, at), jnp.where(fallback, 0.0, weight)
+    else:
+        served, at, weight = bucketed.send_rows(bucket, a, axes), None, None
+    served = jnp.where(fallback, bucket.group.block_rows, served)
 
     def zeros(shape, dtype):
         return varying(jnp.zeros(shape, dtype), axes)
 
-    def broadcast_unused() -> dict:
-        return {
-            "ids": zeros(columns, jnp.int32),
-            "coef": zeros(columns, jnp.float32) if route.scaled else None,
-        }
-
-    def via_buckets():
-        if bucket.pool_at_owner:
-            served, at, weight = bucketed.send_slots(bucket, a, coef, ids, axes)
-            return Received(served=served, at=at, weight=weight, **broadcast_unused())
-        return Received(served=bucketed.send_rows(bucket, a, axes), **broadcast_unused())
-
     def via_broadcast():
-        got = _route_broadcast(route, ids, coef, device, axes)
-        served = varying(jnp.full(slots, bucket.group.block_rows, jnp.int32), axes)
-        if bucket.pool_at_owner:
-            got = dataclasses.replace(got, at=zeros(slots, jnp.int32), weight=zeros(slots, jnp.float32))
-        return dataclasses.replace(got, served=served)
+        return _route_broadcast(route, ids, coef, device, axes)
 
-    got = collectives.cond(fallback, via_broadcast, via_buckets)
-    return dataclasses.replace(got, owner=a.owner, slot=a.slot, fallback=fallback)
+    def unused():
+        return Received(
+            ids=zeros(columns, jnp.int32), coef=zeros(columns, jnp.float32) if route.scaled else None
+        )
+
+    got = collectives.cond(fallback, via_broadcast, unused)
+    return dataclasses.replace(
+        got, served=served, at=at, weight=weight, owner=a.owner, slot=a.slot, fallback=fallback
+    )
 
 
 def _serve_bucketed(
