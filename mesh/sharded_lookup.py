@@ -291,7 +291,10 @@ def serve_routed(
 
     def body(storage, routed, ids, coef):
         d = collectives.device_index(axes)
-        acts = _local_lookup(layout, storage, features, ids, coef, bags)
+        # The local lookup of data-parallel tables precedes the next collective, and so the
+        # update that writes those tables after the gradients' gathers (semi_sync looks the
+        # next batch up in the step that updates; unordered, XLA would copy the tables).
+        acts = collectives.precede(_local_lookup(layout, storage, features, ids, coef, bags))
         for name, route in routes.broadcast.items():
             block, bag, got = storage[name][0], bags.get(name), routed[name]
             if name in routes.buckets:

@@ -177,3 +177,32 @@ def test_semi_sync_looks_ahead_alike_on_one_device_and_sharded():
     )  # fmt: skip
     losses, state = _pipelined_losses(sharded, [sharded.shard_batch(b) for b in placed])
     check((losses, sharded.logical_tables(state), nnx.to_pure_dict(state.params)), want)
+
+
+def test_semi_sync_updates_the_tables_it_looked_up_in_place():
+    """The next batch's lookup reads the tables the step then updates: ordered so, XLA
+    keeps no copy of them (one device; a data-parallel table on 8)."""
+    wide = EmbeddingConfig(
+        tables=(TableSpec(name="big", rows=50_000, dim=16, optimizer=OPT),),
+        features=(FeatureSpec(name="f", table="big", max_ids=2),),
+    )
+    build = lambda: DLRM(wide, dense_features=5, bottom=(16, 16), top=(16, 1), rngs=nnx.Rngs(0))  # noqa: E731
+    batch = Batch(
+        dense=jnp.zeros((64, 5), jnp.float32),
+        sparse=random_batch(wide, 64, seed=0),
+        labels=jnp.zeros(64, jnp.float32),
+    )
+    table_bytes = 50_000 * 16 * 4
+    mesh = make_mesh(8)
+    plan = plan_for_strategy(wide.tables, mesh_spec(mesh), "data_parallel")
+    for make in (
+        lambda mode: Trainer(build(), optax.adam(0.01), pipeline=mode),
+        lambda mode: ShardedTrainer(build, optax.adam(0.01), plan, mesh, pipeline=mode),
+    ):
+        plain, semi = make("none"), make("semi_sync")
+        placed = plain.place_batch(batch)
+        state = plain.init_state()
+        base = plain.train_step.lower(state, placed).compile().memory_analysis().temp_size_in_bytes
+        carry = semi.carry_step.lower(state, placed).out_info
+        step = semi.pipelined_step.lower(state, carry, placed, placed).compile()
+        assert step.memory_analysis().temp_size_in_bytes < base + table_bytes // 2, type(plain).__name__

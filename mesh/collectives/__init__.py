@@ -26,6 +26,7 @@ from mesh.collectives.hlo import COLLECTIVE_KINDS, PURPOSE, computations
 from mesh.collectives.hlo import unordered_collectives as unordered_collectives  # re-exported
 from mesh.collectives.ordering import cond as cond  # re-exported
 from mesh.collectives.ordering import ordered_shard_map as ordered_shard_map
+from mesh.collectives.ordering import precede as precede
 from mesh.collectives.ordering import run as _ordered
 from mesh.collectives.ordering import varies
 from mesh.collectives.packing import IDS_CODECS as IDS_CODECS  # re-exported

@@ -66,6 +66,22 @@ class Chain:
             self.token = _bits(leaves[0].reshape(-1)[0])
         return tree
 
+    def join(self, tree):
+        """Makes the next collective wait for `tree` too, besides the previous one."""
+        leaves = [x for x in jax.tree.leaves(tree) if x.size]
+        if leaves:
+            self.token = self.token | (_bits(leaves[0].reshape(-1)[0]) & self._zero)
+        return tree
+
+
+def depend(tree, on):
+    """`tree` unchanged in value, made to depend on `on` (any array, inside a shard_map or
+    not): what reads the result runs after `on` is computed. An in-place update of a table
+    that a lookup `on` read then needs no copy of the table to read from."""
+    zero = lax.optimization_barrier(jnp.zeros((), jnp.int32))
+    go = (_bits(jax.tree.leaves(on)[0].reshape(-1)[0]) & zero) == 0  # always true
+    return jax.tree.map(lambda x: _gate(x, go), tree)
+
 
 def _gate(x: jax.Array, go: jax.Array) -> jax.Array:
     missing = tuple(sorted(_vma(go) - _vma(x)))
@@ -129,6 +145,13 @@ def run(op: Callable, x, *args, sums: bool = False, **kwargs):
     if sums and chain.checked and not any(_vma(leaf) & set(args[0]) for leaf in jax.tree.leaves(x)):
         return op(x, *args, **kwargs)
     return chain.after(op(chain.before(x), *args, **kwargs))
+
+
+def precede(tree):
+    """`tree` (computed without collectives) as a value the chain's next collective waits
+    for. Whatever depends on that collective then runs after `tree` was computed: an
+    in-place update of a table a local lookup read needs no copy of the table to read from."""
+    return current().join(tree)
 
 
 def cond(pred: jax.Array, true_fn: Callable, false_fn: Callable, *operands):

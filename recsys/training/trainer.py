@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mesh.collectives.ordering import depend
 from recsys import kernels as kernel_paths
 from recsys.batching import Batch
 from recsys.embedding import EmbeddingTable, find_collection
@@ -183,10 +184,14 @@ class Trainer:
         `next_batch`'s first, from the tables before this step's update: (state, them, loss)."""
         next_acts = self._lookup(state, next_batch)
         with kernel_paths.cpu_dense_layers(self.dense_kernels):
-            state, loss = self._traced_train_step(state, batch, acts)
+            state, loss = self._traced_train_step(state, batch, acts, read_first=next_acts)
         return state, next_acts, loss
 
-    def _traced_train_step(self, state: TrainState, batch: Batch, acts) -> tuple[TrainState, jax.Array]:
+    def _traced_train_step(
+        self, state: TrainState, batch: Batch, acts, read_first=None
+    ) -> tuple[TrainState, jax.Array]:
+        """The step on `acts`; `read_first`: a lookup of the same tables that the sparse
+        update must follow (else XLA copies every table to keep it readable)."""
         model = self.model(state)
         collection = find_collection(model)
         tables = collection.stacked_tables()
@@ -201,6 +206,8 @@ class Trainer:
         (loss, rest), (param_grads, act_grads) = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)(
             state.params, acts
         )
+        if read_first is not None:
+            act_grads = depend(act_grads, read_first)
         new_tables, slots = sparse_update(
             self.config,
             tables,
