@@ -22,11 +22,12 @@ ratio of the compressed directions' bytes to the fp32 run's:
     python -m benchmarks.sharded --dim 128 --strategies table_wise row_wise \
         --comm "" fwd=fp16,bwd=bf16,allreduce=bf16 fwd=fp8_e4m3,bwd=fp8_e4m3,allreduce=int8
 
-`--pipeline none sparse_dist` (`recsys-train --pipeline`) compares the train pipelines
-instead: per strategy, one trainer per mode, warmed up, then the modes take turns for
-`--rounds` rounds of `--steps` steps run back to back (dispatched without waiting, as
-training runs them). One JSON line per strategy: samples/s of each mode (median round)
-and each round's ratio to `none`, with their median.
+`--pipeline none sparse_dist semi_sync` (`recsys-train --pipeline`) compares the train
+pipelines instead: per strategy, one trainer per mode, warmed up, then the modes take
+turns for `--rounds` rounds of `--steps` steps run back to back (dispatched without
+waiting, as training runs them). One JSON line per strategy: samples/s of each mode
+(median round), each round's ratio to the first mode and their median, the id routing's
+time alone (`routing_ms`) and the share of it sparse_dist saved (`hidden_share`).
 """
 
 from __future__ import annotations
