@@ -10,7 +10,7 @@ from flax import nnx
 
 from recsys.batching import Batch
 from recsys.embedding import EmbeddingCollection
-from recsys.lookup import lookup
+from recsys.lookup import lookup, stack_tables
 from recsys.models import DLRM, DCNv2
 from recsys.sparse import pack_batch
 from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
@@ -159,3 +159,52 @@ def test_mixed_matmul_gradients_are_bf16_products():
     np.testing.assert_allclose(dx, r(g) @ r(w).T, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dw, r(x).reshape(-1, 16).T @ r(g).reshape(-1, 8), rtol=1e-5, atol=1e-5)
     assert dx.dtype == dw.dtype == jnp.float32
+
+
+def _pooled(model, batch) -> dict[str, np.ndarray]:
+    """Each feature's pooled rows, looked up by hand from the model's logical tables."""
+    tables = {k: np.asarray(v) for k, v in model.embedding.logical_tables().items()}
+    out = {}
+    for f in CONFIG.features:
+        bags = batch.sparse[f.name]
+        ids, lengths = np.asarray(bags.ids), np.asarray(bags.lengths)
+        rows = [tables[f.table][ids[i, : lengths[i]]] for i in range(len(lengths))]
+        reduce = np.mean if f.pooling.value == "mean" else np.sum
+        # An empty bag pools to zeros.
+        out[f.name] = np.stack([reduce(r, axis=0) if len(r) else np.zeros(r.shape[1]) for r in rows])
+    return out
+
+
+def test_logistic_regression_and_the_factorization_machine_match_plain_formulas():
+    from recsys.models.linear import FactorizationMachine, LogisticRegression, baseline_tables
+
+    batch = make_batch(1)
+    dense = np.asarray(batch.dense)
+    lr = LogisticRegression(baseline_tables("lr", CONFIG, 4), dense_features=5, rngs=nnx.Rngs(0))
+    assert np.all(np.asarray(lr(batch.dense, batch.sparse)) == 0)  # every weight starts at 0
+    lr.embedding.set_stacked_tables(
+        stack_tables(
+            lr.embedding.config,
+            {
+                t.name: jnp.arange(t.rows, dtype=jnp.float32)[:, None] / 100
+                for t in lr.embedding.config.tables
+            },
+        )
+    )
+    lr.linear.dense.set_value(jnp.arange(5.0))
+    lr.linear.bias.set_value(jnp.asarray(0.5))
+    want = 0.5 + dense @ np.arange(5.0) + sum(p[:, 0] for p in _pooled(lr, batch).values())
+    np.testing.assert_allclose(lr(batch.dense, batch.sparse), want, rtol=1e-5)
+
+    fm = FactorizationMachine(baseline_tables("fm", CONFIG, 4), dense_features=5, rngs=nnx.Rngs(0))
+    pooled = _pooled(fm, batch)
+    v = np.asarray(fm.dense_factors.get_value())
+    # Fields: each feature's pooled factors, and each dense column's value times its vector.
+    fields = [p[:, 1:] for p in pooled.values()] + [dense[:, j : j + 1] * v[j] for j in range(5)]
+    pairs = sum(
+        np.sum(fields[a] * fields[b], axis=1) for a in range(len(fields)) for b in range(a + 1, len(fields))
+    )
+    want = sum(p[:, 0] for p in pooled.values()) + pairs  # bias and dense weights start at 0
+    np.testing.assert_allclose(fm(batch.dense, batch.sparse), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="fm: the tables hold a weight and the factors"):
+        FactorizationMachine(baseline_tables("lr", CONFIG, 4), dense_features=5, rngs=nnx.Rngs(0))

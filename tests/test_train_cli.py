@@ -129,6 +129,19 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
     assert got["comm_bytes_fallback_per_step"] == got["comm_bytes_per_step"]  # the broadcast route: no branch
 
 
+@pytest.mark.parametrize("model", ["lr", "fm"])
+def test_cli_trains_the_baselines_on_one_device_and_sharded(tmp_path, model):
+    """Logistic regression and the factorization machine learn the planted data, and shard
+    like DLRM (their per-id weights live in the embedding tables)."""
+    one = _metrics(tmp_path, f"{model}_one", "--model", model, "--lr", "0.05")
+    assert one["model"] == model and one["auc"] > 0.6
+    sharded = _metrics(
+        tmp_path, f"{model}_8", "--model", model, "--lr", "0.05", "--devices", "8", "--sharding", "row_wise"
+    )
+    assert sharded["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert sharded["auc"] == pytest.approx(one["auc"], abs=1e-4)
+
+
 def test_cli_compression_errors(capsys):
     cases = {
         ("--devices", "8", "--comm", "fwd=fp4"): "the codec must be one of fp32, fp16, bf16, fp8_e4m3",

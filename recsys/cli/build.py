@@ -24,12 +24,16 @@ from recsys.cli.config import RunConfig
 from recsys.cli.data import LoadedData
 from recsys.cli.errors import UsageError
 from recsys.data import Dataset, train_batches
-from recsys.models import DLRM, DCNv2
+from recsys.models import DLRM, DCNv2, FactorizationMachine, LogisticRegression
+from recsys.models.linear import baseline_tables
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.planning import plan_model
 from recsys.specs import EmbeddingConfig, InitializerSpec, SparseOptimizerSpec
 from recsys.training import ShardedTrainer, Trainer
 from recsys.training.optimizers import dense_optimizer
+
+# The baselines (`recsys.models.linear`), whose tables take their own shapes.
+BASELINES = {"lr": LogisticRegression, "fm": FactorizationMachine}
 
 # Batches whose ids estimate cache hit rates for --device-memory (half warm the cache up).
 HIT_RATE_SAMPLE = 32
@@ -74,7 +78,8 @@ def embedding_config(config: RunConfig, data: LoadedData) -> EmbeddingConfig:
     stalled for epochs."""
     init, dtype = InitializerSpec(kind=config.init), SHORT_NAMES[config.table_dtype]
     tables = tuple(dataclasses.replace(t, initializer=init, dtype=dtype) for t in data.config.tables)
-    return dataclasses.replace(data.config, tables=tables)
+    out = dataclasses.replace(data.config, tables=tables)
+    return baseline_tables(config.model, out, config.embedding_dim) if config.model in BASELINES else out
 
 
 def run_dense_optimizer(config: RunConfig, steps: int) -> optax.GradientTransformation:
@@ -96,6 +101,8 @@ def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int)
         rngs=nnx.Rngs(config.seed),
         dense_dtype=DENSE_DTYPE_NAMES[config.dense_dtype],
     )
+    if config.model in BASELINES:
+        return BASELINES[config.model](tables, dense_features=dense_features, rngs=nnx.Rngs(config.seed))
     if config.model == "dlrm":
         return DLRM(tables, **common)
     return DCNv2(tables, cross_layers=config.cross_layers, cross_rank=config.cross_rank, **common)

@@ -66,7 +66,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="dlrm", choices=["dlrm", "dcnv2"])
+    p.add_argument(
+        "--model",
+        default="dlrm",
+        choices=["dlrm", "dcnv2", "lr", "fm"],
+        help="lr: logistic regression, fm: a factorization machine with --embedding-dim factors "
+        "(baselines on the same features)",
+    )
     p.add_argument("--embedding-dim", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (overrides --epochs)")

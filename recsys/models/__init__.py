@@ -2,6 +2,7 @@
 
 from recsys.models.dcnv2 import DCNv2
 from recsys.models.dlrm import DLRM
+from recsys.models.linear import FactorizationMachine, LogisticRegression
 from recsys.models.mlp import MLP
 
-__all__ = ["DCNv2", "DLRM", "MLP"]
+__all__ = ["DCNv2", "DLRM", "MLP", "FactorizationMachine", "LogisticRegression"]

@@ -1,0 +1,90 @@
+"""The baselines: logistic regression and a factorization machine (Rendle 2010) over the
+same features as DLRM, their per-id weights in an `EmbeddingCollection`, so they train,
+shard and cache like any other model.
+
+Logistic regression: logit = b + w . dense + sum over features of the pooled per-id
+weights (tables of dim 1).
+
+Factorization machine: the same linear terms, plus the pairwise dot products of every
+two fields' factor vectors, summed: 0.5 * ((sum of the vectors)^2 - sum of their
+squares), per factor. A field is a sparse feature (its pooled factor vector) or a dense
+column (its value times a learned vector). Each table holds a row's weight in column 0
+and its factors after it (dim = factors + 1), so one lookup serves both terms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from recsys.embedding import EmbeddingCollection
+from recsys.lookup import Activations
+from recsys.models.dlrm import pooled_feature_dim
+from recsys.sparse import JaggedBatch
+from recsys.specs import EmbeddingConfig, InitializerSpec
+
+
+def baseline_tables(model: str, config: EmbeddingConfig, factors: int) -> EmbeddingConfig:
+    """`config`'s tables shaped for `model`: "lr", dim 1 and zeros (a weight per id, starting
+    at 0); "fm", dim factors + 1 (a weight, then the factors) drawn as configured."""
+    if model == "lr":
+        shape = {"dim": 1, "initializer": InitializerSpec(kind="zeros")}
+    else:
+        shape = {"dim": factors + 1}
+    return dataclasses.replace(config, tables=tuple(dataclasses.replace(t, **shape) for t in config.tables))
+
+
+class _Linear(nnx.Module):
+    """b + w . dense."""
+
+    def __init__(self, dense_features: int, rngs: nnx.Rngs):
+        del rngs  # zeros: the linear part starts at the prior's logit 0
+        self.bias = nnx.Param(jnp.zeros(()))
+        self.dense = nnx.Param(jnp.zeros((dense_features,)))
+
+    def __call__(self, dense: jax.Array) -> jax.Array:
+        return self.bias.get_value() + dense @ self.dense.get_value()
+
+
+class LogisticRegression(nnx.Module):
+    """logit = b + w . dense + the sum of every feature's pooled id weights."""
+
+    def __init__(self, config: EmbeddingConfig, *, dense_features: int, rngs: nnx.Rngs):
+        if pooled_feature_dim(config, "lr") != 1:
+            raise ValueError("lr: the tables hold one weight per id (dim 1); see baseline_tables")
+        self.features = tuple(f.name for f in config.features)
+        self.embedding = EmbeddingCollection(config, rngs=rngs)
+        self.linear = _Linear(dense_features, rngs)
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
+        weights = self.embedding(sparse).stacked(self.features)  # [batch, F, 1]
+        return self.linear(dense) + weights[:, :, 0].sum(axis=1)
+
+
+class FactorizationMachine(nnx.Module):
+    """logit = b + w . dense + sum of id weights + sum over field pairs of <v_a, v_b>."""
+
+    def __init__(self, config: EmbeddingConfig, *, dense_features: int, rngs: nnx.Rngs):
+        dim = pooled_feature_dim(config, "fm")
+        if dim < 2:
+            raise ValueError(f"fm: the tables hold a weight and the factors (dim >= 2), got {dim}")
+        self.features = tuple(f.name for f in config.features)
+        self.embedding = EmbeddingCollection(config, rngs=rngs)
+        self.linear = _Linear(dense_features, rngs)
+        factors = dim - 1
+        self.dense_factors = nnx.Param(
+            jax.random.normal(rngs.params(), (dense_features, factors)) / np.sqrt(factors)
+        )
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
+        rows = self.embedding(sparse).stacked(self.features)  # [batch, F, 1 + factors]
+        weights, fields = rows[:, :, 0], rows[:, :, 1:]
+        v = self.dense_factors.get_value()
+        total = fields.sum(axis=1) + dense @ v  # every field's vector, summed: [batch, factors]
+        squares = (fields**2).sum(axis=1) + (dense**2) @ (v**2)
+        pairs = 0.5 * (total**2 - squares).sum(axis=1)
+        return self.linear(dense) + weights.sum(axis=1) + pairs
