@@ -161,9 +161,9 @@ def test_mixed_matmul_gradients_are_bf16_products():
     assert dx.dtype == dw.dtype == jnp.float32
 
 
-def _pooled(model, batch) -> dict[str, np.ndarray]:
-    """Each feature's pooled rows, looked up by hand from the model's logical tables."""
-    tables = {k: np.asarray(v) for k, v in model.embedding.logical_tables().items()}
+def _pooled(embedding: EmbeddingCollection, batch) -> dict[str, np.ndarray]:
+    """Each feature's pooled rows, looked up by hand from the collection's logical tables."""
+    tables = {k: np.asarray(v) for k, v in embedding.logical_tables().items()}
     out = {}
     for f in CONFIG.features:
         bags = batch.sparse[f.name]
@@ -176,7 +176,7 @@ def _pooled(model, batch) -> dict[str, np.ndarray]:
 
 
 def test_logistic_regression_and_the_factorization_machine_match_plain_formulas():
-    from recsys.models.linear import FactorizationMachine, LogisticRegression, baseline_tables
+    from recsys.models.baselines import FactorizationMachine, LogisticRegression, baseline_tables
 
     batch = make_batch(1)
     dense = np.asarray(batch.dense)
@@ -193,11 +193,11 @@ def test_logistic_regression_and_the_factorization_machine_match_plain_formulas(
     )
     lr.linear.dense.set_value(jnp.arange(5.0))
     lr.linear.bias.set_value(jnp.asarray(0.5))
-    want = 0.5 + dense @ np.arange(5.0) + sum(p[:, 0] for p in _pooled(lr, batch).values())
+    want = 0.5 + dense @ np.arange(5.0) + sum(p[:, 0] for p in _pooled(lr.embedding, batch).values())
     np.testing.assert_allclose(lr(batch.dense, batch.sparse), want, rtol=1e-5)
 
     fm = FactorizationMachine(baseline_tables("fm", CONFIG, 4), dense_features=5, rngs=nnx.Rngs(0))
-    pooled = _pooled(fm, batch)
+    pooled = _pooled(fm.embedding, batch)
     v = np.asarray(fm.dense_factors.get_value())
     # Fields: each feature's pooled factors, and each dense column's value times its vector.
     fields = [p[:, 1:] for p in pooled.values()] + [dense[:, j : j + 1] * v[j] for j in range(5)]
@@ -208,3 +208,26 @@ def test_logistic_regression_and_the_factorization_machine_match_plain_formulas(
     np.testing.assert_allclose(fm(batch.dense, batch.sparse), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="fm: the tables hold a weight and the factors"):
         FactorizationMachine(baseline_tables("lr", CONFIG, 4), dense_features=5, rngs=nnx.Rngs(0))
+
+
+def test_deepfm_and_wide_deep_add_an_mlp_over_the_field_vectors():
+    from recsys.models.baselines import DeepFM, WideDeep, baseline_tables
+
+    batch, config = make_batch(2), baseline_tables("deepfm", CONFIG, 4)
+    dense = np.asarray(batch.dense)
+    for kind in (DeepFM, WideDeep):
+        model = kind(config, dense_features=5, top=(8, 1), rngs=nnx.Rngs(0))
+        pooled = _pooled(model.fm.embedding if kind is DeepFM else model.embedding, batch)
+        weights = sum(p[:, 0] for p in pooled.values())
+        # The MLP sees the features' vectors side by side (in config order), then the dense columns.
+        deep_in = np.concatenate([pooled[f.name][:, 1:] for f in CONFIG.features] + [dense], axis=1)
+        deep = np.asarray(model.deep.mlp(jnp.asarray(deep_in)))[:, 0]
+        if kind is DeepFM:
+            want = np.asarray(model.fm(batch.dense, batch.sparse)) + deep
+        else:
+            want = weights + deep  # bias and dense weights start at 0
+        np.testing.assert_allclose(
+            model(batch.dense, batch.sparse), want, rtol=1e-4, atol=1e-5, err_msg=kind.__name__
+        )
+    with pytest.raises(ValueError, match="the deep MLP must end in 1 logit"):
+        WideDeep(config, dense_features=5, top=(8, 2), rngs=nnx.Rngs(0))

@@ -129,10 +129,10 @@ def test_cli_sharded_runs_match_one_device(tmp_path, one_device):
     assert got["comm_bytes_fallback_per_step"] == got["comm_bytes_per_step"]  # the broadcast route: no branch
 
 
-@pytest.mark.parametrize("model", ["lr", "fm"])
+@pytest.mark.parametrize("model", ["lr", "fm", "deepfm", "wide_deep"])
 def test_cli_trains_the_baselines_on_one_device_and_sharded(tmp_path, model):
-    """Logistic regression and the factorization machine learn the planted data, and shard
-    like DLRM (their per-id weights live in the embedding tables)."""
+    """Logistic regression, the factorization machine, DeepFM and Wide & Deep learn the
+    planted data, and shard like DLRM (their per-id weights live in the embedding tables)."""
     one = _metrics(tmp_path, f"{model}_one", "--model", model, "--lr", "0.05")
     assert one["model"] == model and one["auc"] > 0.6
     sharded = _metrics(

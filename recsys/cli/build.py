@@ -24,16 +24,16 @@ from recsys.cli.config import RunConfig
 from recsys.cli.data import LoadedData
 from recsys.cli.errors import UsageError
 from recsys.data import Dataset, train_batches
-from recsys.models import DLRM, DCNv2, FactorizationMachine, LogisticRegression
-from recsys.models.linear import baseline_tables
+from recsys.models import DLRM, DCNv2, DeepFM, FactorizationMachine, LogisticRegression, WideDeep
+from recsys.models.baselines import baseline_tables
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.planning import plan_model
 from recsys.specs import EmbeddingConfig, InitializerSpec, SparseOptimizerSpec
 from recsys.training import ShardedTrainer, Trainer
 from recsys.training.optimizers import dense_optimizer
 
-# The baselines (`recsys.models.linear`), whose tables take their own shapes.
-BASELINES = {"lr": LogisticRegression, "fm": FactorizationMachine}
+# The models of `recsys.models.baselines`, whose tables take their own shapes.
+BASELINES = {"lr": LogisticRegression, "fm": FactorizationMachine, "deepfm": DeepFM, "wide_deep": WideDeep}
 
 # Batches whose ids estimate cache hit rates for --device-memory (half warm the cache up).
 HIT_RATE_SAMPLE = 32
@@ -94,15 +94,21 @@ def run_dense_optimizer(config: RunConfig, steps: int) -> optax.GradientTransfor
 
 
 def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int) -> nnx.Module:
+    rngs, dense_dtype = nnx.Rngs(config.seed), DENSE_DTYPE_NAMES[config.dense_dtype]
+    if config.model in ("lr", "fm"):
+        return BASELINES[config.model](tables, dense_features=dense_features, rngs=rngs)
+    if config.model in BASELINES:  # a deep MLP of --top-mlp beside the weights and factors
+        deep = BASELINES[config.model]
+        return deep(
+            tables, dense_features=dense_features, top=config.top_mlp, rngs=rngs, dense_dtype=dense_dtype
+        )
     common = dict(
         dense_features=dense_features,
         bottom=config.bottom_mlp,
         top=config.top_mlp,
-        rngs=nnx.Rngs(config.seed),
-        dense_dtype=DENSE_DTYPE_NAMES[config.dense_dtype],
+        rngs=rngs,
+        dense_dtype=dense_dtype,
     )
-    if config.model in BASELINES:
-        return BASELINES[config.model](tables, dense_features=dense_features, rngs=nnx.Rngs(config.seed))
     if config.model == "dlrm":
         return DLRM(tables, **common)
     return DCNv2(tables, cross_layers=config.cross_layers, cross_rank=config.cross_rank, **common)

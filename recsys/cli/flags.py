@@ -69,9 +69,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="dlrm",
-        choices=["dlrm", "dcnv2", "lr", "fm"],
-        help="lr: logistic regression, fm: a factorization machine with --embedding-dim factors "
-        "(baselines on the same features)",
+        choices=["dlrm", "dcnv2", "lr", "fm", "deepfm", "wide_deep"],
+        help="lr: logistic regression, fm: a factorization machine with --embedding-dim factors; "
+        "deepfm and wide_deep add an MLP of --top-mlp over the features' vectors",
     )
     p.add_argument("--embedding-dim", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=256)

@@ -1,6 +1,7 @@
-"""The baselines: logistic regression and a factorization machine (Rendle 2010) over the
-same features as DLRM, their per-id weights in an `EmbeddingCollection`, so they train,
-shard and cache like any other model.
+"""The baselines and their deep variants over the same features as DLRM: logistic
+regression, a factorization machine (Rendle 2010), DeepFM (Guo et al. 2017) and Wide &
+Deep (Cheng et al. 2016). Their per-id weights live in an `EmbeddingCollection`, so they
+train, shard and cache like any other model.
 
 Logistic regression: logit = b + w . dense + sum over features of the pooled per-id
 weights (tables of dim 1).
@@ -10,6 +11,10 @@ two fields' factor vectors, summed: 0.5 * ((sum of the vectors)^2 - sum of their
 squares), per factor. A field is a sparse feature (its pooled factor vector) or a dense
 column (its value times a learned vector). Each table holds a row's weight in column 0
 and its factors after it (dim = factors + 1), so one lookup serves both terms.
+
+DeepFM: the factorization machine plus an MLP over the fields' factor vectors side by
+side and the dense columns, sharing the embeddings. Wide & Deep: logistic regression (the
+wide part) plus that MLP (the deep part), on the same weight-and-vector tables.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from flax import nnx
 from recsys.embedding import EmbeddingCollection
 from recsys.lookup import Activations
 from recsys.models.dlrm import pooled_feature_dim
+from recsys.models.mlp import MLP
 from recsys.sparse import JaggedBatch
 from recsys.specs import EmbeddingConfig, InitializerSpec
 
 
 def baseline_tables(model: str, config: EmbeddingConfig, factors: int) -> EmbeddingConfig:
     """`config`'s tables shaped for `model`: "lr", dim 1 and zeros (a weight per id, starting
-    at 0); "fm", dim factors + 1 (a weight, then the factors) drawn as configured."""
+    at 0); the others, dim factors + 1 (a weight, then the factors) drawn as configured."""
     if model == "lr":
         shape = {"dim": 1, "initializer": InitializerSpec(kind="zeros")}
     else:
@@ -69,13 +75,10 @@ class FactorizationMachine(nnx.Module):
     """logit = b + w . dense + sum of id weights + sum over field pairs of <v_a, v_b>."""
 
     def __init__(self, config: EmbeddingConfig, *, dense_features: int, rngs: nnx.Rngs):
-        dim = pooled_feature_dim(config, "fm")
-        if dim < 2:
-            raise ValueError(f"fm: the tables hold a weight and the factors (dim >= 2), got {dim}")
+        factors = _weight_and_factors(config, "fm")
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
         self.linear = _Linear(dense_features, rngs)
-        factors = dim - 1
         self.dense_factors = nnx.Param(
             jax.random.normal(rngs.params(), (dense_features, factors)) / np.sqrt(factors)
         )
@@ -88,3 +91,73 @@ class FactorizationMachine(nnx.Module):
         squares = (fields**2).sum(axis=1) + (dense**2) @ (v**2)
         pairs = 0.5 * (total**2 - squares).sum(axis=1)
         return self.linear(dense) + weights.sum(axis=1) + pairs
+
+
+def _weight_and_factors(config: EmbeddingConfig, model: str) -> int:
+    """The factors per field of `model`'s tables (dim - 1, at least 1)."""
+    dim = pooled_feature_dim(config, model)
+    if dim < 2:
+        raise ValueError(f"{model}: the tables hold a weight and the factors (dim >= 2), got {dim}")
+    return dim - 1
+
+
+class _Deep(nnx.Module):
+    """An MLP over the fields' vectors side by side and the dense columns, to one logit."""
+
+    def __init__(self, fields: int, factors: int, dense_features: int, sizes, *, rngs, dense_dtype):
+        if sizes[-1] != 1:
+            raise ValueError(f"the deep MLP must end in 1 logit, got {list(sizes)}")
+        self.mlp = MLP(fields * factors + dense_features, sizes, rngs=rngs, dense_dtype=dense_dtype)
+
+    def __call__(self, dense: jax.Array, fields: jax.Array) -> jax.Array:
+        flat = fields.reshape(fields.shape[0], -1)
+        return self.mlp(jnp.concatenate([flat, dense], axis=1))[:, 0]
+
+
+class DeepFM(nnx.Module):
+    """logit = the factorization machine's + deep([field vectors, dense])."""
+
+    def __init__(
+        self,
+        config: EmbeddingConfig,
+        *,
+        dense_features: int,
+        top=(64, 32, 1),
+        rngs: nnx.Rngs,
+        dense_dtype: str = "float32",
+    ):
+        factors = _weight_and_factors(config, "deepfm")
+        self.fm = FactorizationMachine(config, dense_features=dense_features, rngs=rngs)
+        self.deep = _Deep(
+            len(config.features), factors, dense_features, top, rngs=rngs, dense_dtype=dense_dtype
+        )
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
+        acts = self.fm.embedding(sparse)
+        fields = acts.stacked(self.fm.features)[:, :, 1:]
+        return self.fm(dense, acts) + self.deep(dense, fields)
+
+
+class WideDeep(nnx.Module):
+    """logit = b + w . dense + the ids' weights (wide) + deep([field vectors, dense])."""
+
+    def __init__(
+        self,
+        config: EmbeddingConfig,
+        *,
+        dense_features: int,
+        top=(64, 32, 1),
+        rngs: nnx.Rngs,
+        dense_dtype: str = "float32",
+    ):
+        factors = _weight_and_factors(config, "wide_deep")
+        self.features = tuple(f.name for f in config.features)
+        self.embedding = EmbeddingCollection(config, rngs=rngs)
+        self.linear = _Linear(dense_features, rngs)
+        self.deep = _Deep(
+            len(self.features), factors, dense_features, top, rngs=rngs, dense_dtype=dense_dtype
+        )
+
+    def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
+        rows = self.embedding(sparse).stacked(self.features)  # [batch, F, 1 + factors]
+        return self.linear(dense) + rows[:, :, 0].sum(axis=1) + self.deep(dense, rows[:, :, 1:])
