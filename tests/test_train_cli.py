@@ -35,6 +35,14 @@ def test_cli_writes_metrics_and_is_deterministic(tmp_path, capsys):
     assert "AUC" in capsys.readouterr().out
 
 
+def test_cli_profiles_a_few_steps(tmp_path):
+    out, traces = tmp_path / "m.json", tmp_path / "trace"
+    argv = [*SMALL, "--steps", "5", "--profile", "2", "--profile-dir", str(traces), "--metrics-out", str(out)]
+    assert train.main(argv) == 0
+    assert json.loads(out.read_text())["profile_dir"] == str(traces)
+    assert list(traces.glob("plugins/profile/*/*.trace.json.gz"))
+
+
 def test_cli_single_step_has_no_timed_rate(tmp_path):
     out = tmp_path / "m.json"
     assert train.main([*SMALL, "--steps", "1", "--metrics-out", str(out)]) == 0

@@ -99,6 +99,8 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     metrics_out: str | None = None
+    profile: int = 0
+    profile_dir: str = "profile"
     no_progress: bool = False
     step_timeout: float = 300.0
     debug: bool = False
@@ -110,6 +112,8 @@ class RunConfig:
             raise ValueError(problem)
 
     def _problems(self):
+        if self.profile < 0:
+            yield f"--profile takes a number of steps >= 0, got {self.profile}"
         if self.step_timeout < 0:
             yield f"--step-timeout must be >= 0, got {self.step_timeout:g}"
         for flag in ("lr", "dense_lr"):

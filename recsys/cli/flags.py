@@ -248,6 +248,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=_positive_int, default=2, help="newest checkpoints kept")
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--metrics-out", default=None, help="write final metrics as JSON here")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="write a jax.profiler trace of STEPS train steps after the first to --profile-dir",
+    )
+    p.add_argument("--profile-dir", default="profile", help="where --profile writes its trace")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--step-timeout",

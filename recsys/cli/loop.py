@@ -22,6 +22,7 @@ from recsys.cli.build import embedding_config, make_trainer, run_description, sp
 from recsys.cli.config import ADDED_DEFAULTS, RunConfig
 from recsys.cli.data import LoadedData, load_data
 from recsys.cli.errors import TrainingFailure, UsageError
+from recsys.cli.profile import StepProfile
 from recsys.cli.watchdog import StepWatchdog
 from recsys.data import (
     DataSchema,
@@ -193,6 +194,7 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
         Prefetcher(
             batches, lambda item: (prepared.device_batch(item[0], prepared.train_pack), item[1])
         ) as fed,
+        StepProfile(config.profile, config.profile_dir, first=start) as profile,
     ):
         for step, (loss, (_, after)) in enumerate(_steps(prepared, fed, timing), start):
             watchdog.watch(f"step {step}", loss)
@@ -201,6 +203,7 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
                 jax.block_until_ready(loss)
                 timed_from = time.perf_counter()
                 timing.compile_s = timed_from - began
+            profile.after_step(step, loss)
             done = step + 1
             if prepared.checkpoints is not None and done % config.checkpoint_every == 0 and done < steps:
                 flush()
@@ -310,7 +313,10 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "table_dtype": config.table_dtype,
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
-        "pipeline": pipeline_of(prepared.trainer).value,  # what ran: one device routes no ids ahead
+        "pipeline": pipeline_of(prepared.trainer).value,
+        "profile_dir": config.profile_dir
+        if config.profile
+        else None,  # what ran: one device routes no ids ahead
         **(_sharding_result(prepared, timing) if config.sharded else _one_device_result()),
         **_cache_result(prepared),
         "notes": prepared.data.notes + _pack_notes(prepared),
