@@ -8,6 +8,7 @@ import pytest
 from recsys.data import (
     ColumnOptions,
     DataError,
+    DataSchema,
     Dataset,
     Encoding,
     Examples,
@@ -142,7 +143,34 @@ def test_csv_multi_hot_vocab_quotes_and_dense(tmp_path):
     row = {t: i + 1 for i, t in enumerate(tags.vocab)}
     assert ex.sparse["tags"].values.tolist() == [row["x"], row["y"], row["x"], row["y"], row["z"], row["y"]]
     assert ex.sparse["city"].lengths.tolist() == [1, 0, 1]  # an empty field is an empty bag
-    np.testing.assert_allclose(ex.dense[:, 0], [np.log1p(2.5), 0.0, -np.log1p(1.0)], rtol=1e-6)
+    # A column with negative values is standardized over the training rows (missing: 0).
+    price = np.array([2.5, 0.0, -1.0])
+    np.testing.assert_allclose(ex.dense[:, 0], (price - price.mean()) / price.std(), rtol=1e-5)
+
+
+def test_csv_dense_columns_are_logged_or_standardized_by_their_training_rows(tmp_path):
+    """Counts with a long tail take the log; a year or an age is centred and scaled. The
+    choice and its statistics travel with the schema."""
+    rng = np.random.default_rng(0)
+    n = 400
+    year, age = rng.integers(1980, 2020, n), rng.integers(18, 70, n)
+    clicks = rng.pareto(1.5, n).round().astype(int) * 10
+    lines = ["label,year,age,clicks,item"] + [
+        f"{i % 2},{year[i]},{age[i]},{clicks[i]},a{i % 7}" for i in range(n)
+    ]
+    path = tmp_path / "d.csv"
+    path.write_text("\n".join(lines) + "\n")
+    options = ReadOptions(label="label", dense=("year", "age", "clicks"), holdout=0.25)
+    opened = open_data(f"csv:{path}", options=options)
+    kinds = [s.kind for s in opened.schema.dense_scales]
+    assert kinds == ["standardize", "standardize", "log"], opened.schema.dense_scales
+    train = np.array([year, age], float)[:, :300]
+    ex = opened.train.chunk(0)
+    np.testing.assert_allclose(ex.dense[:, 0], (year[:300] - train[0].mean()) / train[0].std(), rtol=1e-4)
+    assert abs(ex.dense[:, 1].mean()) < 1e-4 and abs(ex.dense[:, 1].std() - 1) < 1e-4
+    np.testing.assert_allclose(ex.dense[:, 2], np.log1p(clicks[:300]), rtol=1e-5)
+    again = DataSchema.from_json(json.loads(json.dumps(opened.schema.to_json())))
+    assert again == opened.schema and again.fingerprint() == opened.schema.fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -258,7 +286,8 @@ def test_parquet_list_and_string_columns(tmp_path):
     ex = Examples.concat([opened.train.chunk(i) for i in range(2)])
     assert ex.sparse["tags"].lengths.tolist() == [2, 0, 1, 3]
     assert ex.sparse["city"].lengths.tolist() == [2, 1, 0, 1]
-    np.testing.assert_allclose(ex.dense[:, 0], np.log1p([0.5, 1.0, 0.0, 2.0]), rtol=1e-6)
+    x = np.array([0.5, 1.0, 0.0, 2.0])  # a missing value reads as 0; no long tail: standardized
+    np.testing.assert_allclose(ex.dense[:, 0], (x - x.mean()) / x.std(), rtol=1e-5)
 
     bad = pa.table({"y": [1, 3], "x": [0.0, 1.0], "tags": [["a"], ["b"]], "city": ["p", "q"]})
     pq.write_table(bad, tmp_path / "bad.parquet")

@@ -87,7 +87,8 @@ class ReadOptions:
     delimiter: str | None = None  # csv field delimiter; default ',' ('\t' for .tsv)
     libfm_fields: str | None = None  # libFM field-map file ("index field" lines); default positional
     columns: ColumnOptions | None = None  # encoding, table sizes, bag widths; per-format default
-    dense_transform: DenseTransform | None = None  # default: log for criteo/csv/parquet
+    # Default: log for criteo, none for libfm, auto (log or standardize, per column) for csv/parquet.
+    dense_transform: DenseTransform | None = None
     on_error: OnError = OnError.RAISE
     holdout: float = 0.2  # held-out fraction when no eval data is given
     chunk_rows: int = 65536
@@ -128,7 +129,8 @@ def _defaults(kind: str, options: ReadOptions) -> tuple[ColumnOptions, DenseTran
     columns = options.columns or ColumnOptions()
     if columns.encoding is None:
         columns = dataclasses.replace(columns, encoding=Encoding.HASH if kind == "criteo" else Encoding.VOCAB)
-    transform = options.dense_transform or (DenseTransform.NONE if kind == "libfm" else DenseTransform.LOG)
+    default = {"libfm": DenseTransform.NONE, "criteo": DenseTransform.LOG}.get(kind, DenseTransform.AUTO)
+    transform = options.dense_transform or default
     return columns, DenseTransform(transform)
 
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from recsys.data.dense import DenseScale, DenseStats
+from recsys.data.dense import transform as transform_dense
 from recsys.data.examples import Examples
 from recsys.sparse import RaggedIds, hash_ids
 from recsys.specs import EmbeddingConfig, FeatureSpec, Pooling, SparseOptimizerSpec, TableSpec
@@ -38,6 +40,7 @@ class Encoding(str, enum.Enum):
 class DenseTransform(str, enum.Enum):
     NONE = "none"
     LOG = "log"  # sign(x) * log(1 + |x|): the usual Criteo transform, defined for negatives
+    AUTO = "auto"  # per column from the training rows: log, or standardization (`recsys.data.dense`)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,9 +77,15 @@ class DataSchema:
     dense: tuple[str, ...]
     sparse: tuple[SparseColumn, ...]
     dense_transform: DenseTransform = DenseTransform.LOG
+    dense_scales: tuple[DenseScale, ...] | None = None  # AUTO: each dense column's transform
 
     def __post_init__(self):
         object.__setattr__(self, "dense_transform", DenseTransform(self.dense_transform))
+        scaled = self.dense_scales is not None and len(self.dense_scales) == len(self.dense)
+        if (self.dense_transform is DenseTransform.AUTO) != scaled:
+            raise ValueError(
+                "the auto dense transform needs one scale per dense column, and only it takes them"
+            )
         object.__setattr__(self, "_lookup", {})  # vocab dicts, built on first encode
         if not self.sparse:
             raise ValueError("a dataset needs at least one sparse column")
@@ -100,6 +109,8 @@ class DataSchema:
         dense = np.asarray(raw.dense, np.float32).reshape(len(raw.labels), len(self.dense))
         if self.dense_transform is DenseTransform.LOG:
             dense = np.sign(dense) * np.log1p(np.abs(dense))
+        elif self.dense_transform is DenseTransform.AUTO:
+            dense = transform_dense(dense, self.dense_scales)
         sparse = {}
         for column, bags in zip(self.sparse, raw.bags):
             ids = self._encode_tokens(column, bags.tokens)
@@ -126,6 +137,11 @@ class DataSchema:
         return {
             "dense": list(self.dense),
             "dense_transform": self.dense_transform.value,
+            **(
+                {}
+                if self.dense_scales is None
+                else {"dense_scales": [d.to_json() for d in self.dense_scales]}
+            ),
             "sparse": [
                 {
                     "name": c.name,
@@ -145,7 +161,13 @@ class DataSchema:
             SparseColumn(**{**c, "vocab": None if c["vocab"] is None else tuple(c["vocab"])})
             for c in data["sparse"]
         )
-        return cls(dense=tuple(data["dense"]), sparse=sparse, dense_transform=data["dense_transform"])
+        scales = data.get("dense_scales")
+        return cls(
+            dense=tuple(data["dense"]),
+            sparse=sparse,
+            dense_transform=data["dense_transform"],
+            dense_scales=None if scales is None else tuple(DenseScale(**d) for d in scales),
+        )
 
     def fingerprint(self) -> str:
         """A short digest of the encoding: equal fingerprints encode every token alike."""
@@ -231,6 +253,7 @@ class SchemaBuilder:
             options,
             transform,
         )
+        self.dense_stats = DenseStats(len(self.dense))
         self.counts = [Counter() for _ in sparse]
         self.max_len = [0] * len(sparse)
         self.weighted = [False] * len(sparse)
@@ -238,6 +261,9 @@ class SchemaBuilder:
 
     def observe(self, raw: RawChunk, keep: np.ndarray | None = None) -> None:
         """Adds a chunk's rows (those where `keep` is True) to the statistics."""
+        if self.transform is DenseTransform.AUTO and self.dense:
+            dense = np.asarray(raw.dense, np.float32).reshape(len(raw.labels), len(self.dense))
+            self.dense_stats.observe(dense if keep is None else dense[keep])
         while len(raw.bags) > len(self.counts):  # positional libFM: a field not seen before
             self.counts.append(Counter())
             self.max_len.append(0)
@@ -300,4 +326,7 @@ class SchemaBuilder:
                         weighted=self.weighted[i],
                     )
                 )
-        return DataSchema(dense=self.dense, sparse=tuple(columns), dense_transform=self.transform)
+        scales = self.dense_stats.scales() if self.transform is DenseTransform.AUTO else None
+        return DataSchema(
+            dense=self.dense, sparse=tuple(columns), dense_transform=self.transform, dense_scales=scales
+        )
