@@ -43,6 +43,32 @@ def test_cli_profiles_a_few_steps(tmp_path):
     assert list(traces.glob("plugins/profile/*/*.trace.json.gz"))
 
 
+def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} read back from TensorBoard event files (TFRecords of Events)."""
+    from tensorboardX.proto import event_pb2
+
+    out: dict = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            length = int.from_bytes(data[at : at + 8], "little")
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            at += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_cli_writes_its_curves_for_tensorboard(tmp_path):
+    logs = tmp_path / "logs"
+    assert train.main([*SMALL, "--steps", "40", "--log-dir", str(logs)]) == 0
+    curves = _scalars(logs)
+    assert [step for step, _ in curves["train/loss"]] == [20, 40]
+    assert [step for step, _ in curves["train/samples_per_s"]] == [20, 40]
+    assert curves["eval/auc"][0][0] == 40 and 0.5 < curves["eval/auc"][0][1] <= 1
+
+
 def test_cli_single_step_has_no_timed_rate(tmp_path):
     out = tmp_path / "m.json"
     assert train.main([*SMALL, "--steps", "1", "--metrics-out", str(out)]) == 0

@@ -99,6 +99,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     resume: bool = False
     metrics_out: str | None = None
+    log_dir: str | None = None
     profile: int = 0
     profile_dir: str = "profile"
     no_progress: bool = False

@@ -249,6 +249,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--metrics-out", default=None, help="write final metrics as JSON here")
     p.add_argument(
+        "--log-dir",
+        default=None,
+        help="write the training curves (loss, samples/s, evaluation metrics) as TensorBoard event files here",
+    )
+    p.add_argument(
         "--profile",
         type=int,
         default=0,

@@ -20,6 +20,7 @@ from recsys.cache import CachedTrainer
 from recsys.cli import errors
 from recsys.cli.build import embedding_config, make_trainer, run_description, sparse_optimizer
 from recsys.cli.config import ADDED_DEFAULTS, RunConfig
+from recsys.cli.curves import Curves
 from recsys.cli.data import LoadedData, load_data
 from recsys.cli.errors import TrainingFailure, UsageError
 from recsys.cli.profile import StepProfile
@@ -81,12 +82,18 @@ class Timing:
 
 def run(config: RunConfig) -> dict:
     """Trains and evaluates as `config` says; returns the metrics."""
-    with StepWatchdog(config.step_timeout, run_description(config)) as watchdog:
-        prepared = prepare(config)
-        timing = train(prepared, watchdog)
-        with failures_named(lambda: "evaluation"):
-            probs, labels = evaluate(prepared, watchdog)
-    return result(prepared, timing, probs, labels)
+    curves = Curves(config.log_dir)
+    try:
+        with StepWatchdog(config.step_timeout, run_description(config)) as watchdog:
+            prepared = prepare(config)
+            timing = train(prepared, watchdog, curves)
+            with failures_named(lambda: "evaluation"):
+                probs, labels = evaluate(prepared, watchdog)
+        out = result(prepared, timing, probs, labels)
+        curves.add(prepared.steps, {f"eval/{k}": out[k] for k in ("auc", "logloss", "normalized_entropy")})
+        return out
+    finally:
+        curves.close()
 
 
 def prepare(config: RunConfig) -> Run:
@@ -170,7 +177,7 @@ def failures_named(where: Callable[[], str]):
         raise TrainingFailure(where(), e) from e
 
 
-def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
+def train(prepared: Run, watchdog: StepWatchdog, curves: Curves | None = None) -> Timing:
     """Runs the steps from `prepared.start_step` on, saving checkpoints as it goes."""
     config, steps = prepared.config, prepared.steps
     start = prepared.start_step
@@ -211,7 +218,12 @@ def train(prepared: Run, watchdog: StepWatchdog) -> Timing:
             if done % 20 == 0 or done == steps:
                 flush()
                 rate = (step - start) * config.batch_size / max(time.perf_counter() - timed_from, 1e-9)
-                progress.update(done, loss=float(np.mean(prepared.losses[-20:])), samples_per_s=rate)
+                recent = float(np.mean(prepared.losses[-20:]))
+                progress.update(done, loss=recent, samples_per_s=rate)
+                if curves is not None:
+                    curves.add(
+                        done, {"train/loss": recent, "train/samples_per_s": rate if step > start else None}
+                    )
         jax.block_until_ready(prepared.state)
     elapsed = time.perf_counter() - timed_from
     flush()
