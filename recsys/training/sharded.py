@@ -27,7 +27,7 @@ from mesh import collectives, relayout
 from mesh.plan import ShardingPlan
 from mesh.routing import RoutingOptions
 from mesh.sharded import gather_logical, gather_logical_slots, logical_sharding, sharded_layout
-from mesh.sharded_lookup import Routed, StepRoutes, plan_routes, route_ids, serve_routed, sharded_lookup
+from mesh.sharded_lookup import Routed, StepRoutes, plan_routes, route_ids, serve_routed
 from recsys.batching import Batch
 from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
 from recsys.lookup import Activations, initial_tables, owner_bags
@@ -241,48 +241,41 @@ class ShardedTrainer:
         local_batch = batch_size // self.mesh.devices.size
         return plan_routes(self.layout, self.features, local_batch, self.routing)
 
-    def _lookup(self, state: ShardedState, sparse, routes: StepRoutes):
-        """(activations, what the owners received, the order of the collectives after the lookup)."""
-        ids, coef = routing_inputs(self.config, sparse)
-        bags = owner_bags(self.config, self.layout, self.kernels)
-        return sharded_lookup(self.layout, state.tables, routes, ids, coef, self.mesh, bags)
-
     def _predict(self, state: ShardedState, dense: jax.Array, sparse):
         """`predict_fn` of the model's outputs in evaluation mode (`nnx.Module.eval`), the
         batch sharded like a training batch."""
         model = nnx.merge(self.graphdef, self._no_tables, state.params, state.rest)
         model.eval()
-        routes = self.routes(sparse.batch_size)
-        acts = Activations.from_features(self.config, self._lookup(state, sparse, routes)[0])
-        return self.predict_fn(model(dense, acts))
+        acts, _ = self._serve(state.tables, *self._routed(sparse), sparse)
+        return self.predict_fn(model(dense, Activations.from_features(self.config, acts)))
 
     def _train_step(self, state: ShardedState, batch: Batch) -> tuple[ShardedState, jax.Array]:
-        routed, order = self._routed(batch)
-        acts, order = self._serve(state.tables, routed, batch, order)
+        routed, order = self._routed(batch.sparse)
+        acts, order = self._serve(state.tables, routed, order, batch.sparse)
         state, loss, _ = self._learn(state, routed, acts, order, batch)
         return state, loss
 
-    def _routed(self, batch: Batch, order=None) -> tuple[Routed, jax.Array]:
-        """(what the owners of `batch`'s ids receive, the collectives' order after it):
+    def _routed(self, sparse, order=None) -> tuple[Routed, jax.Array]:
+        """(what the owners of a batch's ids receive, the collectives' order after it):
         `mesh.sharded_lookup.route_ids`."""
-        routes = self.routes(batch.sparse.batch_size)
-        return route_ids(self.layout, routes, *routing_inputs(self.config, batch.sparse), self.mesh, order)
+        routes = self.routes(sparse.batch_size)
+        return route_ids(self.layout, routes, *routing_inputs(self.config, sparse), self.mesh, order)
 
-    def _serve(self, tables, routed: Routed, batch: Batch, order):
-        """(`batch`'s activations from `tables`, the order after): the owners look up what
-        they received and send the results back (`mesh.sharded_lookup.serve_routed`)."""
-        routes = self.routes(batch.sparse.batch_size)
-        ids, coef = routing_inputs(self.config, batch.sparse)
+    def _serve(self, tables, routed: Routed, order, sparse):
+        """(the batch's activations from `tables`, the order after): the owners look up
+        what they received and send the results back (`mesh.sharded_lookup.serve_routed`)."""
+        ids, coef = routing_inputs(self.config, sparse)
         bags = owner_bags(self.config, self.layout, self.kernels)
+        routes = self.routes(sparse.batch_size)
         return serve_routed(self.layout, tables, routes, routed, ids, coef, self.mesh, bags, order)
 
     def _first_carry(self, state: ShardedState, batch: Batch):
         """What the pipeline hands the first step: `batch`'s routed ids (sparse_dist), and
         its activations with them (semi_sync)."""
-        routed, order = self._routed(batch)
+        routed, order = self._routed(batch.sparse)
         if self.pipeline is not Pipeline.SEMI_SYNC:
             return routed
-        return self._serve(state.tables, routed, batch, order)[0], routed
+        return self._serve(state.tables, routed, order, batch.sparse)[0], routed
 
     def _pipelined_step(self, state: ShardedState, carry, batch: Batch, next_batch: Batch):
         """The step on `batch` with what the step before carried over, preparing
@@ -296,13 +289,13 @@ class ShardedTrainer:
         late."""
         if self.pipeline is Pipeline.SEMI_SYNC:
             acts, routed = carry
-            next_routed, order = self._routed(next_batch)
-            next_acts, order = self._serve(state.tables, next_routed, next_batch, order)
+            next_routed, order = self._routed(next_batch.sparse)
+            next_acts, order = self._serve(state.tables, next_routed, order, next_batch.sparse)
             state, loss, _ = self._learn(state, routed, acts, order, batch)
             return state, (next_acts, next_routed), loss
-        acts, order = self._serve(state.tables, carry, batch, None)
+        acts, order = self._serve(state.tables, carry, None, batch.sparse)
         state, loss, order = self._learn(state, carry, acts, order, batch)
-        return state, self._routed(next_batch, order)[0], loss
+        return state, self._routed(next_batch.sparse, order)[0], loss
 
     def _learn(self, state: ShardedState, routed: Routed, acts, order, batch: Batch):
         """The dense forward and backward on `acts`, the sparse update of the rows
