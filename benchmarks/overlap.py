@@ -38,7 +38,7 @@ from mesh.collectives.hlo import overlap
 from mesh.meshes import simulate_cpu_devices
 from recsys.models import DLRM
 from recsys.training import ShardedTrainer
-from recsys.training.pipeline import Pipeline
+from recsys.training.pipeline import compiled_step
 
 
 def devices(args) -> list:
@@ -51,15 +51,12 @@ def devices(args) -> list:
     return jax.devices()
 
 
-def compiled_step(trainer: ShardedTrainer, batch) -> str:
+def step_hlo(trainer: ShardedTrainer, batch) -> str:
     """The HLO of the step most steps run, compiled from shapes alone."""
     state = jax.jit(trainer.init_state).lower().out_info
     sharding = NamedSharding(trainer.mesh, P(trainer.axes))
     placed = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), batch)
-    if trainer.pipeline is Pipeline.NONE:
-        return trainer.train_step.lower(state, placed).compile().as_text()
-    carry = trainer.carry_step.lower(state, placed).out_info
-    return trainer.pipelined_step.lower(state, carry, placed, placed).compile().as_text()
+    return compiled_step(trainer, state, placed).as_text()
 
 
 FIELDS = ("collectives", "async", "overlapped", "compute_between", "in_branch")
@@ -113,7 +110,7 @@ def main(argv=None) -> int:
                 "target": args.tpu or ("gpu" if args.gpu else "cpu"),
                 "devices": len(found),
                 "device_kind": getattr(found[0], "device_kind", ""),
-                "by_purpose": summary(overlap(compiled_step(trainer, batch))),
+                "by_purpose": summary(overlap(step_hlo(trainer, batch))),
             }
             print(json.dumps(record), flush=True)
     return 0

@@ -39,7 +39,7 @@ from recsys.sparse import InputPolicy, PackReport
 from recsys.specs import EmbeddingConfig
 from recsys.training import Checkpointer, CheckpointMismatch
 from recsys.training.checkpoint import check_compatible
-from recsys.training.pipeline import Pipeline, pipeline_of, train_steps
+from recsys.training.pipeline import compiled_step, pipeline_of, train_steps
 from recsys.training.sharded import to_host
 
 # Bag widths come from the training data (or --max-ids); a longer bag, in evaluation data
@@ -251,21 +251,10 @@ def _steps(prepared: Run, fed, timing: Timing):
     first = next(items, None)
     if first is None:
         return
-    # Compiled ahead of time on the first batch, so that its HLO can be read; the steps
-    # then find the program in JAX's cache.
-    read_step_bytes(prepared, _steady_step(trainer, prepared.state, first[0]), timing)
+    read_step_bytes(prepared, compiled_step(trainer, prepared.state, first[0]), timing)
     for state, loss, item in train_steps(trainer, prepared.state, itertools.chain([first], items)):
         prepared.state = state
         yield loss, item
-
-
-def _steady_step(trainer, state, batch):
-    """The compiled step: the plain one, or the pipelined one, which takes what the step
-    before prepared of its batch and prepares the next."""
-    if pipeline_of(trainer) is Pipeline.NONE:
-        return trainer.train_step.lower(state, batch).compile()
-    carry = trainer.carry_step.lower(state, batch).out_info
-    return trainer.pipelined_step.lower(state, carry, batch, batch).compile()
 
 
 def read_step_bytes(prepared: Run, compiled, timing: Timing) -> None:

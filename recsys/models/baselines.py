@@ -104,10 +104,11 @@ def _weight_and_factors(config: EmbeddingConfig, model: str) -> int:
 class _Deep(nnx.Module):
     """An MLP over the fields' vectors side by side and the dense columns, to one logit."""
 
-    def __init__(self, fields: int, factors: int, dense_features: int, sizes, *, rngs, dense_dtype):
+    def __init__(self, config: EmbeddingConfig, model: str, dense_features: int, sizes, *, rngs, dense_dtype):
         if sizes[-1] != 1:
             raise ValueError(f"the deep MLP must end in 1 logit, got {list(sizes)}")
-        self.mlp = MLP(fields * factors + dense_features, sizes, rngs=rngs, dense_dtype=dense_dtype)
+        width = len(config.features) * _weight_and_factors(config, model) + dense_features
+        self.mlp = MLP(width, sizes, rngs=rngs, dense_dtype=dense_dtype)
 
     def __call__(self, dense: jax.Array, fields: jax.Array) -> jax.Array:
         flat = fields.reshape(fields.shape[0], -1)
@@ -126,11 +127,8 @@ class DeepFM(nnx.Module):
         rngs: nnx.Rngs,
         dense_dtype: str = "float32",
     ):
-        factors = _weight_and_factors(config, "deepfm")
         self.fm = FactorizationMachine(config, dense_features=dense_features, rngs=rngs)
-        self.deep = _Deep(
-            len(config.features), factors, dense_features, top, rngs=rngs, dense_dtype=dense_dtype
-        )
+        self.deep = _Deep(config, "deepfm", dense_features, top, rngs=rngs, dense_dtype=dense_dtype)
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         acts = self.fm.embedding(sparse)
@@ -150,13 +148,10 @@ class WideDeep(nnx.Module):
         rngs: nnx.Rngs,
         dense_dtype: str = "float32",
     ):
-        factors = _weight_and_factors(config, "wide_deep")
         self.features = tuple(f.name for f in config.features)
         self.embedding = EmbeddingCollection(config, rngs=rngs)
         self.linear = _Linear(dense_features, rngs)
-        self.deep = _Deep(
-            len(self.features), factors, dense_features, top, rngs=rngs, dense_dtype=dense_dtype
-        )
+        self.deep = _Deep(config, "wide_deep", dense_features, top, rngs=rngs, dense_dtype=dense_dtype)
 
     def __call__(self, dense: jax.Array, sparse: JaggedBatch | Activations) -> jax.Array:
         rows = self.embedding(sparse).stacked(self.features)  # [batch, F, 1 + factors]

@@ -64,6 +64,17 @@ def train_steps(trainer, state, items: Iterable) -> Iterator[tuple[object, objec
         current = following
 
 
+def compiled_step(trainer, state, batch):
+    """The step most of a run's steps take, compiled ahead of time (its HLO can be read;
+    later calls find it in JAX's cache): the plain one, or the pipelined one, which takes
+    what the step before prepared of its batch and prepares the next. `state` and
+    `batch` may be arrays or `jax.ShapeDtypeStruct`s."""
+    if pipeline_of(trainer) is Pipeline.NONE:
+        return trainer.train_step.lower(state, batch).compile()
+    carry = trainer.carry_step.lower(state, batch).out_info
+    return trainer.pipelined_step.lower(state, carry, batch, batch).compile()
+
+
 def pipeline_of(trainer) -> Pipeline:
     """The pipeline `train_steps` runs for `trainer`: its own, where it has a pipelined
     step; else (a cached trainer) `none`."""
