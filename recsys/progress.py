@@ -40,6 +40,12 @@ class Progress:
             self.stream.write(f"step {step}/{self.total} {text}\n")
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own, between progress updates."""
+        if self.enabled:
+            self.stream.write(("\n" if self.interactive else "") + text + "\n")
+            self.stream.flush()
+
 
 def _fmt(value: float) -> str:
     if abs(value) >= 1000:

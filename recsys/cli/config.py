@@ -20,7 +20,14 @@ from recsys.specs import OptimizerKind
 # A field's metadata marks the settings that change what a run computes.
 COMPUTED = {"computed": True}
 # Settings added after checkpoints were first written: an older checkpoint's run used these.
-ADDED_DEFAULTS = {"table_dtype": "fp32", "state_dtype": "fp32", "dense_dtype": "fp32"}
+ADDED_DEFAULTS = {
+    "table_dtype": "fp32",
+    "state_dtype": "fp32",
+    "dense_dtype": "fp32",
+    "validation": 0.1,
+    "eval_every": None,
+    "early_stop": None,
+}
 
 
 def _computed(default):
@@ -61,6 +68,12 @@ class RunConfig:
     batch_size: int = _computed(256)
     steps: int | None = None  # None: --epochs over the data; the total is checked on resume
     epochs: int = 1
+    # Validation: the training data's last `validation` fraction, evaluated every
+    # `eval_every` steps (default with early stopping: every epoch); only split off when
+    # either is set.
+    validation: float = _computed(0.1)
+    eval_every: int | None = _computed(None)
+    early_stop: int | None = _computed(None)  # patience, in evaluations without a better log-loss
     lr: float = _computed(0.1)
     optimizer: str = _computed(OptimizerKind.ROWWISE_ADAGRAD.value)
     weight_decay: float = _computed(1e-3)
@@ -113,6 +126,8 @@ class RunConfig:
             raise ValueError(problem)
 
     def _problems(self):
+        if not 0 < self.validation < 1:
+            yield f"--validation takes a fraction in (0, 1), got {self.validation}"
         if self.profile < 0:
             yield f"--profile takes a number of steps >= 0, got {self.profile}"
         if self.step_timeout < 0:
@@ -159,6 +174,16 @@ class RunConfig:
     def sharded(self) -> bool:
         """Tables sharded over a mesh (rather than on one device)."""
         return self.devices > 1 or bool(self.mesh or self.sharding or self.plan)
+
+    @property
+    def validates(self) -> bool:
+        """Training evaluates on a validation split as it goes."""
+        return self.eval_every is not None or self.early_stop is not None
+
+    @property
+    def validation_fraction(self) -> float:
+        """The fraction of the training data held apart for validation (0: none)."""
+        return self.validation if self.validates else 0.0
 
     @property
     def mesh_spec(self) -> MeshSpec:

@@ -1,5 +1,6 @@
 """`--log-dir DIR`: the run's curves as TensorBoard event files (`tensorboard --logdir
-DIR`): the training loss and samples/s every 20 steps, the evaluation metrics at the end.
+DIR`): the training loss and samples/s every 20 steps, the validation metrics at each
+validation, the evaluation metrics at the end.
 Written by process 0 only, through tensorboardX (no TensorFlow needed)."""
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ class LoadedData:
     schema: DataSchema | None  # None for synthetic data
     planted_eval_logits: np.ndarray | None  # synthetic data only
     notes: list[str]
+    validation: Dataset | None = None  # the last part of the training data (--validation)
 
 
 def read_options(config: RunConfig) -> ReadOptions:
@@ -42,6 +43,7 @@ def read_options(config: RunConfig) -> ReadOptions:
         columns=columns,
         on_error=config.on_error,
         holdout=config.holdout,
+        validation=config.validation_fraction,
     )
 
 
@@ -63,6 +65,7 @@ def load_data(config: RunConfig, sparse_opt: SparseOptimizerSpec, schema: DataSc
         schema=opened.schema,
         planted_eval_logits=None,
         notes=notes,
+        validation=opened.validation,
     )
 
 
@@ -71,14 +74,25 @@ def _synthetic(config: RunConfig, sparse_opt: SparseOptimizerSpec) -> LoadedData
         num_sparse=config.num_tables, rows=config.rows or 1000, max_ids=config.max_ids or 4
     )
     planted = PlantedModel(synthetic, seed=config.seed)
-    train_data = planted.generate(config.train_samples, seed=config.seed)
+    train_examples = planted.generate(config.train_samples, seed=config.seed).examples()
     eval_data = planted.generate(config.eval_samples, seed=config.seed + 10_000)
+    # Validation: the training samples' last fraction, as for files.
+    start = len(train_examples) - int(round(len(train_examples) * config.validation_fraction))
+    if start == 0:
+        raise ValueError(
+            f"--train-samples {config.train_samples} leaves no training samples beside validation"
+        )
+    validation = None
+    if start < len(train_examples):
+        held = train_examples.slice(start, len(train_examples))
+        validation = Dataset.in_memory(held, name=f"synthetic-validation-{config.seed}")
     return LoadedData(
         config=synthetic.embedding_config(config.embedding_dim, sparse_opt),
         num_dense=synthetic.num_dense,
-        train=Dataset.in_memory(train_data.examples(), name=f"synthetic-train-{config.seed}"),
+        train=Dataset.in_memory(train_examples.slice(0, start), name=f"synthetic-train-{config.seed}"),
         eval=Dataset.in_memory(eval_data.examples(), name=f"synthetic-eval-{config.seed}"),
         schema=None,
         planted_eval_logits=eval_data.true_logits,
         notes=[],
+        validation=validation,
     )

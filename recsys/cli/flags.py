@@ -77,6 +77,30 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--steps", type=_positive_int, default=None, help="train steps (overrides --epochs)")
     p.add_argument("--epochs", type=_positive_int, default=1)
+    g = p.add_argument_group("validation (the training data's last part; never the evaluation data)")
+    g.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        default=None,
+        metavar="STEPS",
+        help="evaluate on the validation split every STEPS steps and at the end; the final "
+        "metrics come from the state with the best validation log-loss",
+    )
+    g.add_argument(
+        "--early-stop",
+        type=_positive_int,
+        default=None,
+        metavar="PATIENCE",
+        help="stop after PATIENCE validation evaluations without a better log-loss "
+        "(evaluating every epoch unless --eval-every says otherwise)",
+    )
+    g.add_argument(
+        "--validation",
+        type=_fraction,
+        default=0.1,
+        metavar="FRACTION",
+        help="the last FRACTION of the training data, held apart for --eval-every and --early-stop",
+    )
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the embedding tables")
     p.add_argument(
         "--optimizer", default=OptimizerKind.ROWWISE_ADAGRAD.value, choices=[k.value for k in OptimizerKind]

@@ -24,6 +24,7 @@ from recsys.cli.curves import Curves
 from recsys.cli.data import LoadedData, load_data
 from recsys.cli.errors import TrainingFailure, UsageError
 from recsys.cli.profile import StepProfile
+from recsys.cli.validation import Validator
 from recsys.cli.watchdog import StepWatchdog
 from recsys.data import (
     DataSchema,
@@ -64,6 +65,9 @@ class Run:
     resumed: bool = False
     train_pack: PackReport = dataclasses.field(default_factory=PackReport)
     eval_pack: PackReport = dataclasses.field(default_factory=PackReport)
+    validation_pack: PackReport = dataclasses.field(default_factory=PackReport)  # the latest validation's
+    validator: Validator | None = None  # --eval-every / --early-stop
+    trained_steps: int = 0  # where training ended: `steps`, or earlier when it stopped early
 
     def device_batch(self, examples, report: PackReport):
         """Packs this process's share of a host batch and places it on the devices."""
@@ -83,17 +87,26 @@ class Timing:
 def run(config: RunConfig) -> dict:
     """Trains and evaluates as `config` says; returns the metrics."""
     curves = Curves(config.log_dir)
+    prepared = None
     try:
         with StepWatchdog(config.step_timeout, run_description(config)) as watchdog:
             prepared = prepare(config)
             timing = train(prepared, watchdog, curves)
             with failures_named(lambda: "evaluation"):
+                if prepared.validator is not None:
+                    prepared.state = prepared.validator.best_state(
+                        prepared.trainer, prepared.state, prepared.trained_steps
+                    )
                 probs, labels = evaluate(prepared, watchdog)
         out = result(prepared, timing, probs, labels)
-        curves.add(prepared.steps, {f"eval/{k}": out[k] for k in ("auc", "logloss", "normalized_entropy")})
+        curves.add(
+            prepared.trained_steps, {f"eval/{k}": out[k] for k in ("auc", "logloss", "normalized_entropy")}
+        )
         return out
     finally:
         curves.close()
+        if prepared is not None and prepared.validator is not None:
+            prepared.validator.close()
 
 
 def prepare(config: RunConfig) -> Run:
@@ -109,8 +122,12 @@ def prepare(config: RunConfig) -> Run:
         )
     trainer = make_trainer(config, tables, data, steps)
     prepared = Run(config, data, tables, trainer, steps, checkpoints, trainer.init_state())
+    if config.validates:
+        every = config.eval_every or steps_per_epoch(data.train, config.batch_size)
+        prepared.validator = Validator(every, config.early_stop, config.checkpoint_dir)
     if resumed is not None:
         resume(prepared, resumed)
+    prepared.trained_steps = prepared.start_step
     return prepared
 
 
@@ -146,6 +163,8 @@ def resume(prepared: Run, metadata: dict) -> None:
     prepared.position = Position.from_json(metadata["position"])
     prepared.losses.extend(np.float32(x) for x in metadata["losses"])
     prepared.resumed = True
+    if prepared.validator is not None:
+        prepared.validator.resume(metadata["validation"], prepared.start_step)
     if prepared.start_step > prepared.steps:
         raise ValueError(
             f"the checkpoint is at step {prepared.start_step}, past the {prepared.steps} steps asked for"
@@ -161,6 +180,7 @@ def save(prepared: Run, step: int, after: Position) -> None:
         "losses": [float(x) for x in prepared.losses],
         "schema": None if data.schema is None else data.schema.to_json(),
         "train_fingerprint": data.train.fingerprint,
+        "validation": None if prepared.validator is None else prepared.validator.to_json(),
     }
     prepared.checkpoints.save(step, prepared.trainer, prepared.state, metadata)
 
@@ -168,11 +188,11 @@ def save(prepared: Run, step: int, after: Position) -> None:
 @contextlib.contextmanager
 def failures_named(where: Callable[[], str]):
     """Errors inside become `TrainingFailure`s that name `where()` (input errors, which
-    name their file and line, stay as they are)."""
+    name their file and line, and failures named by an inner block stay as they are)."""
     try:
         yield
     except Exception as e:
-        if errors.is_input_error(e):
+        if errors.is_input_error(e) or isinstance(e, TrainingFailure):  # named already
             raise
         raise TrainingFailure(where(), e) from e
 
@@ -191,10 +211,13 @@ def train(prepared: Run, watchdog: StepWatchdog, curves: Curves | None = None) -
         pending.clear()
 
     progress = Progress(steps, enabled=not config.no_progress and jax.process_index() == 0)
+    validator = prepared.validator
+    stopped = validator is not None and validator.stopped  # a resumed run that had stopped early
     batches = itertools.islice(
         train_batches(prepared.data.train, config.batch_size, seed=config.seed, start=prepared.position),
-        steps - start,
+        0 if stopped else steps - start,
     )
+    validating_s = 0.0 if validator is None else validator.seconds
     began, timed_from, step, after = time.perf_counter(), time.perf_counter(), start, prepared.position
     with (
         failures_named(lambda: f"step {step}"),
@@ -211,7 +234,14 @@ def train(prepared: Run, watchdog: StepWatchdog, curves: Curves | None = None) -
                 timed_from = time.perf_counter()
                 timing.compile_s = timed_from - began
             profile.after_step(step, loss)
-            done = step + 1
+            done = prepared.trained_steps = step + 1
+            # Validation first: a checkpoint written after this step holds its evaluation.
+            if (
+                validator is not None
+                and validator.due(done, steps)
+                and validate(prepared, watchdog, curves, progress)
+            ):
+                break
             if prepared.checkpoints is not None and done % config.checkpoint_every == 0 and done < steps:
                 flush()
                 save(prepared, done, after)
@@ -226,15 +256,41 @@ def train(prepared: Run, watchdog: StepWatchdog, curves: Curves | None = None) -
                     )
         jax.block_until_ready(prepared.state)
     elapsed = time.perf_counter() - timed_from
+    if validator is not None:
+        elapsed -= validator.seconds - validating_s
     flush()
     if prepared.checkpoints is not None:
-        if start < steps:
-            save(prepared, steps, after)
+        if prepared.trained_steps > start:
+            save(prepared, prepared.trained_steps, after)
         prepared.checkpoints.close()
     # Steps after the compiling first one; a run with none has no timed rate (JSON null).
-    timed_steps = steps - start - 1
+    timed_steps = prepared.trained_steps - start - 1
     timing.samples_per_s = timed_steps * config.batch_size / elapsed if timed_steps > 0 else None
     return timing
+
+
+def validate(prepared: Run, watchdog: StepWatchdog, curves: Curves | None, progress: Progress) -> bool:
+    """Evaluates the state after `prepared.trained_steps` steps on the validation split;
+    returns whether training should stop."""
+    validator, done = prepared.validator, prepared.trained_steps
+    began = time.perf_counter()
+    prepared.validation_pack = PackReport()
+    with failures_named(lambda: f"validation after step {done}"):
+        probs, labels = evaluate(
+            prepared, watchdog, prepared.data.validation, prepared.validation_pack, name="validation"
+        )
+        stop = validator.record(done, probs, labels, prepared.trainer, prepared.state)
+    validator.seconds += time.perf_counter() - began
+    latest = validator.history[-1]
+    if curves is not None:
+        curves.add(done, {"validation/auc": latest["auc"], "validation/logloss": latest["logloss"]})
+    progress.note(
+        f"validation after step {done}: AUC {latest['auc']:.4f} log-loss {latest['logloss']:.4f} "
+        f"(best: step {validator.best_step})"
+    )
+    if stop:
+        progress.note(f"stopped early: {validator.patience} evaluations without a better validation log-loss")
+    return stop
 
 
 def _steps(prepared: Run, fed, timing: Timing):
@@ -267,20 +323,28 @@ def read_step_bytes(prepared: Run, compiled, timing: Timing) -> None:
     timing.fallback_bytes = bytes_by_purpose(hlo, devices, branch=1)
 
 
-def evaluate(prepared: Run, watchdog: StepWatchdog | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, labels) for every evaluation example, in order; batches prefetched."""
+def evaluate(
+    prepared: Run,
+    watchdog: StepWatchdog | None = None,
+    data: Dataset | None = None,
+    report: PackReport | None = None,
+    name: str = "evaluation",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, labels) for every example of `data` (default: the evaluation data),
+    in order; batches prefetched."""
     probs, labels = [], []
+    data = prepared.data.eval if data is None else data
+    report = prepared.eval_pack if report is None else report
 
     def prepare_batch(item):
         examples, valid = item
-        return prepared.device_batch(examples, prepared.eval_pack), examples.labels[:valid], valid
+        return prepared.device_batch(examples, report), examples.labels[:valid], valid
 
-    data: Dataset = prepared.data.eval
     with Prefetcher(eval_batches(data, prepared.config.batch_size), prepare_batch) as batches:
         for i, (batch, batch_labels, valid) in enumerate(batches):
             predicted = prepared.trainer.predict(prepared.state, batch.dense, batch.sparse)
             if watchdog is not None:
-                watchdog.watch(f"evaluation batch {i}", predicted)
+                watchdog.watch(f"{name} batch {i}", predicted)
             probs.append(np.asarray(to_host(predicted))[:valid])
             labels.append(batch_labels)
     return np.concatenate(probs), np.concatenate(labels)
@@ -295,7 +359,8 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "logloss": metrics.logloss(labels, probs),
         "normalized_entropy": metrics.normalized_entropy(labels, probs),
         "train_loss": float(np.mean(losses[-max(1, steps // 10) :])),
-        "steps": steps,
+        "steps": prepared.trained_steps,
+        **_validation_result(prepared),
         "resumed_from_step": prepared.start_step if prepared.resumed else None,
         "samples_per_s": timing.samples_per_s,
         "compile_s": timing.compile_s,
@@ -333,6 +398,20 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         out["planted_auc"] = metrics.auc(labels, planted)
         out["planted_logloss"] = metrics.logloss(labels, planted)
     return out
+
+
+def _validation_result(prepared: Run) -> dict:
+    """Where the final state came from (`steps`, or the best validation step) and the
+    validation history."""
+    validator = prepared.validator
+    if validator is None:
+        return {"validation_examples": None, "best_step": None, "stopped_early": None, "eval_history": None}
+    return {
+        "validation_examples": len(prepared.data.validation),
+        "best_step": validator.best_step,
+        "stopped_early": validator.stopped,
+        "eval_history": validator.history,
+    }
 
 
 def _sharding_result(prepared: Run, timing: Timing) -> dict:
@@ -378,5 +457,9 @@ def _cache_result(prepared: Run) -> dict:
 
 
 def _pack_notes(prepared: Run) -> list[str]:
-    reports = (("train", prepared.train_pack), ("eval", prepared.eval_pack))
+    reports = (
+        ("train", prepared.train_pack),
+        ("eval", prepared.eval_pack),
+        ("validation", prepared.validation_pack),
+    )
     return [f"{name}: {report.summary()}" for name, report in reports if report.total()]

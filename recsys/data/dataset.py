@@ -4,7 +4,8 @@
 files, parses the training rows once to build the schema (vocabularies, table sizes,
 bag widths) and to count what each chunk holds, and returns `Dataset`s whose chunks are
 read (and encoded) on demand. Without separate evaluation data the last `holdout`
-fraction of the rows is held out; the schema only ever sees training rows.
+fraction of the rows is held out; with `validation`, the last fraction of the training
+rows becomes a validation split. The schema only ever sees training rows.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class OpenedData:
     eval: Dataset
     train_report: ReadReport
     eval_report: ReadReport
+    validation: Dataset | None = None  # the training rows' last `ReadOptions.validation` fraction
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,6 +93,7 @@ class ReadOptions:
     dense_transform: DenseTransform | None = None
     on_error: OnError = OnError.RAISE
     holdout: float = 0.2  # held-out fraction when no eval data is given
+    validation: float = 0.0  # the training rows' last fraction kept apart for validation (0: none)
     chunk_rows: int = 65536
     cache_bytes: int = 256 << 20  # keep parsed chunks in memory when the files are this small
 
@@ -152,6 +155,20 @@ def _split(reader, schema: DataSchema, paths, start, stop, sizes, chunk_ids, opt
     return Dataset(read, sizes, fingerprint=_fingerprint(paths, start, stop, schema), cache=small)
 
 
+def _validation_start(rows: int, options: ReadOptions) -> int:
+    """Where the validation split starts in `rows` training rows (`rows` without one)."""
+    if options.validation == 0:
+        return rows
+    if not 0 < options.validation < 1:
+        raise ValueError(f"validation must be a fraction in (0, 1), got {options.validation}")
+    start = int(round(rows * (1 - options.validation)))
+    if not 0 < start < rows:
+        raise DataError(
+            f"{rows} training rows are too few to hold out a validation fraction of {options.validation}"
+        )
+    return start
+
+
 def _count(reader, start, stop, report, observe=None) -> tuple[list[int], list[int]]:
     """(examples per chunk, chunk indices) over global rows [start, stop); `observe(raw,
     keep)` also sees every chunk (the schema builder's statistics pass)."""
@@ -192,18 +209,25 @@ def open_data(
         train_stop = int(round(total * (1 - options.holdout)))
     else:
         train_stop = total
+    validation_start = _validation_start(train_stop, options)
 
     counted = None
     if schema is None:
         builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
-        counted = _count(reader, 0, train_stop, train_report, observe=builder.observe)
+        counted = _count(reader, 0, validation_start, train_report, observe=builder.observe)
         schema = builder.build()
     if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
         reader.fmt.set_num_fields(len(schema.sparse))  # positional: as many fields as training had
-    sizes, ids = counted or _count(reader, 0, train_stop, train_report)
-    train = _split(reader, schema, paths, 0, train_stop, sizes, ids, options)
+    sizes, ids = counted or _count(reader, 0, validation_start, train_report)
+    train = _split(reader, schema, paths, 0, validation_start, sizes, ids, options)
     if len(train) == 0:
         raise DataError("no valid training rows", path=",".join(paths))
+    validation = None
+    if validation_start < train_stop:
+        sizes, ids = _count(reader, validation_start, train_stop, train_report)
+        validation = _split(reader, schema, paths, validation_start, train_stop, sizes, ids, options)
+        if len(validation) == 0:
+            raise DataError("no valid validation rows", path=",".join(paths))
 
     if eval_spec is None:
         eval_reader, eval_paths, eval_start, eval_stop = reader, paths, train_stop, total
@@ -218,7 +242,7 @@ def open_data(
     evaluation = _split(eval_reader, schema, eval_paths, eval_start, eval_stop, sizes, ids, options)
     if len(evaluation) == 0:
         raise DataError("no valid evaluation rows", path=",".join(eval_paths))
-    return OpenedData(schema, train, evaluation, train_report, eval_report)
+    return OpenedData(schema, train, evaluation, train_report, eval_report, validation)
 
 
 # -- Criteo's preprocessed binary form ------------------------------------------------
@@ -306,9 +330,12 @@ def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) 
         fingerprint = json.dumps({"criteo_binary": os.path.abspath(path), "rows": [start, stop], "n": total})
         return Dataset(read, sizes, fingerprint=fingerprint, cache=False)
 
+    train_stop = int(round(total * (1 - options.holdout))) if eval_spec is None else total
+    validation_start = _validation_start(train_stop, options)
+    train = split(0, validation_start)
+    validation = split(validation_start, train_stop) if validation_start < train_stop else None
     if eval_spec is None:
-        train_stop = int(round(total * (1 - options.holdout)))
-        return OpenedData(schema, split(0, train_stop), split(train_stop, total), ReadReport(), ReadReport())
+        return OpenedData(schema, train, split(train_stop, total), ReadReport(), ReadReport(), validation)
     eval_kind, eval_path = parse_spec(eval_spec)
     if eval_kind != "criteo":
         raise ValueError(f"eval data is {eval_kind}, training data criteo: both must be one format")
@@ -318,4 +345,4 @@ def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) 
     report = ReadReport()
     sizes, ids = _count(reader, 0, reader.num_rows, report)
     evaluation = _split(reader, schema, reader.paths, 0, reader.num_rows, sizes, ids, options)
-    return OpenedData(schema, split(0, total), evaluation, ReadReport(), report)
+    return OpenedData(schema, train, evaluation, ReadReport(), report, validation)
