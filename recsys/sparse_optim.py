@@ -9,7 +9,7 @@ stay bitwise unchanged (for Adam this is "lazy" Adam: untouched moments do not d
 Slots are stored in `spec.state_dtype`; `update` takes and returns float32 slot rows and
 the caller stores them back (`recsys.sparse_update.round_slot_rows`).
 
-Formulas (g includes weight_decay * w when set):
+Formulas (g includes weight_decay * w when set; lr is `spec.rate(step)`, the schedule's):
   sgd:              w -= lr * g
   adagrad:          a += g^2;            w -= lr * g / sqrt(a + eps)   (optax.adagrad)
   rowwise_adagrad:  a += mean_d(g^2);    w -= lr * g / (sqrt(a) + eps) (one a per row)
@@ -50,7 +50,7 @@ def row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
 
 
 def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
-    lr, eps, wd = spec.learning_rate, spec.eps, spec.weight_decay
+    eps, wd = spec.eps, spec.weight_decay
 
     def with_decay(values, grads):
         return grads + wd * values if wd else grads
@@ -58,6 +58,7 @@ def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     if spec.kind is OptimizerKind.SGD:
 
         def update(values, grads, slots, step, row_mean_sq=None):
+            lr = spec.rate(step)
             return values - lr * with_decay(values, grads), slots
 
         return RowOptimizer(lambda rows, dim: {}, update)
@@ -65,6 +66,7 @@ def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     if spec.kind is OptimizerKind.ADAGRAD:
 
         def update(values, grads, slots, step, row_mean_sq=None):
+            lr = spec.rate(step)
             grads = with_decay(values, grads)
             acc = slots["acc"] + grads * grads
             scale = jnp.where(acc > 0, jax.lax.rsqrt(acc + eps), 0.0)
@@ -78,6 +80,7 @@ def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
     if spec.kind is OptimizerKind.ROWWISE_ADAGRAD:
 
         def update(values, grads, slots, step, row_mean_sq=None):
+            lr = spec.rate(step)
             grads = with_decay(values, grads)
             acc = slots["acc"] + (jnp.mean(grads * grads, axis=-1) if row_mean_sq is None else row_mean_sq)
             return values - lr * grads / (jnp.sqrt(acc)[:, None] + eps), {"acc": acc}
@@ -91,6 +94,7 @@ def _row_optimizer(spec: SparseOptimizerSpec) -> RowOptimizer:
         b1, b2 = spec.beta1, spec.beta2
 
         def update(values, grads, slots, step, row_mean_sq=None):
+            lr = spec.rate(step)
             grads = with_decay(values, grads)
             m = b1 * slots["m"] + (1 - b1) * grads
             v = b2 * slots["v"] + (1 - b2) * grads * grads

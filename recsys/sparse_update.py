@@ -287,7 +287,17 @@ def fused_rows_update(
     if path == "pallas":
         optimizer = kernel_row_optimizer(spec)
         return fused_update(
-            table, slots, ids, coef, src, grads, optimizer=optimizer, step=step, seed=seed, row_keys=keys
+            table,
+            slots,
+            ids,
+            coef,
+            src,
+            grads,
+            optimizer=optimizer,
+            step=step,
+            lr_scale=spec.rate_scale(step),
+            seed=seed,
+            row_keys=keys,
         )
     if path != "cpu" or keys is not None:
         raise ValueError(f"no fused kernel for path {path!r}" + (" with row keys" if path == "cpu" else ""))
@@ -298,7 +308,7 @@ def fused_rows_update(
         coef,
         src,
         grads,
-        learning_rate=spec.learning_rate,
+        learning_rate=spec.rate(step),
         eps=spec.eps,
         weight_decay=spec.weight_decay,
     )

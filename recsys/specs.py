@@ -60,6 +60,49 @@ class InitializerSpec:
             raise ValueError(f"initializer scale must be finite and > 0, got {self.scale}")
 
 
+class Decay(str, enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    LINEAR = "linear"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LRSchedule:
+    """A factor on the learning rate by step (updates applied before it): a linear
+    warm-up from 1/warmup_steps to 1 over the first `warmup_steps`, then constant, or
+    decayed to 0 at `total_steps` along a half cosine or a line."""
+
+    warmup_steps: int = 0
+    decay: Decay = Decay.CONSTANT
+    total_steps: int = 0  # where a decay reaches 0; unused by constant
+
+    def __post_init__(self):
+        object.__setattr__(self, "decay", _enum(Decay, self.decay, "learning-rate decay"))
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay is not Decay.CONSTANT and self.total_steps <= self.warmup_steps:
+            raise ValueError(
+                f"a {self.decay.value} decay needs total_steps > warmup_steps, "
+                f"got {self.total_steps} and {self.warmup_steps}"
+            )
+
+    @property
+    def constant(self) -> bool:
+        return self.warmup_steps == 0 and self.decay is Decay.CONSTANT
+
+    def scale(self, step) -> jnp.ndarray:
+        """float32 factor of update `step` (0 for the first)."""
+        t = jnp.asarray(step, jnp.float32)
+        factor = jnp.float32(1)
+        if self.warmup_steps:
+            factor = jnp.minimum(factor, (t + 1) / self.warmup_steps)
+        if self.decay is not Decay.CONSTANT:
+            done = jnp.clip((t - self.warmup_steps) / (self.total_steps - self.warmup_steps), 0, 1)
+            left = 0.5 * (1 + jnp.cos(jnp.pi * done)) if self.decay is Decay.COSINE else 1 - done
+            factor = factor * left
+        return factor.astype(jnp.float32)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SparseOptimizerSpec:
     """The optimizer applied, in place, to the rows a batch touched."""
@@ -78,9 +121,14 @@ class SparseOptimizerSpec:
     # float32 and round narrow state stochastically. bfloat16 keeps float32's range;
     # float16 saturates at 65504 and flushes squared gradients below 2^-24 (Adam's v).
     state_dtype: str = "float32"
+    # The learning rate's schedule: a runtime scalar in every update path, so it costs
+    # no recompile.
+    schedule: LRSchedule = LRSchedule()
 
     def __post_init__(self):
         object.__setattr__(self, "kind", _enum(OptimizerKind, self.kind, "optimizer kind"))
+        if not isinstance(self.schedule, LRSchedule):
+            raise ValueError(f"optimizer schedule must be an LRSchedule, got {self.schedule!r}")
         state_dtype = (
             jnp.dtype(self.state_dtype).name if _is_dtype(self.state_dtype) else str(self.state_dtype)
         )
@@ -97,6 +145,17 @@ class SparseOptimizerSpec:
             value = getattr(self, name)
             if not 0 <= value < 1:
                 raise ValueError(f"optimizer {name} must be in [0, 1), got {value}")
+
+    def rate(self, step):
+        """The learning rate of update `step`: a Python float without a schedule (the
+        update compiles as before), else a float32 scalar."""
+        if self.schedule.constant:
+            return self.learning_rate
+        return jnp.float32(self.learning_rate) * self.schedule.scale(step)
+
+    def rate_scale(self, step):
+        """`rate(step) / learning_rate`: what the kernels take at run time."""
+        return 1.0 if self.schedule.constant else self.schedule.scale(step)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

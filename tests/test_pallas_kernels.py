@@ -172,7 +172,8 @@ def test_fused_update_matches_reference(flavour, kind):
     for dtype in (jnp.float32, jnp.float16 if flavour == "gpu" else jnp.bfloat16):
         optimizer, table, state, args = update_inputs(rng, kind, dtype, state_dtype=dtype)
         touched = np.unique([i for i in np.asarray(args[0]) if 0 <= i < table.shape[0]])
-        options = dict(optimizer=optimizer, step=4, seed=11)
+        # A scheduled rate: the kernel's learning rate is a runtime scalar.
+        options = dict(optimizer=optimizer, step=4, seed=11, lr_scale=jnp.float32(0.25))
         got_table, got_state = fused_update(table, state, *args, **options, **on(flavour), block_sizes=sizes)
         want_table, want_state = fused_update_reference(table, state, *args, **options)
         assert got_table.dtype == table.dtype
@@ -367,7 +368,7 @@ def test_kernels_lower_for_gpu_and_tpu(platform):
             S((n,), jnp.int32),
             S((n, dim), jnp.float32),
             S((1,), jnp.int32),
-            S((2,), jnp.float32),
+            S((3,), jnp.float32),
             platform=platform,
         )
 

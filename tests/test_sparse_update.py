@@ -11,7 +11,7 @@ import pytest
 from recsys.lookup import init_tables, lookup, reference_lookup, unstack_tables
 from recsys.sparse import RaggedIds, pack_batch
 from recsys.sparse_update import init_slots, sparse_update
-from recsys.specs import EmbeddingConfig, FeatureSpec, SparseOptimizerSpec, TableSpec
+from recsys.specs import EmbeddingConfig, FeatureSpec, LRSchedule, SparseOptimizerSpec, TableSpec
 from tests.conftest import make_config, random_batch
 
 LR = 0.05
@@ -216,3 +216,42 @@ def test_bad_state_dtype_names_the_choices():
     with pytest.raises(ValueError, match="state_dtype 'int8' is not one of"):
         SparseOptimizerSpec(state_dtype="int8")
     assert SparseOptimizerSpec(state_dtype=jnp.bfloat16).state_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_schedule_matches_optax_and_warms_up_linearly(decay):
+    schedule = LRSchedule(warmup_steps=4, decay=decay, total_steps=20)
+    steps = np.arange(25)
+    got = np.asarray([schedule.scale(t) for t in steps])
+    after = (
+        optax.cosine_decay_schedule if decay == "cosine" else lambda v, n: optax.linear_schedule(v, 0, n)
+    )(1.0, 16)
+    want = np.where(steps < 4, (steps + 1) / 4, [after(max(t - 4, 0)) for t in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert LRSchedule().constant and SparseOptimizerSpec().rate(jnp.int32(3)) == 0.01  # no schedule: a float
+
+
+@pytest.mark.parametrize(
+    "kernels, kind", [("xla", "adam"), ("cpu", "rowwise_adagrad"), ("pallas", "adagrad")]
+)
+def test_every_update_path_takes_the_scheduled_rate_at_run_time(kernels, kind):
+    """Three updates under a warm-up and decay (the step, a traced operand, sets the rate)
+    equal three updates at the fixed rates the schedule gives at those steps."""
+    schedule = LRSchedule(warmup_steps=2, decay="cosine", total_steps=6)
+    scheduled = make_config(SparseOptimizerSpec(kind=kind, learning_rate=0.05, schedule=schedule))
+    update = jax.jit(sparse_update, static_argnums=0, static_argnames=("kernels",))
+    tables = init_tables(scheduled, jax.random.key(0))
+    slots = init_slots(scheduled)
+    fixed_tables, fixed_slots = tables, slots
+    for step in range(3):
+        batch = random_batch(scheduled, 16, seed=step)
+        acts = lookup(scheduled, tables, batch, kernels="xla")
+        grads = jax.tree.map(lambda a: jax.random.normal(jax.random.key(step), a.shape), acts)
+        tables, slots = update(scheduled, tables, slots, batch, grads, jnp.int32(step), kernels=kernels)
+        rate = 0.05 * float(schedule.scale(step))
+        fixed = make_config(SparseOptimizerSpec(kind=kind, learning_rate=rate))
+        fixed_tables, fixed_slots = update(
+            fixed, fixed_tables, fixed_slots, batch, grads, jnp.int32(step), kernels=kernels
+        )
+    for name in tables:
+        np.testing.assert_allclose(tables[name], fixed_tables[name], rtol=2e-6, atol=1e-7)

@@ -207,7 +207,7 @@ def rowwise_adagrad(
     src: jax.Array,
     grads: jax.Array,
     *,
-    learning_rate: float,
+    learning_rate: float | jax.Array,
     eps: float,
     weight_decay: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
@@ -218,6 +218,7 @@ def rowwise_adagrad(
       ids: [n] int32 row of each occurrence, -1 to skip it.
       coef: [n] float32 factor of its gradient row; src: [n] int32 its row in `grads`.
       grads: [m, dim] float32 (one row per pooled bag, or per position of a sequence).
+      learning_rate: a float or a float32 scalar array (a schedule's rate of this step).
     Returns:
       (table, acc) after the update.
     """
@@ -234,7 +235,7 @@ def rowwise_adagrad(
         coef.astype(jnp.float32),
         src.astype(jnp.int32),
         grads.astype(jnp.float32),
-        lr=np.float32(learning_rate),
+        jnp.asarray(learning_rate, jnp.float32).reshape(1),
         eps=np.float32(eps),
         weight_decay=np.float32(weight_decay),
     )

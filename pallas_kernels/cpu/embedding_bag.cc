@@ -136,8 +136,13 @@ ffi::Error PooledLookup(ffi::Buffer<ffi::F32> table, ffi::Buffer<ffi::S32> ids, 
 
 ffi::Error RowwiseAdagrad(ffi::Buffer<ffi::F32> table_in, ffi::Buffer<ffi::F32> acc_in, ffi::Buffer<ffi::S32> ids,
                           ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> src, ffi::Buffer<ffi::F32> grads,
-                          ffi::ResultBuffer<ffi::F32> table, ffi::ResultBuffer<ffi::F32> acc, float lr, float eps,
-                          float weight_decay) {
+                          ffi::Buffer<ffi::F32> learning_rate, ffi::ResultBuffer<ffi::F32> table,
+                          ffi::ResultBuffer<ffi::F32> acc, float eps, float weight_decay) {
+  // The rate is an operand, not an attribute: a schedule changes it every step.
+  if (learning_rate.element_count() != 1) {
+    return ffi::Error::InvalidArgument("rowwise_adagrad: the learning rate must be one float");
+  }
+  const float lr = learning_rate.typed_data()[0];
   auto tdims = table_in.dimensions();
   const int64_t rows = tdims[0], dim = tdims[1];
   const int64_t n = ids.element_count(), m = grads.dimensions()[0];
@@ -309,8 +314,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RecsysRowwiseAdagrad, RowwiseAdagrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("lr")
                                   .Attr<float>("eps")
                                   .Attr<float>("weight_decay"));

@@ -75,6 +75,7 @@ def fused_update(
     *,
     optimizer: RowOptimizer,
     step: jax.Array | int = 0,
+    lr_scale: jax.Array | float = 1.0,
     seed: jax.Array | int = 0,
     stochastic_rounding: bool = True,
     flavour: str = "auto",
@@ -100,6 +101,8 @@ def fused_update(
       grads: [m, dim] activation gradients (one row per pooled bag or sequence position).
       optimizer: the hyperparameters; `step` (updates applied before this one) feeds
         Adam's bias correction.
+      lr_scale: this step's factor on `optimizer.learning_rate` (a schedule's), a runtime
+        scalar.
       seed: int32; with `stochastic_rounding`, a narrow table and narrow state are
         rounded stochastically from bits hashed from (seed, row, column) (salted per
         state array): deterministic given the seed. Without it they round to nearest.
@@ -124,7 +127,7 @@ def fused_update(
     # The row each unique row's rounding bits are hashed from.
     keys = segments.rows if row_keys is None else row_keys.at[segments.rows].get(mode="fill", fill_value=0)
     seed = jnp.asarray(seed, jnp.int32).reshape(1)
-    corrections = optimizer.bias_corrections(step)
+    scalars = optimizer.step_scalars(step, lr_scale)
     common = dict(optimizer=optimizer, rounding=rounding, state_rounding=state_rounding, interpret=interpret)
     if flavour == "tpu":
         call = functools.partial(
@@ -132,5 +135,5 @@ def fused_update(
         )
     else:
         call = functools.partial(kernel_gpu.update_call, num_warps=sizes.num_warps, **common)
-    table, columns = call(table, columns, segments, keys.astype(jnp.int32), grads, seed, corrections)
+    table, columns = call(table, columns, segments, keys.astype(jnp.int32), grads, seed, scalars)
     return table, {k: v.reshape(state[k].shape) for k, v in zip(names, columns)}

@@ -26,7 +26,7 @@ from pallas_kernels.fused_update.rounding import random_bits, round_state, stoch
 def _update_kernel(
     count_ref,
     seed_ref,
-    corr_ref,
+    scalars_ref,
     rows_ref,
     keys_ref,
     starts_ref,
@@ -38,7 +38,7 @@ def _update_kernel(
     rounding,
     state_rounding,
 ):
-    # count_ref, seed_ref: [1] int32; corr_ref: [2] float32 (Adam's bias corrections).
+    # count_ref, seed_ref: [1] int32; scalars_ref: [3] float32 (Adam's bias corrections, the rate).
     # rows_ref, keys_ref: [n] int32 unique rows and the rows their rounding bits are keyed
     # by; starts_ref: [n + 1]; src_ref, coef_ref: [n] sorted occurrences.
     # grads_ref: [m, dim] float32; then the table and state inputs, then their aliased outputs.
@@ -58,7 +58,7 @@ def _update_kernel(
         grad = jax.lax.fori_loop(starts_ref[k], starts_ref[k + 1], add, jnp.zeros((1, dim), jnp.float32))
         values = table_in[pl.ds(row, 1), :].astype(jnp.float32)
         state = tuple(s[pl.ds(row, 1), :].astype(jnp.float32) for s in state_in)
-        values, state = optimizer.apply(values, grad, state, (corr_ref[0], corr_ref[1]))
+        values, state = optimizer.apply(values, grad, state, (scalars_ref[0], scalars_ref[1], scalars_ref[2]))
         if rounding:
             columns = jax.lax.broadcasted_iota(jnp.int32, (1, dim), 1)
             bits = random_bits(seed_ref[0], keys_ref[k], columns)
@@ -82,7 +82,7 @@ def update_call(
     keys,
     grads,
     seed,
-    corrections,
+    scalars,
     *,
     optimizer: RowOptimizer,
     rounding,
@@ -96,7 +96,7 @@ def update_call(
     operands = (
         segments.count,
         seed,
-        corrections,
+        scalars,
         segments.rows,
         keys,
         segments.starts,

@@ -27,8 +27,8 @@ from pallas_kernels.fused_update.optimizers import RowOptimizer
 from pallas_kernels.fused_update.rounding import random_bits, round_state, stochastic_round
 
 
-def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding, state_rounding, window):
-    # count_smem, seed_smem: [1] int32 (prefetched); corr_smem: [1, 2] float32. Then in HBM:
+def _update_kernel(count_smem, seed_smem, scalars_smem, *refs, optimizer, rounding, state_rounding, window):
+    # count_smem, seed_smem: [1] int32 (prefetched); scalars_smem: [1, 3] float32. Then in HBM:
     # [4, slots] int32 (unique rows, segment starts, segment ends, the rows their rounding
     # bits are keyed by), src [1, n + window] int32,
     # coef [1, n + window] float32 (2-D: Mosaic tiles rank-1 HBM arrays), grads [m, dim],
@@ -72,7 +72,9 @@ def _update_kernel(count_smem, seed_smem, corr_smem, *refs, optimizer, rounding,
 
     values = rows_vmem[...].astype(jnp.float32)
     state = tuple(s[...].astype(jnp.float32) for s in state_vmem)
-    values, state = optimizer.apply(values, grad_vmem[...], state, (corr_smem[0, 0], corr_smem[0, 1]))
+    values, state = optimizer.apply(
+        values, grad_vmem[...], state, (scalars_smem[0, 0], scalars_smem[0, 1], scalars_smem[0, 2])
+    )
     row_ids = _row_ids(segments_smem.at[3], block) if rounding or state_rounding else None
     if rounding:
         columns = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
@@ -156,7 +158,7 @@ def update_call(
     keys,
     grads,
     seed,
-    corrections,
+    scalars,
     *,
     optimizer: RowOptimizer,
     rounding,
@@ -176,9 +178,7 @@ def update_call(
     bounds = jnp.pad(bounds, ((0, 0), (0, pad)))  # [4, steps * block]
     dim = table.shape[1]
     hbm = pl.BlockSpec(memory_space=pl.ANY)
-    operands = (corrections[None], bounds, segments.src[None], segments.coef[None], grads, table) + tuple(
-        state
-    )
+    operands = (scalars[None], bounds, segments.src[None], segments.coef[None], grads, table) + tuple(state)
     out_shape = tuple(platform.output_struct(x.shape, x.dtype, *operands) for x in (table, *state))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,  # the unique-row count and the rounding seed

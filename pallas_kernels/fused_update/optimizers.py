@@ -40,7 +40,9 @@ STATE_NAMES = {
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RowOptimizer:
-    """A sparse optimizer's hyperparameters, baked into the kernel as constants."""
+    """A sparse optimizer's hyperparameters, baked into the kernel as constants, except
+    the learning rate of each step, a runtime scalar (`step_scalars`): a schedule changes
+    it without a recompile."""
 
     kind: str  # one of KINDS
     learning_rate: float
@@ -66,16 +68,20 @@ class RowOptimizer:
         """Columns of each state array: one per row for row-wise Adagrad, else `dim`."""
         return 1 if self.kind == "rowwise_adagrad" else dim
 
-    def bias_corrections(self, step: jax.Array) -> jax.Array:
-        """[2] float32 (1 - b1^t, 1 - b2^t) for Adam's step t = step + 1; ones otherwise."""
+    def step_scalars(self, step: jax.Array, lr_scale: jax.Array | float = 1.0) -> jax.Array:
+        """[3] float32: Adam's bias corrections (1 - b1^t, 1 - b2^t) for its step t = step
+        + 1 (ones for the other kinds), and this step's learning rate, `learning_rate *
+        lr_scale`."""
+        lr = jnp.float32(self.learning_rate) * jnp.asarray(lr_scale, jnp.float32)
         if self.kind != "adam":
-            return jnp.ones((2,), jnp.float32)
+            return jnp.stack([jnp.float32(1), jnp.float32(1), lr])
         t = jnp.asarray(step, jnp.float32) + 1
-        return jnp.stack([1 - self.beta1**t, 1 - self.beta2**t]).astype(jnp.float32)
+        return jnp.stack([1 - self.beta1**t, 1 - self.beta2**t, lr]).astype(jnp.float32)
 
-    def apply(self, values, grads, state: tuple, corrections) -> tuple[jax.Array, tuple]:
-        """(new values, new state) of float32 blocks; `corrections` is a pair of scalars."""
-        lr, eps = self.learning_rate, self.eps
+    def apply(self, values, grads, state: tuple, scalars) -> tuple[jax.Array, tuple]:
+        """(new values, new state) of float32 blocks; `scalars`: the three of `step_scalars`."""
+        c1, c2, lr = scalars
+        eps = self.eps
         if self.weight_decay:
             grads = grads + self.weight_decay * values
         if self.kind == "sgd":
@@ -90,7 +96,6 @@ class RowOptimizer:
             acc = acc + jnp.mean(grads * grads, axis=1, keepdims=True)
             return values - lr * grads / (jnp.sqrt(acc) + eps), (acc,)
         m, v = state
-        c1, c2 = corrections
         m = self.beta1 * m + (1 - self.beta1) * grads
         v = self.beta2 * v + (1 - self.beta2) * grads * grads
         return values - lr * ((m / c1) / (jnp.sqrt(v / c2) + eps)), (m, v)

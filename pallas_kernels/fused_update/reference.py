@@ -26,6 +26,7 @@ def fused_update_reference(
     *,
     optimizer: RowOptimizer,
     step: jax.Array | int = 0,
+    lr_scale: jax.Array | float = 1.0,
     seed: jax.Array | int = 0,
     stochastic_rounding: bool = True,
     row_keys: jax.Array | None = None,
@@ -47,7 +48,8 @@ def fused_update_reference(
 
     w = table[jnp.where(is_row, unique, 0)].astype(jnp.float32)
     s = {k: v.reshape(rows, -1)[jnp.where(is_row, unique, 0)].astype(jnp.float32) for k, v in state.items()}
-    lr, eps, wd = optimizer.learning_rate, optimizer.eps, optimizer.weight_decay
+    lr = optimizer.learning_rate * jnp.asarray(lr_scale, jnp.float32)
+    eps, wd = optimizer.eps, optimizer.weight_decay
     g = g + wd * w
     if optimizer.kind == "sgd":
         new_w, new_s = w - lr * g, {}

@@ -28,7 +28,7 @@ from recsys.models import DLRM, DCNv2, DeepFM, FactorizationMachine, LogisticReg
 from recsys.models.baselines import baseline_tables
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.planning import plan_model
-from recsys.specs import EmbeddingConfig, InitializerSpec, SparseOptimizerSpec
+from recsys.specs import EmbeddingConfig, InitializerSpec, LRSchedule, SparseOptimizerSpec
 from recsys.training import ShardedTrainer, Trainer
 from recsys.training.optimizers import dense_optimizer
 
@@ -62,22 +62,30 @@ def start_devices(config: RunConfig) -> None:
     )
 
 
-def sparse_optimizer(config: RunConfig) -> SparseOptimizerSpec:
-    """The tables' optimizer from --optimizer, --lr, --weight-decay and --state-dtype."""
+def sparse_optimizer(config: RunConfig, steps: int | None = None) -> SparseOptimizerSpec:
+    """The tables' optimizer from --optimizer, --lr, --weight-decay and --state-dtype, and
+    with `steps` (the run's), its --lr-schedule and --lr-warmup."""
+    schedule = LRSchedule()
+    if steps is not None:
+        schedule = LRSchedule(warmup_steps=config.lr_warmup, decay=config.lr_schedule, total_steps=steps)
     return SparseOptimizerSpec(
         kind=config.optimizer,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
         state_dtype=SHORT_NAMES[config.state_dtype],
+        schedule=schedule,
     )
 
 
-def embedding_config(config: RunConfig, data: LoadedData) -> EmbeddingConfig:
+def embedding_config(config: RunConfig, data: LoadedData, steps: int) -> EmbeddingConfig:
     """The data's tables, with --init and --table-dtype. Normal init at 1/sqrt(dim) starts
     the dot-product interactions off zero; a small uniform init left DLRM on Frappe
     stalled for epochs."""
     init, dtype = InitializerSpec(kind=config.init), SHORT_NAMES[config.table_dtype]
-    tables = tuple(dataclasses.replace(t, initializer=init, dtype=dtype) for t in data.config.tables)
+    optimizer = sparse_optimizer(config, steps)
+    tables = tuple(
+        dataclasses.replace(t, initializer=init, dtype=dtype, optimizer=optimizer) for t in data.config.tables
+    )
     out = dataclasses.replace(data.config, tables=tables)
     return baseline_tables(config.model, out, config.embedding_dim) if config.model in BASELINES else out
 

@@ -27,6 +27,8 @@ ADDED_DEFAULTS = {
     "validation": 0.1,
     "eval_every": None,
     "early_stop": None,
+    "lr_schedule": "constant",
+    "lr_warmup": 0,
 }
 
 
@@ -76,6 +78,8 @@ class RunConfig:
     early_stop: int | None = _computed(None)  # patience, in evaluations without a better log-loss
     lr: float = _computed(0.1)
     optimizer: str = _computed(OptimizerKind.ROWWISE_ADAGRAD.value)
+    lr_schedule: str = _computed("constant")  # the tables' rate: constant, cosine or linear decay to 0
+    lr_warmup: int = _computed(0)  # steps of the tables' linear warm-up
     weight_decay: float = _computed(1e-3)
     init: str = _computed("normal")
     dense_optimizer: str = _computed("adamw")
@@ -128,6 +132,8 @@ class RunConfig:
     def _problems(self):
         if not 0 < self.validation < 1:
             yield f"--validation takes a fraction in (0, 1), got {self.validation}"
+        if self.lr_warmup < 0:
+            yield f"--lr-warmup takes a number of steps >= 0, got {self.lr_warmup}"
         if self.profile < 0:
             yield f"--profile takes a number of steps >= 0, got {self.profile}"
         if self.step_timeout < 0:

@@ -15,7 +15,7 @@ from recsys.cli.errors import UsageError
 from recsys.data import OnError, parse_spec
 from recsys.kernels import KERNELS
 from recsys.models.mlp import DENSE_DTYPE_NAMES
-from recsys.specs import OptimizerKind
+from recsys.specs import Decay, OptimizerKind
 from recsys.training.optimizers import DENSE_OPTIMIZERS, SCHEDULES
 from recsys.training.pipeline import Pipeline
 
@@ -102,6 +102,20 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         help="the last FRACTION of the training data, held apart for --eval-every and --early-stop",
     )
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the embedding tables")
+    p.add_argument(
+        "--lr-schedule",
+        choices=[d.value for d in Decay],
+        default="constant",
+        help="the tables' learning rate over the run: constant, or decayed to 0 at the last step "
+        "along a half cosine or a line (after --lr-warmup)",
+    )
+    p.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="the tables' learning rate rises linearly to --lr over the first STEPS steps",
+    )
     p.add_argument(
         "--optimizer", default=OptimizerKind.ROWWISE_ADAGRAD.value, choices=[k.value for k in OptimizerKind]
     )

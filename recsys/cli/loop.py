@@ -113,13 +113,16 @@ def prepare(config: RunConfig) -> Run:
     checkpoints, resumed = open_checkpoints(config)
     schema = DataSchema.from_json(resumed["schema"]) if resumed and resumed["schema"] else None
     data = load_data(config, sparse_optimizer(config), schema)
-    tables = embedding_config(config, data)
     steps = config.steps or config.epochs * steps_per_epoch(data.train, config.batch_size)
-    if resumed is not None and config.dense_lr_schedule == "cosine" and resumed["total_steps"] != steps:
+    if config.lr_schedule != "constant" and steps <= config.lr_warmup:
+        raise UsageError(f"--lr-warmup {config.lr_warmup} leaves none of the {steps} steps to --lr-schedule")
+    decays = config.dense_lr_schedule == "cosine" or config.lr_schedule != "constant"
+    if resumed is not None and decays and resumed["total_steps"] != steps:
         raise CheckpointMismatch(
             f"the checkpoint in {config.checkpoint_dir} belongs to a run of {resumed['total_steps']} steps, "
-            f"this one has {steps}; the cosine learning-rate schedule depends on the total"
+            f"this one has {steps}; the learning-rate schedule's decay depends on the total"
         )
+    tables = embedding_config(config, data, steps)
     trainer = make_trainer(config, tables, data, steps)
     prepared = Run(config, data, tables, trainer, steps, checkpoints, trainer.init_state())
     if config.validates:
