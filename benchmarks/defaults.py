@@ -3,7 +3,7 @@
 
     python -m benchmarks.defaults                                  # dlrm and lr everywhere
     python -m benchmarks.defaults --models dlrm dcnv2 lr fm deepfm wide_deep
-    python -m benchmarks.defaults --datasets criteo --grid --lr=0.05,0.1 --weight-decay=0,1e-3
+    python -m benchmarks.defaults --datasets criteo --grid lr=0.05,0.1 weight-decay=0,1e-3
 
 Datasets (the research data is read from ../shared/data and never copied; a dataset
 whose files are absent is skipped, saying so):
@@ -14,7 +14,7 @@ whose files are absent is skipped, saying so):
 Early stopping and the best state come from a validation split, the last 10% of the
 training data; the evaluation data is read once, at the end.
 
-`--grid FLAG=V1,V2 ...` tunes: it runs every combination and ranks them by validation
+`--grid FLAG=V1,V2 ...` (flags without their dashes) tunes: it runs every combination and ranks them by validation
 log-loss (the best in each run's history), never by the evaluation data. One JSON line
 per run; then per dataset and model (and grid point) the mean over seeds, and per dataset
 whether the default model beats logistic regression on the test AUC and log-loss.
@@ -58,13 +58,13 @@ def dataset_args(name: str, data: Path) -> list[str] | None:
 
 
 def grid_points(grid: list[str]) -> list[list[str]]:
-    """`["--lr=0.05,0.1", "--weight-decay=0"]` -> the flag lists of every combination."""
+    """`["lr=0.05,0.1", "weight-decay=0"]` -> the flag lists of every combination."""
     axes = []
     for item in grid:
         flag, sep, values = item.partition("=")
-        if not sep or not flag.startswith("--"):
-            raise SystemExit(f"--grid takes FLAG=V1,V2,..., got {item!r}")
-        axes.append([[flag, v] for v in values.split(",")])
+        if not sep or not flag or flag.startswith("-"):
+            raise SystemExit(f"--grid takes FLAG=V1,V2,... (the flag without its dashes), got {item!r}")
+        axes.append([[f"--{flag}", v] for v in values.split(",")])
     return [sum(combo, []) for combo in itertools.product(*axes)] if axes else [[]]
 
 

@@ -231,3 +231,47 @@ def test_deepfm_and_wide_deep_add_an_mlp_over_the_field_vectors():
         )
     with pytest.raises(ValueError, match="the deep MLP must end in 1 logit"):
         WideDeep(config, dense_features=5, top=(8, 2), rngs=nnx.Rngs(0))
+
+
+def _relu_mlp(layers, x):
+    """A plain NumPy pass through `recsys.models.mlp.MLP` layers (ReLU between them)."""
+    for i, layer in enumerate(layers):
+        x = x @ np.asarray(layer.kernel.get_value()) + np.asarray(layer.bias.get_value())
+        if i < len(layers) - 1:
+            x = np.maximum(x, 0)
+    return x
+
+
+def test_din_pools_histories_by_unnormalized_attention_against_the_other_features():
+    from recsys.models.din import DIN
+
+    config = dataclasses.replace(
+        CONFIG,
+        features=(*CONFIG.features[:2], FeatureSpec(name="history", table="t2", max_ids=5, pooling="none")),
+    )
+    rng = np.random.default_rng(3)
+    sparse = jax.tree.map(jnp.asarray, pack_batch(config, random_ragged(config, 16, rng)))
+    dense = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+    model = DIN(config, dense_features=5, bottom=(16, 8), top=(16, 1), attention=(6,), rngs=nnx.Rngs(0))
+    tables = {k: np.asarray(v) for k, v in model.embedding.logical_tables().items()}
+
+    def pooled(name, reduce):
+        bags = sparse[name]
+        ids, lengths = np.asarray(bags.ids), np.asarray(bags.lengths)
+        rows = [tables[config.feature(name).table][ids[i, : lengths[i]]] for i in range(16)]
+        return np.stack([reduce(r, axis=0) if len(r) else np.zeros(8) for r in rows])
+
+    bottom = np.maximum(_relu_mlp(model.bottom.layers, np.asarray(dense)), 0)  # relu_last
+    context = np.concatenate([pooled("f0", np.sum), pooled("f1", np.mean), bottom], axis=1)
+    q = context @ np.asarray(model.query.kernel.get_value()) + np.asarray(model.query.bias.get_value())
+    interest = np.zeros((16, 8))
+    bags = sparse["history"]
+    for b in range(16):  # only the real positions: padding adds nothing
+        for i in np.asarray(bags.ids)[b, : int(bags.lengths[b])]:
+            k = tables["t2"][i]
+            weight = _relu_mlp(model.attention[0].layers, np.concatenate([q[b], k, q[b] * k, q[b] - k]))
+            interest[b] += weight[0] * k
+    want = _relu_mlp(model.top.layers, np.concatenate([context, interest], axis=1))[:, 0]
+    np.testing.assert_allclose(model(dense, sparse), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="give it a sequence feature"):
+        DIN(CONFIG, dense_features=5, rngs=nnx.Rngs(0))

@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from recsys import train
@@ -239,3 +240,41 @@ def test_cli_auto_sharding_plans_and_matches_one_device(tmp_path, one_device):
     auto = _metrics(tmp_path, "auto", "--devices", "8", "--sharding", "auto", "--plan-topology", "calibrate")
     assert auto["devices"] == 8 and len(auto["plan"]["tables"]) == 3
     assert auto["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def histories(tmp_path_factory):
+    """A CSV whose `history` column lists items a user saw (multi-hot, '|'-separated)."""
+    rng = np.random.default_rng(0)
+    rows = ["label,age,user,item,history"]
+    for _ in range(1600):
+        user, item = rng.integers(40), rng.integers(60)
+        seen = rng.integers(0, 60, rng.integers(0, 6))
+        p = 1 / (1 + np.exp(-(0.8 * np.sum(seen % 3 == item % 3) - 1)))
+        rows.append(
+            f"{int(rng.random() < p)},{rng.integers(18, 70)},u{user},i{item},{'|'.join(f'i{s}' for s in seen)}"
+        )
+    path = tmp_path_factory.mktemp("histories") / "h.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return ["--data", f"csv:{path}", "--dense", "age", "--multi-hot-sep", "|", "--sequence", "history"]
+
+
+@pytest.mark.slow
+def test_cli_din_attends_over_a_history_column_sharded_as_on_one_device(tmp_path, histories):
+    base = [*histories, "--model", "din", "--batch-size", "64", "--epochs", "2", "--no-progress"]
+    results = []
+    for name, extra in (("one", []), ("sharded", ["--devices", "8", "--sharding", "row_wise"])):
+        out = tmp_path / f"{name}.json"
+        assert train.main([*base, *extra, "--metrics-out", str(out)]) == 0
+        results.append(json.loads(out.read_text()))
+    one, sharded = results
+    assert one["model"] == sharded["model"] == "din" and sharded["devices"] == 8
+    assert sharded["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
+    assert sharded["auc"] == pytest.approx(one["auc"], abs=1e-4)
+
+
+def test_cli_sequence_columns_need_a_model_that_reads_histories(histories, capsys):
+    assert "(histories: --model din)" in cli_error(capsys, [*histories, "--steps", "1"])
+    unknown = [*histories[:-1], "hist", "--steps", "1"]
+    assert "sequence columns ['hist'] are not sparse columns" in cli_error(capsys, unknown)
+    assert "--sequence names csv or parquet columns" in cli_error(capsys, ["--sequence", "x"])

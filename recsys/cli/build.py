@@ -24,7 +24,7 @@ from recsys.cli.config import RunConfig
 from recsys.cli.data import LoadedData
 from recsys.cli.errors import UsageError
 from recsys.data import Dataset, train_batches
-from recsys.models import DLRM, DCNv2, DeepFM, FactorizationMachine, LogisticRegression, WideDeep
+from recsys.models import DIN, DLRM, DCNv2, DeepFM, FactorizationMachine, LogisticRegression, WideDeep
 from recsys.models.baselines import baseline_tables
 from recsys.models.mlp import DENSE_DTYPE_NAMES
 from recsys.planning import plan_model
@@ -119,6 +119,8 @@ def build_model(config: RunConfig, tables: EmbeddingConfig, dense_features: int)
     )
     if config.model == "dlrm":
         return DLRM(tables, **common)
+    if config.model == "din":
+        return DIN(tables, **common)
     return DCNv2(tables, cross_layers=config.cross_layers, cross_rank=config.cross_rank, **common)
 
 

@@ -29,6 +29,7 @@ ADDED_DEFAULTS = {
     "early_stop": None,
     "lr_schedule": "constant",
     "lr_warmup": 0,
+    "sequence": [],
 }
 
 
@@ -49,6 +50,7 @@ class RunConfig:
     sparse: tuple[str, ...] | None = _computed(None)
     ignore: tuple[str, ...] = _computed(())
     multi_hot_sep: str | None = _computed(None)
+    sequence: tuple[str, ...] = _computed(())  # sparse columns read as histories (unpooled)
     delimiter: str | None = _computed(None)
     libfm_fields: str | None = _computed(None)
     encoding: str | None = _computed(None)
@@ -173,6 +175,8 @@ class RunConfig:
                 parse_bytes(self.device_memory)
             except ValueError as e:
                 yield f"--device-memory: {e}"
+        if self.sequence and not self.data.startswith(("csv:", "parquet:")):
+            yield "--sequence names csv or parquet columns"
         if self.eval_data is not None and self.data == "synthetic":
             yield "--eval-data needs real --data; synthetic data makes its own"
 

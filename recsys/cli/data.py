@@ -31,6 +31,7 @@ def read_options(config: RunConfig) -> ReadOptions:
         max_ids=config.max_ids,
         min_count=config.min_count,
         max_rows=config.max_rows or ColumnOptions().max_rows,
+        sequence=config.sequence,
     )
     return ReadOptions(
         label=config.label,

@@ -69,9 +69,10 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default="dlrm",
-        choices=["dlrm", "dcnv2", "lr", "fm", "deepfm", "wide_deep"],
+        choices=["dlrm", "dcnv2", "lr", "fm", "deepfm", "wide_deep", "din"],
         help="lr: logistic regression, fm: a factorization machine with --embedding-dim factors; "
-        "deepfm and wide_deep add an MLP of --top-mlp over the features' vectors",
+        "deepfm and wide_deep add an MLP of --top-mlp over the features' vectors; din pools "
+        "--sequence histories by attention against the other features",
     )
     p.add_argument("--embedding-dim", type=_positive_int, default=16)
     p.add_argument("--batch-size", type=_positive_int, default=256)
@@ -179,6 +180,12 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sparse", type=_name_list, default=None, help="sparse columns; default: all others")
     g.add_argument("--ignore", type=_name_list, default=(), help="columns left out of the default sparse set")
     g.add_argument("--multi-hot-sep", default=None, help="split sparse fields into bags on this, e.g. '|'")
+    g.add_argument(
+        "--sequence",
+        type=_name_list,
+        default=(),
+        help="sparse columns read as histories: looked up unpooled, for --model din's attention",
+    )
     g.add_argument("--delimiter", default=None, help="csv delimiter (default ',', tab for .tsv)")
     g.add_argument("--libfm-fields", default=None, help="libFM field map file ('index field' lines)")
     g = p.add_argument_group("encoding (real data)")

@@ -55,6 +55,8 @@ class SparseColumn:
       vocab: tokens in row order from row 1 (vocab encoding only); rows past the
         vocabulary stay unused.
       weighted: bags carry per-id values (libFM `idx:val` with val != 1).
+      sequence: the bag is a history, looked up unpooled ([batch, max_ids, dim]), for
+        models that pool it themselves (attention).
     """
 
     name: str
@@ -63,6 +65,7 @@ class SparseColumn:
     max_ids: int
     vocab: tuple[str, ...] | tuple[int, ...] | None = None
     weighted: bool = False
+    sequence: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "encoding", Encoding(self.encoding))
@@ -91,7 +94,8 @@ class DataSchema:
             raise ValueError("a dataset needs at least one sparse column")
 
     def embedding_config(self, dim: int, optimizer: SparseOptimizerSpec) -> EmbeddingConfig:
-        """One table per sparse column; bags are mean-pooled (weighted ones weight-summed)."""
+        """One table per sparse column; bags are mean-pooled (weighted ones weight-summed),
+        sequence columns left unpooled."""
         tables = tuple(TableSpec(name=c.name, rows=c.rows, dim=dim, optimizer=optimizer) for c in self.sparse)
         features = tuple(
             FeatureSpec(
@@ -99,7 +103,7 @@ class DataSchema:
                 table=c.name,
                 max_ids=c.max_ids,
                 weighted=c.weighted,
-                pooling=Pooling.SUM if c.weighted else Pooling.MEAN,
+                pooling=Pooling.NONE if c.sequence else Pooling.SUM if c.weighted else Pooling.MEAN,
             )
             for c in self.sparse
         )
@@ -150,6 +154,8 @@ class DataSchema:
                     "max_ids": c.max_ids,
                     "weighted": c.weighted,
                     "vocab": None if c.vocab is None else list(c.vocab),
+                    # Only when set: schemas from before sequence columns keep their fingerprint.
+                    **({"sequence": True} if c.sequence else {}),
                 }
                 for c in self.sparse
             ],
@@ -229,6 +235,7 @@ class ColumnOptions:
     max_rows: int = 1 << 20  # cap on a table size chosen from the data
     min_count: int = 1  # vocab: tokens seen fewer times map to row 0
     max_ids: int | None = None  # bag width; from the data unless given
+    sequence: tuple[str, ...] = ()  # columns read as histories (unpooled)
 
     def __post_init__(self):
         if self.encoding is not None:
@@ -289,6 +296,9 @@ class SchemaBuilder:
 
     def build(self) -> DataSchema:
         names = self.sparse + tuple(f"field{k}" for k in range(len(self.sparse), len(self.counts)))
+        unknown = sorted(set(self.options.sequence) - set(names))
+        if unknown:
+            raise ValueError(f"sequence columns {unknown} are not sparse columns of the data {list(names)}")
         rows = self.given_rows
         rows = [rows] * len(names) if rows is None or isinstance(rows, int) else list(rows)
         if len(rows) != len(names):
@@ -312,6 +322,7 @@ class SchemaBuilder:
                         max_ids=max_ids,
                         vocab=vocab,
                         weighted=self.weighted[i],
+                        sequence=name in self.options.sequence,
                     )
                 )
             else:
@@ -324,6 +335,7 @@ class SchemaBuilder:
                         rows=size,
                         max_ids=max_ids,
                         weighted=self.weighted[i],
+                        sequence=name in self.options.sequence,
                     )
                 )
         scales = self.dense_stats.scales() if self.transform is DenseTransform.AUTO else None

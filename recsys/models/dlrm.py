@@ -21,7 +21,9 @@ def pooled_feature_dim(config: EmbeddingConfig, model: str) -> int:
     dims = {config.table(f.table).dim for f in config.features}
     sequence = [f.name for f in config.features if f.pooling is Pooling.NONE]
     if sequence:
-        raise ValueError(f"{model} needs pooled features; {sequence} have pooling 'none'")
+        raise ValueError(
+            f"{model} needs pooled features; {sequence} have pooling 'none' (histories: --model din)"
+        )
     if len(dims) != 1:
         raise ValueError(f"{model} needs one embedding dim for all features, got {sorted(dims)}")
     return dims.pop()
