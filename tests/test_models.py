@@ -275,3 +275,18 @@ def test_din_pools_histories_by_unnormalized_attention_against_the_other_feature
     np.testing.assert_allclose(model(dense, sparse), want, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="give it a sequence feature"):
         DIN(CONFIG, dense_features=5, rngs=nnx.Rngs(0))
+
+
+def test_factorization_machines_start_near_zero_however_many_fields():
+    from recsys.models.baselines import FactorizationMachine, baseline_tables
+
+    fields = 40
+    config = EmbeddingConfig(
+        tables=tuple(TableSpec(name=f"t{i}", rows=50, dim=8) for i in range(fields)),
+        features=tuple(FeatureSpec(name=f"f{i}", table=f"t{i}", max_ids=1) for i in range(fields)),
+    )
+    rng = np.random.default_rng(0)
+    sparse = jax.tree.map(jnp.asarray, pack_batch(config, random_ragged(config, 256, rng, min_len=1)))
+    dense = jnp.asarray(np.abs(rng.normal(size=(256, 13))) * 3, jnp.float32)  # log-scaled counts
+    model = FactorizationMachine(baseline_tables("fm", config, 16), dense_features=13, rngs=nnx.Rngs(0))
+    assert float(jnp.std(model(dense, sparse))) < 0.5
