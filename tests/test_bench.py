@@ -139,3 +139,21 @@ def test_cache_benchmark_prints_hit_rates_and_the_cached_step(capsys):
         assert max(r["lru"], r["lfu"], r["lookahead"]) <= r["belady"] + 1e-9
     (step,) = [r for r in records if r["name"] == "cache_step"]
     assert step["pipelined_samples_per_s"] > 0 and 0 < step["cache_hit_rate"] < 1
+
+
+def test_defaults_benchmark_ranks_grid_points_by_validation_loss(capsys, tmp_path):
+    from benchmarks import defaults
+
+    small = ["train-samples=2048", "eval-samples=512", "num-tables=3", "rows=50", "lr=0.05,0.1"]
+    argv = ["--datasets", "synthetic", "--models", "lr", "--grid", *small, "--out", str(tmp_path)]
+    assert defaults.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    runs = [r for r in lines if not r.get("summary")]
+    assert [r["flags"].split()[-1] for r in runs] == ["0.05", "0.1"]
+    assert all(r["stopped_early"] is not None and r["best_step"] <= r["steps"] for r in runs)
+    summaries = [r for r in lines if r.get("summary")]
+    assert [s["validation_logloss"] for s in summaries] == sorted(r["validation_logloss"] for r in runs)
+    assert defaults.grid_points(["lr=1,2", "seed=3"]) == [
+        ["--lr", "1", "--seed", "3"],
+        ["--lr", "2", "--seed", "3"],
+    ]

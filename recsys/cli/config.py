@@ -85,7 +85,7 @@ class RunConfig:
     weight_decay: float = _computed(1e-3)
     init: str = _computed("normal")
     dense_optimizer: str = _computed("adamw")
-    dense_lr: float = _computed(1e-3)
+    dense_lr: float = _computed(1e-2)
     dense_lr_schedule: str = _computed("cosine")
     dense_weight_decay: float = _computed(1.0)
     seed: int = _computed(0)

@@ -124,7 +124,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "--init", default="normal", choices=["normal", "uniform"], help="table init (default scales)"
     )
     p.add_argument("--dense-optimizer", default="adamw", choices=list(DENSE_OPTIMIZERS))
-    p.add_argument("--dense-lr", type=float, default=1e-3)
+    p.add_argument("--dense-lr", type=float, default=1e-2)
     p.add_argument("--dense-lr-schedule", choices=list(SCHEDULES), default="cosine")
     p.add_argument("--weight-decay", type=float, default=1e-3, help="L2 on the rows a batch touches")
     p.add_argument("--dense-weight-decay", type=float, default=1.0, help="dense weight decay (AdamW's)")
