@@ -8,7 +8,9 @@ decides four things here and nowhere else:
 - `dense_path`: a single-device step's float32 dense layers (`cpu_dense_layers`).
 
 "auto" takes Pallas on GPU and TPU (on GPU for power-of-two widths, which Triton
-needs), the CPU kernels on CPU where they were built and apply (float32 tables; the
+needs) where each kernel passed its self-check on this backend (`recsys.kernel_check`:
+compiled on a tiny input and compared with its reference; XLA, with one warning line,
+where not), the CPU kernels on CPU where they were built and apply (float32 tables; the
 update kernel is row-wise Adagrad with float32 state), and XLA otherwise. "cpu" requires
 the CPU kernel library; "pallas" takes Pallas anywhere, interpreted on CPU (slow: for
 tests); "xla" never takes a kernel.
@@ -20,10 +22,10 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import cpu as cpu_kernels
+from recsys import kernel_check
 from recsys.specs import OptimizerKind, SparseOptimizerSpec
 
 KERNELS = ("auto", "xla", "cpu", "pallas")
@@ -43,11 +45,12 @@ def check(kernels: str) -> str:
 def table_path(dtype, width: int, kernels: str) -> str:
     """ "pallas", "cpu" or "xla": how a table (or an owner's block) `width` wide in
     `dtype` is looked up."""
-    backend = jax.default_backend()
+    backend = kernel_check.backend()
     if check(kernels) == "pallas":
         return "pallas"
     if kernels == "auto" and backend in ("gpu", "tpu"):
-        return "pallas" if backend == "tpu" or (width > 0 and width & (width - 1) == 0) else "xla"
+        fits = backend == "tpu" or (width > 0 and width & (width - 1) == 0)
+        return "pallas" if fits and kernel_check.lookup_ok(dtype, width) else "xla"
     if kernels == "xla" or jnp.dtype(dtype) != jnp.float32:
         return "xla"
     if kernels == "cpu":
@@ -63,6 +66,8 @@ def rows_update_path(dtype, width: int, spec: SparseOptimizerSpec, kernels: str)
     path = table_path(dtype, width, kernels)
     if path == "cpu" and (spec.kind is not OptimizerKind.ROWWISE_ADAGRAD or spec.state_dtype != "float32"):
         return "xla"
+    if path == "pallas" and kernels == "auto" and not kernel_check.update_ok(dtype, width, spec):
+        return "xla"
     return path
 
 
@@ -74,6 +79,17 @@ def owner_update_path(dtype, width: int, spec: SparseOptimizerSpec, column_split
     return "xla" if column_split and spec.kind is OptimizerKind.ROWWISE_ADAGRAD else path
 
 
+def verify(groups, kernels: str) -> None:
+    """Runs now, outside any trace, the Pallas self-checks "auto" needs for `groups`
+    ((dtype, width, sparse optimizer spec) of each table group), and makes every process
+    agree on them."""
+    if check(kernels) != "auto" or kernel_check.backend() not in ("gpu", "tpu"):
+        return
+    for dtype, width, spec in groups:
+        rows_update_path(dtype, width, spec, kernels)  # the lookup's check, then the update's
+    kernel_check.agree()
+
+
 def dense_path(kernels: str) -> str:
     """ "cpu" or "xla": where a single-device step's float32 dense layers run. The CPU
     kernels (OpenBLAS's sgemm, DLRM's pairwise interaction) need the kernel library and
@@ -82,7 +98,7 @@ def dense_path(kernels: str) -> str:
         if not cpu_kernels.dense_available():
             raise RuntimeError(f"kernels='cpu': {cpu_kernels.dense_unavailable_reason()}")
         return "cpu"
-    on_cpu = kernels == "auto" and jax.default_backend() == "cpu"
+    on_cpu = kernels == "auto" and kernel_check.backend() == "cpu"
     return "cpu" if on_cpu and cpu_kernels.dense_available() else "xla"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from mesh import mesh_spec
 from mesh.collectives import bytes_by_purpose
-from recsys import metrics
+from recsys import kernel_check, metrics
 from recsys.batching import process_share, to_batch
 from recsys.cache import CachedTrainer
 from recsys.cli import errors
@@ -383,6 +383,8 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
         "pipeline": pipeline_of(prepared.trainer).value,
+        # The Pallas self-checks of --kernels auto on GPU and TPU, and what they decided.
+        "kernel_checks": kernel_check.results(),
         "profile_dir": config.profile_dir
         if config.profile
         else None,  # what ran: one device routes no ids ahead

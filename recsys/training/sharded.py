@@ -28,6 +28,7 @@ from mesh.plan import ShardingPlan
 from mesh.routing import RoutingOptions
 from mesh.sharded import gather_logical, gather_logical_slots, logical_sharding, sharded_layout
 from mesh.sharded_lookup import Routed, StepRoutes, plan_routes, route_ids, serve_routed
+from recsys import kernels as kernel_paths
 from recsys.batching import Batch
 from recsys.embedding import EmbeddingTable, capture_init_keys, find_collection
 from recsys.lookup import Activations, initial_tables, owner_bags
@@ -112,6 +113,10 @@ class ShardedTrainer:
         self.features = feature_routes(self.config)
         self.routing = routing or RoutingOptions()
         self.kernels = kernels
+        owners = [self.config.table(g.tables[0]) for g in self.layout.groups]
+        kernel_paths.verify(
+            ((t.dtype, g.width, t.optimizer) for t, g in zip(owners, self.layout.groups)), kernels
+        )
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.carry_step = jax.jit(self._first_carry)
         self.pipelined_step = jax.jit(self._pipelined_step, donate_argnums=(0, 1))

@@ -95,6 +95,8 @@ class Trainer:
         self.loss_fn, self.predict_fn = loss_fn, predict_fn
         self.dedup = dedup
         self.kernels = kernels
+        groups = build_layout(self.config).table_groups
+        kernel_paths.verify(((g.dtype, g.dim, g.optimizer) for g in groups), kernels)
         self.dense_kernels = kernel_paths.dense_path(kernels) == "cpu"
         self.train_step = jax.jit(self._train_step, donate_argnums=0)
         self.predict = jax.jit(self._predict)
