@@ -2,9 +2,10 @@
 
     python -m benchmarks.planner                         # MLPerf DCNv2 tables, H100s
     python -m benchmarks.planner --devices 8 128 --memory 16GB --preset tpu-v5p
+    python -m benchmarks.planner --presets h100 tpu-v5p tpu-v6e --devices 8 64 128 --memory preset
 
-One JSON line per (devices, memory): our plan's estimated step time (the slowest device
-under `mesh.cost`), max/mean, both lower bounds, peak memory / capacity and bytes sent per
+One JSON line per (preset, devices, memory): our plan's estimated step time (the slowest
+device under `mesh.cost`) and the samples/s it implies at the batch size, max/mean, both lower bounds, peak memory / capacity and bytes sent per
 device, and the same figures for two naive plans: every table table-wise round robin,
 and every table row-wise. No devices are needed.
 """
@@ -13,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tables", default="examples/configs/mlperf_dcnv2_tables.json")
-    p.add_argument("--preset", default="h100")
+    p.add_argument("--presets", nargs="+", default=["h100"], help="topology presets (mesh.topology)")
     p.add_argument("--devices", type=int, nargs="+", default=[8, 128, 1024], help="per host: the preset's")
-    p.add_argument("--memory", nargs="+", default=["80GB", "16GB"])
+    p.add_argument("--memory", nargs="+", default=["80GB", "16GB"], help="per device; preset: the preset's")
     p.add_argument("--batch-size", type=int, default=65_536)
     p.add_argument("--refine-seconds", type=float, default=5.0)
     args = p.parse_args(argv)
@@ -33,35 +35,35 @@ def main(argv=None) -> int:
 
     with open(args.tables) as f:
         tables, _ = read_tables(json.load(f))
-    per_host = PRESETS[args.preset]["devices_per_host"]
-    for memory in args.memory:
-        for devices in args.devices:
-            hosts = max(1, devices // per_host)
-            topo = Topology.parse(f"{args.preset},hosts={hosts},devices={devices // hosts},memory={memory}")
-            record = {"bench": "planner", "preset": args.preset, "devices": topo.devices, "memory": memory}
-            try:
-                ours = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
-            except PlanningError as e:
-                print(json.dumps({**record, "error": str(e)}), flush=True)
-                continue
-            mesh = ours.plan.mesh
-            round_robin = ShardingPlan(
-                {
-                    t.name: TablePlan("table_wise", (Shard(i % topo.devices, (0, t.rows), (0, t.dim)),))
-                    for i, t in enumerate(tables)
-                },
-                mesh,
-            )
-            record.update(_figures(ours), plan_s=round(ours.seconds, 2))
-            record["strategies"] = dict(
-                collections.Counter(p.strategy.value for p in ours.plan.tables.values())
-            )
-            for name, plan in (
-                ("table_wise_round_robin", round_robin),
-                ("row_wise", plan_for_strategy(tables, mesh, "row_wise")),
-            ):
-                record[name] = _figures(evaluate_plan(plan, tables, topo, args.batch_size))
-            print(json.dumps(record), flush=True)
+    for preset, memory, devices in itertools.product(args.presets, args.memory, args.devices):
+        if memory == "preset":
+            memory = f"{PRESETS[preset]['memory'] / 1e9:g}GB"
+        per_host = PRESETS[preset]["devices_per_host"]
+        hosts = max(1, devices // per_host)
+        topo = Topology.parse(f"{preset},hosts={hosts},devices={devices // hosts},memory={memory}")
+        record = {"bench": "planner", "preset": preset, "devices": topo.devices, "memory": memory}
+        try:
+            ours = plan_tables(tables, topo, args.batch_size, refine_seconds=args.refine_seconds)
+        except PlanningError as e:
+            print(json.dumps({**record, "error": str(e)}), flush=True)
+            continue
+        mesh = ours.plan.mesh
+        round_robin = ShardingPlan(
+            {
+                t.name: TablePlan("table_wise", (Shard(i % topo.devices, (0, t.rows), (0, t.dim)),))
+                for i, t in enumerate(tables)
+            },
+            mesh,
+        )
+        record.update(_figures(ours), plan_s=round(ours.seconds, 2))
+        record["samples_per_s"] = round(args.batch_size / ours.step_time)
+        record["strategies"] = dict(collections.Counter(p.strategy.value for p in ours.plan.tables.values()))
+        for name, plan in (
+            ("table_wise_round_robin", round_robin),
+            ("row_wise", plan_for_strategy(tables, mesh, "row_wise")),
+        ):
+            record[name] = _figures(evaluate_plan(plan, tables, topo, args.batch_size))
+        print(json.dumps(record), flush=True)
     return 0
 
 

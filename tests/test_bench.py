@@ -95,6 +95,12 @@ def test_planner_benchmark_compares_with_naive_plans(capsys):
     (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert record["devices"] == 8 and record["step_ms"] > 0
     assert not record["table_wise_round_robin"]["fits"] and record["row_wise"]["step_ms"] > record["step_ms"]
+    implied = 65_536 / (record["step_ms"] / 1e3)  # the batch over the estimated step
+    assert abs(record["samples_per_s"] - implied) < 1e-3 * implied
+    argv = ["--presets", "tpu-v5p", "--devices", "8", "--memory", "preset", "--refine-seconds", "0.2"]
+    assert bench_planner.main(argv) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (record["preset"], record["memory"], record["devices"]) == ("tpu-v5p", "95GB", 8)
 
 
 def test_gpu_check_reports_bandwidth_and_ratios(capsys):
