@@ -278,3 +278,14 @@ def test_cli_sequence_columns_need_a_model_that_reads_histories(histories, capsy
     unknown = [*histories[:-1], "hist", "--steps", "1"]
     assert "sequence columns ['hist'] are not sparse columns" in cli_error(capsys, unknown)
     assert "--sequence names csv or parquet columns" in cli_error(capsys, ["--sequence", "x"])
+
+
+def test_deterministic_runs_ask_xla_gpu_for_deterministic_ops(tmp_path):
+    from recsys.cli.build import xla_deterministic
+
+    assert xla_deterministic(True, "--a=1") == "--a=1 --xla_gpu_deterministic_ops=true"
+    assert xla_deterministic(True, "--xla_gpu_deterministic_ops=false") == "--xla_gpu_deterministic_ops=false"
+    assert xla_deterministic(False, "--a=1") == "--a=1"
+    out = tmp_path / "m.json"
+    assert train.main([*SMALL, "--steps", "2", "--no-deterministic", "--metrics-out", str(out)]) == 0
+    assert json.loads(out.read_text())["deterministic"] is False

@@ -13,7 +13,7 @@ import jax
 
 from recsys import host_malloc
 from recsys.cli import errors, flags
-from recsys.cli.build import start_devices
+from recsys.cli.build import start_devices, xla_deterministic
 from recsys.cli.loop import run
 from recsys.cli.report import report
 from recsys.cli.watchdog import xla_collective_timeouts
@@ -26,11 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = flags.parse(argv)
         host_malloc.tune()  # before JAX computes anything
-        # XLA:CPU reads these when its backend starts: its own collective timeouts must come
-        # after the step watchdog's, which names the step.
-        os.environ["XLA_FLAGS"] = xla_collective_timeouts(
-            config.step_timeout, os.environ.get("XLA_FLAGS", "")
-        )
+        # XLA reads these when its backend starts: XLA:CPU's own collective timeouts must
+        # come after the step watchdog's, which names the step; XLA:GPU's deterministic ops.
+        flags_now = xla_collective_timeouts(config.step_timeout, os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = xla_deterministic(config.deterministic, flags_now)
         start_devices(config)
         result = run(config)
         if jax.process_index() == 0:  # one report per run

@@ -35,8 +35,20 @@ from recsys.training.optimizers import dense_optimizer
 # The models of `recsys.models.baselines`, whose tables take their own shapes.
 BASELINES = {"lr": LogisticRegression, "fm": FactorizationMachine, "deepfm": DeepFM, "wide_deep": WideDeep}
 
+# XLA:GPU's scatter-adds and some reductions use atomics (run-to-run differences) unless
+# this is set; XLA reads it when the GPU backend starts.
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops"
+
 # Batches whose ids estimate cache hit rates for --device-memory (half warm the cache up).
 HIT_RATE_SAMPLE = 32
+
+
+def xla_deterministic(deterministic: bool, flags: str) -> str:
+    """`flags` (an XLA_FLAGS value) with XLA:GPU's deterministic ops turned on when asked
+    for, unless the user set them; other backends read no such flag and need none."""
+    if not deterministic or DETERMINISTIC_FLAG in flags:
+        return flags
+    return f"{flags} {DETERMINISTIC_FLAG}=true".strip()
 
 
 def start_devices(config: RunConfig) -> None:

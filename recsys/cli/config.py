@@ -93,6 +93,9 @@ class RunConfig:
     state_dtype: str = _computed("fp32")
     dense_dtype: str = _computed("fp32")
     kernels: str = "auto"
+    # Bitwise-repeatable steps: on CPU and TPU always; on GPU XLA's scatter-adds are atomic
+    # unless told otherwise (--xla_gpu_deterministic_ops), which this turns on.
+    deterministic: bool = True
     # Sharding and processes.
     devices: int = 1
     mesh: str | None = None

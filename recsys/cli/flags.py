@@ -142,6 +142,14 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "CPU), the CPU kernels (auto: on CPU when built; cpu: required) or the XLA path (xla)",
     )
     p.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bitwise-repeatable steps: on GPU, XLA's scatter-adds and reductions without "
+        "atomics (--xla_gpu_deterministic_ops; the Pallas kernels are deterministic anyway); "
+        "CPU and TPU steps are deterministic either way",
+    )
+    p.add_argument(
         "--table-dtype",
         choices=list(SHORT_NAMES),
         default="fp32",

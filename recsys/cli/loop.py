@@ -383,6 +383,7 @@ def result(prepared: Run, timing: Timing, probs: np.ndarray, labels: np.ndarray)
         "state_dtype": config.state_dtype,
         "dense_dtype": config.dense_dtype,
         "pipeline": pipeline_of(prepared.trainer).value,
+        "deterministic": config.deterministic,
         # The Pallas self-checks of --kernels auto on GPU and TPU, and what they decided.
         "kernel_checks": kernel_check.results(),
         "profile_dir": config.profile_dir
