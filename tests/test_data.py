@@ -25,6 +25,7 @@ from recsys.data.formats import CriteoFormat
 from recsys.data.readers import TextReader
 from recsys.data.schema import hash_tokens
 from recsys.sparse import RaggedIds
+from recsys.specs import SparseOptimizerSpec
 
 
 def criteo_line(label, ints, cats):
@@ -390,3 +391,47 @@ def test_criteo_vocab_encoding_across_a_holdout_boundary(tmp_path):
     missing = np.array([[f == "" for f in line.split("\t")[14:]] for line in lines])
     for j, column in enumerate(opened.schema.sparse):
         np.testing.assert_array_equal(train.sparse[column.name].values == 0, missing[:, j])
+
+
+def test_multi_hot_criteo_is_materialized_and_read_back_as_fixed_bags(tmp_path):
+    from recsys.data.multihot import expand, materialize_multihot
+
+    bags = expand(np.asarray([5, 7, 5]), feature=3, size=4, rows=50)
+    assert bags.shape == (3, 4) and (bags[0] == bags[2]).all() and (bags[:, 0] == [5, 7, 5]).all()
+    assert ((0 <= bags) & (bags < 50)).all() and not (expand(np.asarray([5]), 4, 4, 50) == bags[0]).all()
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(300):
+        dense = "\t".join(str(rng.integers(0, 9)) for _ in range(13))
+        sparse = "\t".join(f"{rng.integers(0, 40):08x}" for _ in range(26))
+        lines.append(f"{rng.integers(0, 2)}\t{dense}\t{sparse}")
+    (tmp_path / "day_0").write_text("\n".join(lines) + "\n")
+    sizes, caps = [1 + i % 4 for i in range(26)], [30 + i for i in range(26)]
+    for name in ("train", "eval"):
+        materialize_multihot(
+            str(tmp_path / "day_0"),
+            str(tmp_path / name),
+            rows=caps,
+            multi_hot_sizes=sizes,
+            progress=lambda _: None,
+        )
+    opened = open_data(f"criteo:{tmp_path / 'train'}", f"criteo:{tmp_path / 'eval'}")
+    assert (len(opened.train), len(opened.eval)) == (300, 300)
+    ex = opened.train.chunk(0)
+    for column, size, cap in zip(opened.schema.sparse, sizes, caps):
+        bags = ex.sparse[column.name]
+        assert (bags.lengths == size).all() and column.max_ids == size and column.rows == cap
+        assert bags.values.max() < cap and column.pooling.value == "sum"
+    config = opened.schema.embedding_config(8, SparseOptimizerSpec())
+    assert {f.pooling.value for f in config.features} == {"sum"}
+    # Evaluation data preprocessed with other table sizes is refused.
+    materialize_multihot(
+        str(tmp_path / "day_0"),
+        str(tmp_path / "other"),
+        rows=[c + 1 for c in caps],
+        multi_hot_sizes=sizes,
+        progress=lambda _: None,
+    )
+    with pytest.raises(DataError, match="another schema"):
+        open_data(f"criteo:{tmp_path / 'train'}", f"criteo:{tmp_path / 'other'}")

@@ -125,3 +125,19 @@ def test_validation_is_the_training_data_tail_and_the_schema_never_sees_it(files
 )
 def test_bad_validation_flags_are_one_line_errors(argv, message, capsys):
     assert message in cli_error(capsys, argv)
+
+
+def test_validation_data_and_a_target_auc(tmp_path, files):
+    """--validation-data validates on other files (here the evaluation file itself, so the
+    final metrics equal the best validation's); --target-auc stops at the first
+    validation that reaches it."""
+    result = _run(tmp_path, files, "--validation-data", f"csv:{files / 'eval.csv'}", "--epochs", "4")
+    assert result["train_examples"] == ROWS  # nothing split off the training file
+    best = min(result["eval_history"], key=lambda h: h["logloss"])
+    assert (result["auc"], result["logloss"]) == (best["auc"], best["logloss"])
+    target = result["eval_history"][2]["auc"] - 1e-9
+    argv = ["--validation-data", f"csv:{files / 'eval.csv'}", "--epochs", "4", "--target-auc", str(target)]
+    stopped = _run(tmp_path, files, *argv, name="target")
+    reached = next(h["step"] for h in result["eval_history"] if h["auc"] >= target)
+    assert stopped["reached_target_at_step"] == stopped["steps"] == reached
+    assert stopped["stopped_early"] is True

@@ -27,6 +27,8 @@ ADDED_DEFAULTS = {
     "validation": 0.1,
     "eval_every": None,
     "early_stop": None,
+    "validation_data": None,
+    "target_auc": None,
     "lr_schedule": "constant",
     "lr_warmup": 0,
     "sequence": [],
@@ -76,8 +78,10 @@ class RunConfig:
     # `eval_every` steps (default with early stopping: every epoch); only split off when
     # either is set.
     validation: float = _computed(0.1)
+    validation_data: str | None = _computed(None)  # instead of the training data's tail
     eval_every: int | None = _computed(None)
     early_stop: int | None = _computed(None)  # patience, in evaluations without a better log-loss
+    target_auc: float | None = _computed(None)  # stop once a validation reaches it (MLPerf)
     lr: float = _computed(0.1)
     optimizer: str = _computed(OptimizerKind.ROWWISE_ADAGRAD.value)
     lr_schedule: str = _computed("constant")  # the tables' rate: constant, cosine or linear decay to 0
@@ -137,6 +141,10 @@ class RunConfig:
     def _problems(self):
         if not 0 < self.validation < 1:
             yield f"--validation takes a fraction in (0, 1), got {self.validation}"
+        if self.target_auc is not None and not 0.5 < self.target_auc <= 1:
+            yield f"--target-auc takes an AUC in (0.5, 1], got {self.target_auc}"
+        if self.validation_data is not None and self.data == "synthetic":
+            yield "--validation-data needs real --data; synthetic data holds its validation samples apart"
         if self.lr_warmup < 0:
             yield f"--lr-warmup takes a number of steps >= 0, got {self.lr_warmup}"
         if self.profile < 0:
@@ -191,12 +199,13 @@ class RunConfig:
     @property
     def validates(self) -> bool:
         """Training evaluates on a validation split as it goes."""
-        return self.eval_every is not None or self.early_stop is not None
+        return self.eval_every is not None or self.early_stop is not None or self.target_auc is not None
 
     @property
     def validation_fraction(self) -> float:
-        """The fraction of the training data held apart for validation (0: none)."""
-        return self.validation if self.validates else 0.0
+        """The fraction of the training data held apart for validation (0: none, or
+        --validation-data)."""
+        return self.validation if self.validates and self.validation_data is None else 0.0
 
     @property
     def mesh_spec(self) -> MeshSpec:

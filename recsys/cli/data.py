@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from recsys.cli.config import RunConfig
-from recsys.data import ColumnOptions, DataSchema, Dataset, ReadOptions, open_data
+from recsys.data import ColumnOptions, DataSchema, Dataset, ReadOptions, open_data, open_eval
 from recsys.specs import EmbeddingConfig, SparseOptimizerSpec
 from recsys.synthetic import PlantedModel, SyntheticConfig
 
@@ -53,10 +53,15 @@ def load_data(config: RunConfig, sparse_opt: SparseOptimizerSpec, schema: DataSc
     one a resumed run's checkpoint recorded, so ids encode as before)."""
     if config.data == "synthetic":
         return _synthetic(config, sparse_opt)
-    opened = open_data(config.data, config.eval_data, read_options(config), schema=schema)
+    options = read_options(config)
+    opened = open_data(config.data, config.eval_data, options, schema=schema)
+    validation, validation_report = opened.validation, None
+    if config.validation_data is not None:
+        validation, validation_report = open_eval(config.validation_data, opened.schema, options)
     notes = []
-    for name, report in (("training", opened.train_report), ("evaluation", opened.eval_report)):
-        if report.total():
+    reports = (("training", opened.train_report), ("evaluation", opened.eval_report))
+    for name, report in (*reports, ("validation", validation_report)):
+        if report is not None and report.total():
             notes.append(f"{name} data: {report.summary()}")
     return LoadedData(
         config=opened.schema.embedding_config(config.embedding_dim, sparse_opt),
@@ -66,7 +71,7 @@ def load_data(config: RunConfig, sparse_opt: SparseOptimizerSpec, schema: DataSc
         schema=opened.schema,
         planted_eval_logits=None,
         notes=notes,
-        validation=opened.validation,
+        validation=validation,
     )
 
 

@@ -96,6 +96,20 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
         "(evaluating every epoch unless --eval-every says otherwise)",
     )
     g.add_argument(
+        "--target-auc",
+        type=float,
+        default=None,
+        metavar="AUC",
+        help="stop once a validation reaches this AUC (MLPerf's target: 0.80275); evaluating every "
+        "epoch unless --eval-every says otherwise",
+    )
+    g.add_argument(
+        "--validation-data",
+        type=_data_spec,
+        default=None,
+        help="validate on these files (same forms as --data) instead of the training data's last part",
+    )
+    g.add_argument(
         "--validation",
         type=_fraction,
         default=0.1,

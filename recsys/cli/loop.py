@@ -127,7 +127,7 @@ def prepare(config: RunConfig) -> Run:
     prepared = Run(config, data, tables, trainer, steps, checkpoints, trainer.init_state())
     if config.validates:
         every = config.eval_every or steps_per_epoch(data.train, config.batch_size)
-        prepared.validator = Validator(every, config.early_stop, config.checkpoint_dir)
+        prepared.validator = Validator(every, config.early_stop, config.checkpoint_dir, config.target_auc)
     if resumed is not None:
         resume(prepared, resumed)
     prepared.trained_steps = prepared.start_step
@@ -291,7 +291,9 @@ def validate(prepared: Run, watchdog: StepWatchdog, curves: Curves | None, progr
         f"validation after step {done}: AUC {latest['auc']:.4f} log-loss {latest['logloss']:.4f} "
         f"(best: step {validator.best_step})"
     )
-    if stop:
+    if validator.reached_target is not None:
+        progress.note(f"reached the target AUC {validator.target_auc} after step {done}")
+    elif stop:
         progress.note(f"stopped early: {validator.patience} evaluations without a better validation log-loss")
     return stop
 
@@ -411,11 +413,13 @@ def _validation_result(prepared: Run) -> dict:
     validation history."""
     validator = prepared.validator
     if validator is None:
-        return {"validation_examples": None, "best_step": None, "stopped_early": None, "eval_history": None}
+        keys = ("validation_examples", "best_step", "stopped_early", "reached_target_at_step", "eval_history")
+        return dict.fromkeys(keys)
     return {
         "validation_examples": len(prepared.data.validation),
         "best_step": validator.best_step,
         "stopped_early": validator.stopped,
+        "reached_target_at_step": validator.reached_target,
         "eval_history": validator.history,
     }
 

@@ -70,14 +70,17 @@ class Validator:
     """Decides when to evaluate on the validation split and when to stop, and keeps the
     best state; `to_json`/`from_json` carry its history through checkpoints."""
 
-    def __init__(self, every: int, patience: int | None, checkpoint_dir: str | None):
-        self.every, self.patience = every, patience
+    def __init__(
+        self, every: int, patience: int | None, checkpoint_dir: str | None, target_auc: float | None = None
+    ):
+        self.every, self.patience, self.target_auc = every, patience, target_auc
         self.keeper = (
             CheckpointKeeper(os.path.join(checkpoint_dir, "best")) if checkpoint_dir else MemoryKeeper()
         )
         self.history: list[dict] = []
         self.best_step: int | None = None
         self.stopped = False
+        self.reached_target: int | None = None  # the step whose validation reached target_auc
         self.seconds = 0.0  # spent evaluating, kept out of the training rate
 
     def due(self, done: int, last: int) -> bool:
@@ -98,7 +101,11 @@ class Validator:
             self.best_step = step
             self.keeper.keep(step, trainer, state)
         since_best = sum(h["step"] > self.best_step for h in self.history)
-        self.stopped = self.patience is not None and since_best >= self.patience
+        if self.target_auc is not None and entry["auc"] >= self.target_auc:
+            self.reached_target = step
+        self.stopped = self.reached_target is not None or (
+            self.patience is not None and since_best >= self.patience
+        )
         return self.stopped
 
     def best_state(self, trainer, state, step: int):
@@ -108,7 +115,12 @@ class Validator:
         return self.keeper.restore(trainer, state, self.best_step)
 
     def to_json(self) -> dict:
-        return {"history": self.history, "best_step": self.best_step, "stopped": self.stopped}
+        return {
+            "history": self.history,
+            "best_step": self.best_step,
+            "stopped": self.stopped,
+            "reached_target": self.reached_target,
+        }
 
     def resume(self, saved: dict | None, step: int) -> None:
         """Continues from a checkpoint at `step` whose metadata held `saved` (`to_json`)."""
@@ -117,6 +129,7 @@ class Validator:
         self.history = list(saved["history"])
         self.best_step = saved["best_step"]
         self.stopped = saved["stopped"]
+        self.reached_target = saved.get("reached_target")
         self.keeper.discard_after(step)
 
     def close(self) -> None:

@@ -298,51 +298,98 @@ def preprocess_criteo(
     return schema
 
 
-def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) -> OpenedData:
-    meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"{path} is not a preprocessed Criteo directory (no meta.json)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    with open(os.path.join(path, "schema.json")) as f:
-        schema = DataSchema.from_json(json.load(f))
-    labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
-    dense = np.load(os.path.join(path, "dense.npy"), mmap_mode="r")
-    sparse = np.load(os.path.join(path, "sparse.npy"), mmap_mode="r")
-    total = meta["rows"]
-    if not len(labels) == len(dense) == len(sparse) == total:
-        raise DataError(
-            f"arrays hold {len(labels)}/{len(dense)}/{len(sparse)} rows, meta.json says {total}", path=path
-        )
-    names = [c.name for c in schema.sparse]
-    ones = np.ones(options.chunk_rows, np.int64)
+class _CriteoBinary:
+    """A directory `preprocess_criteo` or `recsys.data.multihot` wrote: its schema, row
+    count, and `split(start, stop)`, a `Dataset` of rows [start, stop)."""
 
-    def split(start: int, stop: int) -> Dataset:
-        starts = list(range(start, stop, options.chunk_rows))
+    def __init__(self, path: str, options: ReadOptions):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path} is not a preprocessed Criteo directory (no meta.json)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        with open(os.path.join(path, "schema.json")) as f:
+            self.schema = DataSchema.from_json(json.load(f))
+        self.path, self.options, self.total = path, options, meta["rows"]
+        self.labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
+        self.dense = np.load(os.path.join(path, "dense.npy"), mmap_mode="r")
+        self.sparse = np.load(os.path.join(path, "sparse.npy"), mmap_mode="r")
+        if not len(self.labels) == len(self.dense) == len(self.sparse) == self.total:
+            raise DataError(
+                f"arrays hold {len(self.labels)}/{len(self.dense)}/{len(self.sparse)} rows, "
+                f"meta.json says {self.total}",
+                path=path,
+            )
+        # Each feature's bag width: MLPerf's multi-hot form (`recsys.data.multihot`) or one id.
+        widths = meta.get("multi_hot_sizes", [1] * len(self.schema.sparse))
+        self.bounds = np.concatenate([[0], np.cumsum(widths)]).astype(int)
+        if self.sparse.shape[1] != self.bounds[-1] or [c.max_ids for c in self.schema.sparse] != list(widths):
+            raise DataError(
+                f"sparse.npy holds {self.sparse.shape[1]} ids per row and schema.json bags of "
+                f"{[c.max_ids for c in self.schema.sparse]}; meta.json says {list(widths)}",
+                path=path,
+            )
+
+    def split(self, start: int, stop: int) -> Dataset:
+        rows = self.options.chunk_rows
+        starts = list(range(start, stop, rows))
+        names = [c.name for c in self.schema.sparse]
+        bounds = self.bounds
 
         def read(i: int) -> Examples:
-            lo, hi = starts[i], min(starts[i] + options.chunk_rows, stop)
-            ids = np.asarray(sparse[lo:hi], np.int64)
-            bags = {name: RaggedIds(ids[:, j].copy(), ones[: hi - lo]) for j, name in enumerate(names)}
-            return Examples(np.asarray(dense[lo:hi]), bags, np.asarray(labels[lo:hi], np.float32))
+            lo, hi = starts[i], min(starts[i] + rows, stop)
+            ids = np.asarray(self.sparse[lo:hi], np.int64)
+            bags = {
+                name: RaggedIds(ids[:, a:b].reshape(-1), np.full(hi - lo, b - a, np.int64))
+                for name, a, b in zip(names, bounds[:-1], bounds[1:])
+            }
+            return Examples(np.asarray(self.dense[lo:hi]), bags, np.asarray(self.labels[lo:hi], np.float32))
 
-        sizes = [min(options.chunk_rows, stop - s) for s in starts]
-        fingerprint = json.dumps({"criteo_binary": os.path.abspath(path), "rows": [start, stop], "n": total})
-        return Dataset(read, sizes, fingerprint=fingerprint, cache=False)
+        sizes = [min(rows, stop - s) for s in starts]
+        where = {"criteo_binary": os.path.abspath(self.path), "rows": [start, stop], "n": self.total}
+        return Dataset(read, sizes, fingerprint=json.dumps(where), cache=False)
 
-    train_stop = int(round(total * (1 - options.holdout))) if eval_spec is None else total
-    validation_start = _validation_start(train_stop, options)
-    train = split(0, validation_start)
-    validation = split(validation_start, train_stop) if validation_start < train_stop else None
-    if eval_spec is None:
-        return OpenedData(schema, train, split(train_stop, total), ReadReport(), ReadReport(), validation)
-    eval_kind, eval_path = parse_spec(eval_spec)
-    if eval_kind != "criteo":
-        raise ValueError(f"eval data is {eval_kind}, training data criteo: both must be one format")
-    if os.path.isdir(eval_path):
-        raise ValueError("give preprocessed Criteo eval data as its TSV files, or leave --eval-data out")
-    reader = _reader("criteo", resolve_paths(eval_path), options)
+
+def open_eval(
+    spec: str, schema: DataSchema, options: ReadOptions = ReadOptions()
+) -> tuple[Dataset, ReadReport]:
+    """Evaluation-only data (all its rows), encoded with a training run's `schema`: TSV,
+    libFM, CSV or Parquet files, or a preprocessed Criteo directory written with the same
+    schema."""
+    kind, path = parse_spec(spec)
+    if kind == "criteo" and os.path.isdir(path):
+        binary = _CriteoBinary(path, options)
+        if binary.schema.fingerprint() != schema.fingerprint():
+            raise DataError(
+                "was preprocessed with another schema (table sizes, bags) than the training data", path=path
+            )
+        return binary.split(0, binary.total), ReadReport()
+    paths = resolve_paths(path)
+    reader = _reader(kind, paths, options)
+    if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
+        reader.fmt.set_num_fields(len(schema.sparse))
     report = ReadReport()
     sizes, ids = _count(reader, 0, reader.num_rows, report)
-    evaluation = _split(reader, schema, reader.paths, 0, reader.num_rows, sizes, ids, options)
+    data = _split(reader, schema, paths, 0, reader.num_rows, sizes, ids, options)
+    if len(data) == 0:
+        raise DataError("no valid rows", path=",".join(paths))
+    return data, report
+
+
+def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) -> OpenedData:
+    binary = _CriteoBinary(path, options)
+    schema, total = binary.schema, binary.total
+    train_stop = int(round(total * (1 - options.holdout))) if eval_spec is None else total
+    validation_start = _validation_start(train_stop, options)
+    train = binary.split(0, validation_start)
+    validation = binary.split(validation_start, train_stop) if validation_start < train_stop else None
+    if eval_spec is None:
+        return OpenedData(
+            schema, train, binary.split(train_stop, total), ReadReport(), ReadReport(), validation
+        )
+    if parse_spec(eval_spec)[0] != "criteo":
+        raise ValueError(
+            f"eval data is {parse_spec(eval_spec)[0]}, training data criteo: both must be one format"
+        )
+    evaluation, report = open_eval(eval_spec, schema, options)
     return OpenedData(schema, train, evaluation, ReadReport(), report, validation)

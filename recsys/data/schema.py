@@ -57,6 +57,7 @@ class SparseColumn:
       weighted: bags carry per-id values (libFM `idx:val` with val != 1).
       sequence: the bag is a history, looked up unpooled ([batch, max_ids, dim]), for
         models that pool it themselves (attention).
+      pooling: how the bag pools, when not the default (mean; weighted bags sum).
     """
 
     name: str
@@ -66,9 +67,12 @@ class SparseColumn:
     vocab: tuple[str, ...] | tuple[int, ...] | None = None
     weighted: bool = False
     sequence: bool = False
+    pooling: Pooling | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "encoding", Encoding(self.encoding))
+        if self.pooling is not None:
+            object.__setattr__(self, "pooling", Pooling(self.pooling))
         if self.rows < 2:
             raise ValueError(f"sparse column {self.name!r}: rows must be >= 2 (row 0 is reserved)")
         if self.encoding is Encoding.VOCAB and (self.vocab is None or len(self.vocab) > self.rows - 1):
@@ -103,7 +107,8 @@ class DataSchema:
                 table=c.name,
                 max_ids=c.max_ids,
                 weighted=c.weighted,
-                pooling=Pooling.NONE if c.sequence else Pooling.SUM if c.weighted else Pooling.MEAN,
+                pooling=c.pooling
+                or (Pooling.NONE if c.sequence else Pooling.SUM if c.weighted else Pooling.MEAN),
             )
             for c in self.sparse
         )
@@ -156,6 +161,7 @@ class DataSchema:
                     "vocab": None if c.vocab is None else list(c.vocab),
                     # Only when set: schemas from before sequence columns keep their fingerprint.
                     **({"sequence": True} if c.sequence else {}),
+                    **({"pooling": c.pooling.value} if c.pooling else {}),
                 }
                 for c in self.sparse
             ],
