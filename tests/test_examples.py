@@ -75,3 +75,25 @@ def test_mlperf_flags_follow_the_config():
     from recsys.cli import flags as cli_flags
 
     assert cli_flags.parse(flags).model == "dcnv2"  # recsys-train takes them all
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu"])
+def test_accelerator_runbook_dry_run_passes_every_step_on_cpu(tmp_path, platform):
+    """The runbook's steps on this CPU (DRY_RUN=1: nothing installed, the kernels lowered
+    for their compilers instead of run on the hardware, which is never available here)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["DRY_RUN"] = "1"
+    script = ROOT / "examples" / platform / "run.sh"
+    done = subprocess.run(
+        ["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    steps = {s["step"]: s for s in results["steps"]}
+    assert list(steps) == ["devices", "kernel_tests", "kernel_paths", "determinism", "benchmark", "mlperf"]
+    assert results["passed"] and results["dry_run"] and steps["devices"]["backend"] == "cpu"
+    assert steps["determinism"]["equal"] == {"auc": True, "logloss": True, "train_loss": True}
+    assert "recsys-train --data criteo:DATA/train" in (tmp_path / "mlperf.log").read_text()
