@@ -118,7 +118,8 @@ def run(args) -> list[dict]:
     ]
     mlperf += ["--devices", os.environ.get("DEVICES", str(devices))]
     if os.environ.get("DATA") and not args.dry_run:
-        env = {**os.environ, "METRICS": str(out / "mlperf_metrics.json")}
+        env = {**os.environ, "METRICS": str(out / "mlperf_metrics.json"), "DEVICES": str(devices)}
+        env["DEVICES"] = os.environ.get("DEVICES", env["DEVICES"])  # all hosts' devices, when several
         records.append(_step("mlperf", ["bash", "examples/mlperf_dcnv2/run.sh"], out, 24 * 3600, env=env))
     else:
         records.append(_step("mlperf", [*mlperf, "--print"], out, 120))

@@ -6,11 +6,4 @@
 #   bash examples/gpu/run.sh OUT_DIR                   # from the repository root
 #   DATA=/data/mlperf DEVICES=16 HOSTS=2 HOST_ID=0 COORDINATOR=host0:1234 bash examples/gpu/run.sh OUT_DIR
 #   DRY_RUN=1 bash examples/gpu/run.sh OUT_DIR         # the same steps on a CPU, nothing installed
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-out=${1:-runbook_gpu}
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-  exec python examples/runbook.py --platform gpu --dry-run --out "$out"
-fi
-python -m pip install -q -e ".[test]" "jax[cuda12]"
-exec python examples/runbook.py --platform gpu --out "$out"
+exec bash "$(dirname "$0")/../runbook.sh" gpu "$@"

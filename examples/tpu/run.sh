@@ -7,11 +7,4 @@
 #   bash examples/tpu/run.sh OUT_DIR                   # from the repository root
 #   DATA=/data/mlperf DEVICES=64 HOSTS=16 HOST_ID=$i COORDINATOR=host0:1234 bash examples/tpu/run.sh OUT_DIR
 #   DRY_RUN=1 bash examples/tpu/run.sh OUT_DIR         # the same steps on a CPU, nothing installed
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-out=${1:-runbook_tpu}
-if [[ ${DRY_RUN:-0} == 1 ]]; then
-  exec python examples/runbook.py --platform tpu --dry-run --out "$out"
-fi
-python -m pip install -q -e ".[test]" "jax[tpu]"
-exec python examples/runbook.py --platform tpu --out "$out"
+exec bash "$(dirname "$0")/../runbook.sh" tpu "$@"

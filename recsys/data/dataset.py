@@ -267,35 +267,50 @@ def preprocess_criteo(
     schema = builder.build()
     if any(c.max_ids != 1 for c in schema.sparse):
         raise AssertionError("Criteo columns are single-valued")
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".partial")
-    os.makedirs(tmp, exist_ok=True)
-    labels = np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), "w+", np.uint8, (total,))
-    dense = np.lib.format.open_memmap(os.path.join(tmp, "dense.npy"), "w+", np.float32, (total, 13))
-    sparse = np.lib.format.open_memmap(os.path.join(tmp, "sparse.npy"), "w+", np.int32, (total, 26))
-    row = 0
+    out = BinaryWriter(out_dir, total, len(schema.sparse))
     for n, chunk in enumerate(reader.chunks):
         examples = schema.encode(reader.read_raw(chunk))
-        end = row + len(examples)
-        labels[row:end] = examples.labels
-        dense[row:end] = examples.dense
-        for j, column in enumerate(schema.sparse):
-            sparse[row:end, j] = examples.sparse[column.name].values
-        row = end
-        progress(f"preprocessed chunk {n + 1}/{len(reader.chunks)} ({row} rows)")
-    for array in (labels, dense, sparse):
-        array.flush()
-    del labels, dense, sparse
-    with open(os.path.join(tmp, "schema.json"), "w") as f:
-        json.dump(schema.to_json(), f)
-    meta = {"rows": total, "sources": [os.path.abspath(p) for p in paths], "skipped": report.skipped}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    # Files appear in out_dir only once complete; meta.json last marks the whole set done.
-    for name in ("labels.npy", "dense.npy", "sparse.npy", "schema.json", "meta.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
+        out.write(examples, np.stack([examples.sparse[c.name].values for c in schema.sparse], axis=1))
+        progress(f"preprocessed chunk {n + 1}/{len(reader.chunks)} ({out.row} rows)")
+    out.finish(schema, {"sources": [os.path.abspath(p) for p in paths], "skipped": report.skipped})
     return schema
+
+
+class BinaryWriter:
+    """Writes the binary directory `criteo:DIR` reads: `labels.npy` [n] uint8, `dense.npy`
+    [n, 13] float32, `sparse.npy` [n, ids per row] int32, `schema.json`, `meta.json`. The
+    arrays fill memory-mapped files in `DIR/.partial`; files appear in DIR only once
+    complete, meta.json last, which marks the whole set done."""
+
+    def __init__(self, out_dir: str, rows: int, ids_per_row: int):
+        self.out_dir, self.tmp, self.row = out_dir, os.path.join(out_dir, ".partial"), 0
+        os.makedirs(self.tmp, exist_ok=True)
+        self.labels = self._array("labels.npy", np.uint8, (rows,))
+        self.dense = self._array("dense.npy", np.float32, (rows, 13))
+        self.sparse = self._array("sparse.npy", np.int32, (rows, ids_per_row))
+
+    def _array(self, name: str, dtype, shape):
+        return np.lib.format.open_memmap(os.path.join(self.tmp, name), "w+", dtype, shape)
+
+    def write(self, examples: Examples, sparse: np.ndarray) -> None:
+        """Appends `examples`' labels and dense features and their ids `sparse` [n, ids per row]."""
+        end = self.row + len(examples)
+        self.labels[self.row : end] = examples.labels
+        self.dense[self.row : end] = examples.dense
+        self.sparse[self.row : end] = sparse
+        self.row = end
+
+    def finish(self, schema: DataSchema, meta: dict) -> None:
+        for array in (self.labels, self.dense, self.sparse):
+            array.flush()
+        del self.labels, self.dense, self.sparse
+        with open(os.path.join(self.tmp, "schema.json"), "w") as f:
+            json.dump(schema.to_json(), f)
+        with open(os.path.join(self.tmp, "meta.json"), "w") as f:
+            json.dump({"rows": self.row, **meta}, f, indent=2)
+        for name in ("labels.npy", "dense.npy", "sparse.npy", "schema.json", "meta.json"):
+            os.replace(os.path.join(self.tmp, name), os.path.join(self.out_dir, name))
+        os.rmdir(self.tmp)
 
 
 class _CriteoBinary:

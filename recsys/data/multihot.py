@@ -16,13 +16,12 @@ come from NumPy's generator over a lookup table per feature).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from recsys.data.dataset import ReadOptions, _reader
+from recsys.data.dataset import BinaryWriter, ReadOptions, _reader
 from recsys.data.examples import DataError, ReadReport
 from recsys.data.formats import CRITEO_DENSE, CRITEO_SPARSE
 from recsys.data.readers import resolve_paths
@@ -81,39 +80,18 @@ def materialize_multihot(
     total = reader.num_rows
     if total == 0:
         raise DataError("no data rows", path=",".join(paths))
-    width = int(sum(multi_hot_sizes))
-    tmp = os.path.join(out_dir, ".partial")
-    os.makedirs(tmp, exist_ok=True)
-    labels = np.lib.format.open_memmap(os.path.join(tmp, "labels.npy"), "w+", np.uint8, (total,))
-    dense = np.lib.format.open_memmap(os.path.join(tmp, "dense.npy"), "w+", np.float32, (total, 13))
-    sparse = np.lib.format.open_memmap(os.path.join(tmp, "sparse.npy"), "w+", np.int32, (total, width))
-    row, report = 0, ReadReport()
+    out = BinaryWriter(out_dir, total, int(sum(multi_hot_sizes)))
+    report = ReadReport()
     for n, chunk in enumerate(reader.chunks):
         examples = one_hot.encode(reader.read_raw(chunk, report))
-        end = row + len(examples)
-        labels[row:end] = examples.labels
-        dense[row:end] = examples.dense
-        column = 0
-        for t, c in enumerate(schema.sparse):
-            bags = expand(examples.sparse[c.name].values, t, c.max_ids, c.rows, seed)
-            sparse[row:end, column : column + c.max_ids] = bags
-            column += c.max_ids
-        row = end
-        progress(f"materialized chunk {n + 1}/{len(reader.chunks)} ({row}/{total} rows)")
-    for array in (labels, dense, sparse):
-        array.flush()
-    del labels, dense, sparse
-    with open(os.path.join(tmp, "schema.json"), "w") as f:
-        json.dump(schema.to_json(), f)
-    meta = {
-        "rows": row,
-        "sources": [os.path.abspath(p) for p in paths],
-        "multi_hot_sizes": [int(k) for k in multi_hot_sizes],
-        "seed": seed,
-    }
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    for name in ("labels.npy", "dense.npy", "sparse.npy", "schema.json", "meta.json"):
-        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-    os.rmdir(tmp)
+        bags = [
+            expand(examples.sparse[c.name].values, t, c.max_ids, c.rows, seed)
+            for t, c in enumerate(schema.sparse)
+        ]
+        out.write(examples, np.concatenate(bags, axis=1))
+        progress(f"materialized chunk {n + 1}/{len(reader.chunks)} ({out.row}/{total} rows)")
+    sizes = [int(k) for k in multi_hot_sizes]
+    out.finish(
+        schema, {"sources": [os.path.abspath(p) for p in paths], "multi_hot_sizes": sizes, "seed": seed}
+    )
     return schema
