@@ -108,7 +108,9 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
-def _reader(kind: str, paths: list[str], options: ReadOptions, fmt=None):
+def format_reader(kind: str, paths: list[str], options: ReadOptions, fmt=None):
+    """The reader of `kind` files (criteo, libfm, csv, parquet) at `paths`; `fmt`: a text
+    format to reuse (evaluation files read like the training files)."""
     if kind == "parquet":
         columns = TabularColumns(
             options.label, options.dense, options.sparse, options.ignore, options.multi_hot_sep
@@ -198,7 +200,7 @@ def open_data(
         return _open_criteo_binary(path, eval_spec, options)
     paths = resolve_paths(path)
     columns, transform = _defaults(kind, options)
-    reader = _reader(kind, paths, options)
+    reader = format_reader(kind, paths, options)
     train_report, eval_report = ReadReport(), ReadReport()
     total = reader.num_rows
     if total == 0:
@@ -236,7 +238,7 @@ def open_data(
         if eval_kind != kind:
             raise ValueError(f"eval data is {eval_kind}, training data {kind}: both must be one format")
         eval_paths = resolve_paths(eval_path)
-        eval_reader = _reader(kind, eval_paths, options, fmt=None if kind == "parquet" else reader.fmt)
+        eval_reader = format_reader(kind, eval_paths, options, fmt=None if kind == "parquet" else reader.fmt)
         eval_start, eval_stop = 0, eval_reader.num_rows
     sizes, ids = _count(eval_reader, eval_start, eval_stop, eval_report)
     evaluation = _split(eval_reader, schema, eval_paths, eval_start, eval_stop, sizes, ids, options)
@@ -260,7 +262,7 @@ def preprocess_criteo(
     """
     paths = resolve_paths(spec)
     columns, transform = _defaults("criteo", options)
-    reader = _reader("criteo", paths, options)
+    reader = format_reader("criteo", paths, options)
     report = ReadReport()
     builder = SchemaBuilder(reader.fmt.dense_names, reader.fmt.sparse_names, columns, transform)
     total = sum(_count(reader, 0, reader.num_rows, report, observe=builder.observe)[0])
@@ -380,7 +382,7 @@ def open_eval(
             )
         return binary.split(0, binary.total), ReadReport()
     paths = resolve_paths(path)
-    reader = _reader(kind, paths, options)
+    reader = format_reader(kind, paths, options)
     if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
         reader.fmt.set_num_fields(len(schema.sparse))
     report = ReadReport()

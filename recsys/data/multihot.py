@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from recsys.data.dataset import BinaryWriter, ReadOptions, _reader
+from recsys.data.dataset import BinaryWriter, ReadOptions, format_reader
 from recsys.data.examples import DataError, ReadReport
 from recsys.data.formats import CRITEO_DENSE, CRITEO_SPARSE
 from recsys.data.readers import resolve_paths
@@ -76,7 +76,7 @@ def materialize_multihot(
         ),
         dense_transform=DenseTransform.LOG,
     )
-    reader = _reader("criteo", paths, ReadOptions())
+    reader = format_reader("criteo", paths, ReadOptions())
     total = reader.num_rows
     if total == 0:
         raise DataError("no data rows", path=",".join(paths))
