@@ -14,8 +14,9 @@ whose files are absent is skipped, saying so):
 Early stopping and the best state come from a validation split, the last 10% of the
 training data; the evaluation data is read once, at the end.
 
-`--grid FLAG=V1,V2 ...` (flags without their dashes) tunes: it runs every combination and ranks them by validation
-log-loss (the best in each run's history), never by the evaluation data. One JSON line
+`--grid FLAG=V1,V2 ...` (flags without their dashes) tunes: it runs every combination
+and ranks them by validation log-loss (the best in each run's history), never by the
+evaluation data. One JSON line
 per run; then per dataset and model (and grid point) the mean over seeds, and per dataset
 whether the default model beats logistic regression on the test AUC and log-loss.
 """

@@ -5,9 +5,10 @@
     python -m benchmarks.planner --presets h100 tpu-v5p tpu-v6e --devices 8 64 128 --memory preset
 
 One JSON line per (preset, devices, memory): our plan's estimated step time (the slowest
-device under `mesh.cost`) and the samples/s it implies at the batch size, max/mean, both lower bounds, peak memory / capacity and bytes sent per
-device, and the same figures for two naive plans: every table table-wise round robin,
-and every table row-wise. No devices are needed.
+device under `mesh.cost`) and the samples/s it implies at the batch size, max/mean,
+both lower bounds, peak memory / capacity and bytes sent per device, and the same
+figures for two naive plans: every table table-wise round robin, and every table
+row-wise. No devices are needed.
 """
 
 from __future__ import annotations

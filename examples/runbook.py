@@ -65,7 +65,8 @@ def _train(args, out: Path, name: str, devices: int) -> tuple[dict, dict | None]
 
 
 def _devices(args, out: Path) -> tuple[dict, int]:
-    probe = "import jax, json; d = jax.devices(); print(json.dumps([jax.default_backend(), len(d), d[0].device_kind]))"
+    probe = "import jax, json; d = jax.devices(); "
+    probe += "print(json.dumps([jax.default_backend(), len(d), d[0].device_kind]))"
     record = _step("devices", [sys.executable, "-c", probe], out, 120)
     if not record["passed"]:
         return record, 1

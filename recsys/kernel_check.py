@@ -7,9 +7,10 @@ to run or disagrees is replaced by the XLA path, with one warning line that says
 
 Results are kept per backend for the life of the process (`results()` lists them; the
 CLI writes them to its metrics). A check first asked for while a step is traced runs
-beside the trace (compiled and run on NumPy inputs, never staged into the step). Trainers check their tables
-when built (`recsys.kernels.verify`): with several processes a kernel is taken only if it
-passed on every process (`agree`), so that all of them compile the same program.
+beside the trace (compiled and run on NumPy inputs, never staged into the step).
+Trainers check their tables when built (`recsys.kernels.verify`): with several processes
+a kernel is taken only if it passed on every process (`agree`), so that all of them
+compile the same program.
 """
 
 from __future__ import annotations
