@@ -57,7 +57,9 @@ def load_data(config: RunConfig, sparse_opt: SparseOptimizerSpec, schema: DataSc
     opened = open_data(config.data, config.eval_data, options, schema=schema)
     validation, validation_report = opened.validation, None
     if config.validation_data is not None:
-        validation, validation_report = open_eval(config.validation_data, opened.schema, options)
+        validation, validation_report = open_eval(
+            config.validation_data, opened.schema, options, what="validation"
+        )
     notes = []
     reports = (("training", opened.train_report), ("evaluation", opened.eval_report))
     for name, report in (*reports, ("validation", validation_report)):

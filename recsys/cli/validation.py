@@ -68,7 +68,7 @@ class CheckpointKeeper:
 
 class Validator:
     """Decides when to evaluate on the validation split and when to stop, and keeps the
-    best state; `to_json`/`from_json` carry its history through checkpoints."""
+    best state; `to_json` and `resume` carry its history through checkpoints."""
 
     def __init__(
         self, every: int, patience: int | None, checkpoint_dir: str | None, target_auc: float | None = None

@@ -226,25 +226,30 @@ def open_data(
         raise DataError("no valid training rows", path=",".join(paths))
     validation = None
     if validation_start < train_stop:
-        sizes, ids = _count(reader, validation_start, train_stop, train_report)
-        validation = _split(reader, schema, paths, validation_start, train_stop, sizes, ids, options)
-        if len(validation) == 0:
-            raise DataError("no valid validation rows", path=",".join(paths))
+        validation = _rows(
+            reader, schema, paths, validation_start, train_stop, train_report, options, "validation"
+        )
 
     if eval_spec is None:
-        eval_reader, eval_paths, eval_start, eval_stop = reader, paths, train_stop, total
+        evaluation = _rows(reader, schema, paths, train_stop, total, eval_report, options, "evaluation")
     else:
-        eval_kind, eval_path = parse_spec(eval_spec)
+        eval_kind = parse_spec(eval_spec)[0]
         if eval_kind != kind:
             raise ValueError(f"eval data is {eval_kind}, training data {kind}: both must be one format")
-        eval_paths = resolve_paths(eval_path)
-        eval_reader = format_reader(kind, eval_paths, options, fmt=None if kind == "parquet" else reader.fmt)
-        eval_start, eval_stop = 0, eval_reader.num_rows
-    sizes, ids = _count(eval_reader, eval_start, eval_stop, eval_report)
-    evaluation = _split(eval_reader, schema, eval_paths, eval_start, eval_stop, sizes, ids, options)
-    if len(evaluation) == 0:
-        raise DataError("no valid evaluation rows", path=",".join(eval_paths))
+        # Text formats read the evaluation files as they read the training files.
+        fmt = None if kind == "parquet" else reader.fmt
+        evaluation, eval_report = open_eval(eval_spec, schema, options, fmt=fmt)
     return OpenedData(schema, train, evaluation, train_report, eval_report, validation)
+
+
+def _rows(reader, schema, paths, start, stop, report, options: ReadOptions, what: str) -> Dataset:
+    """Rows [start, stop) of `reader` as a `Dataset`; an error naming `what` data when none
+    of them is valid."""
+    sizes, ids = _count(reader, start, stop, report)
+    data = _split(reader, schema, paths, start, stop, sizes, ids, options)
+    if len(data) == 0:
+        raise DataError(f"no valid {what} rows", path=",".join(paths))
+    return data
 
 
 # -- Criteo's preprocessed binary form ------------------------------------------------
@@ -368,11 +373,12 @@ class _CriteoBinary:
 
 
 def open_eval(
-    spec: str, schema: DataSchema, options: ReadOptions = ReadOptions()
+    spec: str, schema: DataSchema, options: ReadOptions = ReadOptions(), *, fmt=None, what: str = "evaluation"
 ) -> tuple[Dataset, ReadReport]:
     """Evaluation-only data (all its rows), encoded with a training run's `schema`: TSV,
     libFM, CSV or Parquet files, or a preprocessed Criteo directory written with the same
-    schema."""
+    schema. `fmt`: the training reader's text format, to read these files alike; `what`:
+    the data's role in errors."""
     kind, path = parse_spec(spec)
     if kind == "criteo" and os.path.isdir(path):
         binary = _CriteoBinary(path, options)
@@ -382,15 +388,11 @@ def open_eval(
             )
         return binary.split(0, binary.total), ReadReport()
     paths = resolve_paths(path)
-    reader = format_reader(kind, paths, options)
+    reader = format_reader(kind, paths, options, fmt=fmt)
     if isinstance(reader.fmt, LibFMFormat) and reader.fmt.field_of is None:
-        reader.fmt.set_num_fields(len(schema.sparse))
+        reader.fmt.set_num_fields(len(schema.sparse))  # positional: as many fields as training had
     report = ReadReport()
-    sizes, ids = _count(reader, 0, reader.num_rows, report)
-    data = _split(reader, schema, paths, 0, reader.num_rows, sizes, ids, options)
-    if len(data) == 0:
-        raise DataError("no valid rows", path=",".join(paths))
-    return data, report
+    return _rows(reader, schema, paths, 0, reader.num_rows, report, options, what), report
 
 
 def _open_criteo_binary(path: str, eval_spec: str | None, options: ReadOptions) -> OpenedData:
